@@ -1,0 +1,56 @@
+"""The QLoRA fine-tuning flow.
+
+    qlora-flow run --config pipeline_config/default.yaml [--set training.max_steps=10 ...]
+    python -m flows.finetune --config pipeline_config/default.yaml
+
+Steps, in order (each a task in tasks/):
+  validate-config -> load-dataset -> log-dataset -> setup-tokenizer -> load-quantized-model -> wrap-lora
+  -> train-adapter -> evaluate-models (base vs fine-tuned) -> save-adapter -> log-results
+Models travel between tasks in memory only; no task caches or persists them.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.config import validate_config_task
+from tasks.data import load_dataset_task
+from tasks.evaluate import evaluate_models_task
+from tasks.model import load_quantized_model_task, pick_device, wrap_lora_task
+from tasks.save import save_adapter_task
+from tasks.tokenizer import setup_tokenizer_task
+from tasks.tracking import log_dataset_task, log_results_task, tracking_run
+from tasks.train import train_adapter_task
+
+
+@flow(name="qlora-finetune", log_prints=True)
+def finetune(config_path: str | None = None, overrides: list[str] | None = None) -> dict:
+    """Fine-tune the configured base model with QLoRA; returns a summary (metrics, adapter dir, MLflow run)."""
+    cfg = validate_config_task(config_path, overrides)
+    device = pick_device(cfg.training.device)
+    with tracking_run(cfg) as run:
+        data = load_dataset_task(cfg.data)
+        log_dataset_task(data)
+        tokenizer = setup_tokenizer_task(cfg.model, cfg.tokenizer, data.is_conversational)
+        model = load_quantized_model_task(cfg.model, cfg.quantization, device)
+        model, lora_config = wrap_lora_task(model, cfg.lora, cfg.training)
+        trained = train_adapter_task(model, data, lora_config, tokenizer, cfg.training, device, report_to_mlflow=True)
+        comparison = evaluate_models_task(trained.model, tokenizer, data, cfg.evaluation, cfg.training.max_seq_length)
+        adapter_dir = save_adapter_task(trained.model, tokenizer, cfg)
+        log_results_task(cfg, trained, comparison, adapter_dir)
+    return {
+        "base": comparison.base.metrics,
+        "finetuned": comparison.finetuned.metrics,
+        "train": trained.metrics,
+        "adapter_dir": adapter_dir,
+        "mlflow_run_id": run.info.run_id,
+        "mlflow_experiment_id": run.info.experiment_id,
+        "device": device,
+        "dataset_digest": data.digest,
+    }
+
+
+if __name__ == "__main__":
+    from flows.cli import main
+
+    raise SystemExit(main(["run", *__import__("sys").argv[1:]]))

@@ -1,0 +1,19 @@
+"""Typed configuration of the QLoRA pipeline and its shipped YAML files."""
+
+from pipeline_config.schema import (
+    CONFIG_DIR,
+    DEFAULT_CONFIG_PATH,
+    ConfigError,
+    PipelineConfig,
+    dump_pipeline_config,
+    load_pipeline_config,
+)
+
+__all__ = [
+    "CONFIG_DIR",
+    "DEFAULT_CONFIG_PATH",
+    "ConfigError",
+    "PipelineConfig",
+    "dump_pipeline_config",
+    "load_pipeline_config",
+]

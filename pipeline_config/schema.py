@@ -1,0 +1,344 @@
+"""The pipeline's one typed configuration.
+
+Every field carries a description; unknown keys are rejected; checks that involve several fields live in
+model validators. `load_pipeline_config` turns a YAML file plus `--set section.key=value` overrides into a
+validated `PipelineConfig`, collecting every problem into one `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent
+DEFAULT_CONFIG_PATH = CONFIG_DIR / "default.yaml"
+
+DTypeName = Literal["float16", "bfloat16", "float32"]
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; `problems` lists every finding, one line each."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        head = f"invalid configuration in {source}" if source else "invalid configuration"
+        super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which base model to fine-tune and how to fetch it."""
+
+    name_or_path: str = Field(
+        description="Hub model id (e.g. 'NousResearch/Llama-2-7b-chat-hf'), a local folder with a transformers "
+        "checkpoint, or 'pkg:<python package>' for a model file shipped inside an installed package."
+    )
+    gguf_file: str | None = Field(
+        default=None,
+        description="GGUF file name inside `name_or_path`. A GGUF model is converted once to a plain safetensors "
+        "checkpoint under `cache_dir`, because transformers can neither save nor 4-bit-load a GGUF model directly.",
+    )
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) to load.")
+    cache_dir: str = Field(
+        default=".cache/models", description="Folder for converted checkpoints (relative to the working folder)."
+    )
+    hub_token_env: str = Field(
+        default="HF_TOKEN",
+        description="Name of the environment variable that holds the hub token for gated models. The token itself "
+        "never goes into a config file.",
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Allow model code from the hub. Off unless you trust the repository."
+    )
+
+
+class QuantizationConfig(_Section):
+    """bitsandbytes 4-bit loading of the base model (transformers.BitsAndBytesConfig)."""
+
+    load_in_4bit: bool = Field(default=True, description="Load the base model in 4-bit (QLoRA). Must stay true.")
+    quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type: NF4 or FP4.")
+    compute_dtype: DTypeName = Field(
+        default="bfloat16", description="dtype of the de-quantised weights during matmuls (bnb_4bit_compute_dtype)."
+    )
+    double_quant: bool = Field(
+        default=False, description="Quantise the quantisation constants too (bnb_4bit_use_double_quant)."
+    )
+    quant_storage_dtype: Literal["uint8", "float16", "bfloat16", "float32"] = Field(
+        default="uint8", description="dtype that stores the packed 4-bit weights (bnb_4bit_quant_storage)."
+    )
+
+    @model_validator(mode="after")
+    def _four_bit_only(self) -> QuantizationConfig:
+        if not self.load_in_4bit:
+            raise ValueError("quantization.load_in_4bit must be true: this pipeline fine-tunes with QLoRA")
+        return self
+
+
+class LoraAdapterConfig(_Section):
+    """LoRA adapter settings (peft.LoraConfig)."""
+
+    r: int = Field(default=16, gt=0, description="LoRA rank.")
+    alpha: float = Field(default=32, gt=0, description="LoRA scaling numerator (lora_alpha); scale = alpha / r.")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input, in [0, 1).")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default="all-linear",
+        description="Module names to adapt (e.g. [q_proj, v_proj]) or 'all-linear' for every linear layer but the "
+        "output head.",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field(default="none", description="Which biases to train.")
+
+
+class DataColumnsConfig(_Section):
+    """Column names in the source data, for each supported format."""
+
+    text: str = Field(default="text", description="Column with the full training text (format 'text').")
+    messages: str = Field(default="messages", description="Column with a list of {role, content} chat turns.")
+    instruction: str = Field(default="instruction", description="Alpaca instruction column.")
+    input: str = Field(default="input", description="Alpaca optional input column.")
+    output: str = Field(default="output", description="Alpaca answer column.")
+    prompt: str = Field(default="prompt", description="Prompt column (format 'prompt_completion').")
+    completion: str = Field(default="completion", description="Completion column (format 'prompt_completion').")
+
+
+class DataConfig(_Section):
+    """Where the training data comes from and how rows are read."""
+
+    source: str = Field(
+        description="'bundled:orders' (the offline dataset generated by project code), a local .jsonl/.json/.csv/"
+        ".parquet file, or a hub dataset id such as 'mlabonne/guanaco-llama2-1k'."
+    )
+    format: Literal["auto", "messages", "text", "alpaca", "prompt_completion"] = Field(
+        default="auto", description="Row format; 'auto' picks it from the columns present."
+    )
+    columns: DataColumnsConfig = Field(default_factory=DataColumnsConfig, description="Column mapping.")
+    eval_source: str | None = Field(
+        default=None, description="Separate held-out file or hub id; if unset, the eval split comes from `source`."
+    )
+    train_split: str = Field(default="train", description="Split name of the training rows.")
+    eval_split: str | None = Field(
+        default=None, description="Split name of held-out rows in `source`; if unset, `eval_fraction` is carved out."
+    )
+    eval_fraction: float = Field(
+        default=0.1, gt=0.0, lt=1.0, description="Fraction of training rows held out when there is no eval split."
+    )
+    system_prompt: str | None = Field(
+        default=None, description="System message added to alpaca / prompt_completion rows turned into chats."
+    )
+    response_template: str | None = Field(
+        default=None,
+        description="For format 'text': the string that ends the prompt (e.g. '[/INST]'); used to split held-out "
+        "rows into prompt and reference answer for generation.",
+    )
+    max_train_rows: int | None = Field(default=None, gt=0, description="Use at most this many training rows.")
+    max_eval_rows: int | None = Field(default=None, gt=0, description="Use at most this many held-out rows.")
+    bundled_train_rows: int = Field(default=1200, ge=1000, description="Rows the bundled generator makes for train.")
+    bundled_eval_rows: int = Field(default=240, ge=200, description="Rows the bundled generator makes for eval.")
+    seed: int = Field(default=1234, description="Seed for the bundled generator, shuffling and the eval carve-out.")
+
+
+class TokenizerConfig(_Section):
+    """Tokenizer set-up."""
+
+    pad_token: str | None = Field(
+        default=None,
+        description="Pad token to use. Unset: keep the model's if it differs from EOS, else pick an existing "
+        "special token that is not EOS (unk, <pad>, <|endoftext|>, ...); fall back to EOS only if none exists.",
+    )
+    chat_template_file: str | None = Field(
+        default=None, description="Jinja chat template to use when the tokenizer has none and the data is chat."
+    )
+
+
+class TrainingConfig(_Section):
+    """Training arguments. Names follow the original recipe; they are mapped onto the installed transformers."""
+
+    output_dir: str = Field(default="outputs/run", description="Folder for checkpoints and the saved adapter.")
+    num_train_epochs: float = Field(default=1.0, gt=0, description="Epochs over the training rows.")
+    max_steps: int = Field(default=-1, ge=-1, description="Optimizer steps to run (-1 = run `num_train_epochs`).")
+    per_device_train_batch_size: int = Field(default=4, gt=0, description="Rows per micro-batch.")
+    gradient_accumulation_steps: int = Field(default=1, gt=0, description="Micro-batches per optimizer step.")
+    gradient_checkpointing: bool = Field(default=True, description="Recompute activations in backward to save memory.")
+    max_grad_norm: float = Field(default=0.3, gt=0, description="Gradient clipping norm.")
+    learning_rate: float = Field(default=2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(default=0.001, ge=0, description="AdamW weight decay.")
+    optim: str = Field(
+        default="adamw_torch",
+        description="transformers optimizer name (e.g. adamw_torch, paged_adamw_32bit; paged ones need CUDA).",
+    )
+    lr_scheduler_type: str = Field(default="cosine", description="transformers scheduler name (cosine, constant...).")
+    warmup_ratio: float = Field(default=0.03, ge=0.0, lt=1.0, description="Fraction of steps spent warming up.")
+    group_by_length: bool = Field(
+        default=False, description="Batch rows of similar length together (less padding)."
+    )
+    logging_steps: int = Field(default=25, gt=0, description="Log training loss every this many optimizer steps.")
+    max_seq_length: int = Field(default=1024, gt=0, description="Tokens per row; longer rows are truncated.")
+    packing: bool = Field(default=False, description="Pack several rows into one sequence (TRL packing).")
+    bf16: bool = Field(default=False, description="bfloat16 mixed precision.")
+    fp16: bool = Field(default=False, description="float16 mixed precision.")
+    seed: int = Field(default=42, description="Training seed.")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        default="auto", description="'auto' = CUDA when present, else CPU (bitsandbytes' CPU backend)."
+    )
+
+    @model_validator(mode="after")
+    def _one_precision(self) -> TrainingConfig:
+        if self.bf16 and self.fp16:
+            raise ValueError("training.bf16 and training.fp16 are both true: choose one")
+        return self
+
+
+class EvaluationConfig(_Section):
+    """Held-out evaluation of the base and the fine-tuned model."""
+
+    max_loss_rows: int = Field(default=200, gt=0, description="Held-out rows for eval loss / perplexity.")
+    max_generation_rows: int = Field(default=100, ge=0, description="Held-out rows for greedy generation.")
+    max_new_tokens: int = Field(default=64, gt=0, description="Generation length limit per answer.")
+    batch_size: int = Field(default=16, gt=0, description="Rows per evaluation batch.")
+    task_metric: Literal["exact_match", "none"] = Field(
+        default="exact_match", description="Metric on greedy generations: exact match of the stripped answer."
+    )
+    samples_to_log: int = Field(default=20, ge=0, description="Eval samples saved as an artifact table.")
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking."""
+
+    tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking URI. Unset: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working "
+        "folder. Credentials come from the environment only.",
+    )
+    experiment_name: str = Field(default="qlora-finetune", description="MLflow experiment.")
+    run_name: str | None = Field(default=None, description="MLflow run name (default: generated).")
+
+
+class PipelineConfig(_Section):
+    """Everything one fine-tuning run needs."""
+
+    model: ModelConfig
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig, description="4-bit loading.")
+    lora: LoraAdapterConfig = Field(default_factory=LoraAdapterConfig, description="LoRA adapter.")
+    data: DataConfig
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Tokenizer set-up.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Training arguments.")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Evaluation.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> PipelineConfig:
+        problems = []
+        t, q = self.training, self.quantization
+        if t.fp16 and q.compute_dtype == "bfloat16":
+            problems.append("training.fp16 is true but quantization.compute_dtype is bfloat16: use one dtype")
+        if t.bf16 and q.compute_dtype == "float16":
+            problems.append("training.bf16 is true but quantization.compute_dtype is float16: use one dtype")
+        if self.data.format == "text" and self.evaluation.task_metric == "exact_match" and not self.data.response_template:
+            problems.append(
+                "evaluation.task_metric is exact_match but data.format 'text' has no data.response_template to split "
+                "prompt from answer: set one or use task_metric: none"
+            )
+        if t.device == "cpu" and t.optim.startswith("paged_"):
+            problems.append(f"training.optim {t.optim!r} needs CUDA but training.device is cpu: use adamw_torch")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """All resolved values as {'section.key': value} (for MLflow params)."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(_flatten(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_known_keys(ann, prefix + name + "."))
+    return keys
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(loc, _known_keys(PipelineConfig), n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{loc}: unknown key{hint}"
+    if err["type"] == "missing":
+        return f"{loc}: required field missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    if loc:
+        return f"{loc}: {msg} (got {err.get('input')!r})" if err["type"] != "value_error" else f"{loc}: {msg}"
+    return msg
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ValueError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_pipeline_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read, override and validate a config. Raises ConfigError listing every problem."""
+    source = str(path) if path is not None else str(DEFAULT_CONFIG_PATH)
+    try:
+        text = Path(source).read_text()
+    except FileNotFoundError:
+        raise ConfigError([f"config file {source} not found: pass an existing --config path"]) from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([f"YAML syntax error at{where}: {getattr(exc, 'problem', exc)}"], source) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(["top level must be a mapping of sections (model:, data:, training: ...)"], source)
+    problems: list[str] = []
+    for item in overrides or []:
+        try:
+            keys, value = _parse_override(item)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                problems.append(f"--set {item}: {k} is not a section")
+                break
+        else:
+            node[keys[-1]] = value
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems.extend(_describe(e) for e in exc.errors())
+        raise ConfigError(problems, source) from None
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def dump_pipeline_config(cfg: PipelineConfig) -> str:
+    """The resolved config as YAML (what a run saves next to its adapter)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,226 @@
+"""Step 1: load the dataset (train + held-out split) and bring every row to one of TRL's formats.
+
+Sources: the bundled generator ('bundled:orders'), local jsonl/json/csv/parquet files, or a hub dataset id.
+Formats in: `messages`, `text`, alpaca (`instruction`/`input`/`output`), `prompt`/`completion`.
+Formats out (what SFTTrainer consumes natively): `messages` (alpaca rows become chats), `text`, or
+`prompt`/`completion`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from pipeline_config.schema import DataConfig
+from tasks.bundled_data import generate_orders
+from tasks.errors import DataError, retry_unless_input_error
+
+LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+BUNDLED_PREFIX = "bundled:"
+
+
+@dataclass
+class DatasetSplits:
+    """Formatted train and held-out rows, their format and a content digest."""
+
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    kind: str  # 'messages' | 'text' | 'prompt_completion'
+    digest: str
+    source: str
+    response_template: str | None = None
+
+    @property
+    def is_conversational(self) -> bool:
+        return self.kind == "messages"
+
+
+def _read_source(source: str, cfg: DataConfig) -> datasets.DatasetDict:
+    if source.startswith(BUNDLED_PREFIX):
+        name = source.removeprefix(BUNDLED_PREFIX)
+        if name != "orders":
+            raise DataError(f"data.source: unknown bundled dataset {name!r}; the bundled one is 'bundled:orders'")
+        rows = generate_orders(cfg.bundled_train_rows, cfg.bundled_eval_rows, cfg.seed)
+        return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in rows.items()})
+    path = Path(source)
+    if path.suffix.lower() in LOCAL_BUILDERS or path.exists():
+        if not path.is_file():
+            raise DataError(f"data file {source} not found: check data.source (path is relative to the working folder)")
+        builder = LOCAL_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise DataError(f"data file {source}: unsupported type; use .jsonl, .json, .csv or .parquet")
+        if path.suffix.lower() == ".jsonl":
+            _check_jsonl(path)
+        try:
+            return datasets.load_dataset(builder, data_files={"train": str(path)})
+        except Exception as exc:  # datasets wraps parser errors in several types
+            raise DataError(f"data file {source} could not be read as {builder}: {exc}") from None
+    try:
+        return datasets.load_dataset(source)
+    except Exception as exc:
+        raise DataError(
+            f"data.source {source!r}: could not load it from the hub ({type(exc).__name__}). Without network access "
+            "use a local .jsonl/.json/.csv/.parquet file instead."
+        ) from None
+
+
+def _check_jsonl(path: Path) -> None:
+    """Name the first malformed line, which the json builder does not."""
+    with path.open() as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: line {lineno} is not valid JSON ({exc.msg}): fix or remove that line") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}: line {lineno} is not a JSON object")
+
+
+def detect_format(columns: list[str], cfg: DataConfig) -> str:
+    c = cfg.columns
+    if cfg.format != "auto":
+        return cfg.format
+    if c.messages in columns:
+        return "messages"
+    if c.prompt in columns and c.completion in columns:
+        return "prompt_completion"
+    if c.instruction in columns and c.output in columns:
+        return "alpaca"
+    if c.text in columns:
+        return "text"
+    raise DataError(
+        f"data: cannot tell the format from columns {sorted(columns)}; set data.format and data.columns "
+        "(messages / text / alpaca / prompt_completion)"
+    )
+
+
+REQUIRED_COLUMNS = {
+    "messages": ("messages",),
+    "text": ("text",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+}
+
+
+def format_rows(ds: datasets.Dataset, fmt: str, cfg: DataConfig, where: str) -> tuple[datasets.Dataset, str]:
+    """Rename/convert columns into one of TRL's formats; returns (dataset, kind)."""
+    c = cfg.columns
+    for field in REQUIRED_COLUMNS[fmt]:
+        col = getattr(c, field)
+        if col not in ds.column_names:
+            raise DataError(
+                f"{where}: column {col!r} (data.columns.{field}) missing for format {fmt!r}; "
+                f"available columns: {', '.join(ds.column_names)}"
+            )
+    if fmt == "messages":
+        out = ds.select_columns([c.messages]).rename_columns({c.messages: "messages"} if c.messages != "messages" else {})
+        for i, row in enumerate(out["messages"]):
+            if not row or not all(isinstance(t, dict) and {"role", "content"} <= set(t) for t in row):
+                raise DataError(f"{where}: row {i} column {c.messages!r} is not a list of {{role, content}} turns")
+            if row[-1]["role"] != "assistant":
+                raise DataError(f"{where}: row {i} does not end with an assistant turn")
+        return out, "messages"
+    if fmt == "text":
+        out = ds.select_columns([c.text]).rename_columns({c.text: "text"} if c.text != "text" else {})
+        return out, "text"
+    if fmt == "prompt_completion":
+        out = ds.select_columns([c.prompt, c.completion]).rename_columns(
+            {k: v for k, v in {c.prompt: "prompt", c.completion: "completion"}.items() if k != v}
+        )
+        return out, "prompt_completion"
+    # alpaca -> chat turns
+    system = cfg.system_prompt
+    has_input = c.input in ds.column_names
+
+    def to_chat(row: dict) -> dict:
+        user = row[c.instruction] if not (has_input and row[c.input]) else f"{row[c.instruction]}\n\n{row[c.input]}"
+        turns = [{"role": "system", "content": system}] if system else []
+        turns += [{"role": "user", "content": user}, {"role": "assistant", "content": row[c.output]}]
+        return {"messages": turns}
+
+    return ds.map(to_chat, remove_columns=ds.column_names), "messages"
+
+
+def digest_rows(*splits: datasets.Dataset) -> str:
+    """sha256 of the formatted rows (order-sensitive), shortened to 16 hex digits."""
+    h = hashlib.sha256()
+    for ds in splits:
+        for row in ds:
+            h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
+            h.update(b"\n")
+        h.update(b"--split--")
+    return h.hexdigest()[:16]
+
+
+def load_dataset_splits(cfg: DataConfig) -> DatasetSplits:
+    """Read the source, pick/carve the held-out split, format both, and digest them. Raises DataError."""
+    raw = _read_source(cfg.source, cfg)
+    if cfg.train_split not in raw:
+        raise DataError(f"data.train_split {cfg.train_split!r} not in {cfg.source}; splits: {', '.join(raw)}")
+    train = raw[cfg.train_split]
+    if cfg.eval_source:
+        eval_raw = _read_source(cfg.eval_source, cfg)
+        eval_ds = eval_raw[cfg.eval_split or next(iter(eval_raw))]
+    elif cfg.eval_split or (cfg.source.startswith(BUNDLED_PREFIX)):
+        split = cfg.eval_split or "test"
+        if split not in raw:
+            raise DataError(f"data.eval_split {split!r} not in {cfg.source}; splits: {', '.join(raw)}")
+        eval_ds = raw[split]
+    else:
+        if len(train) < 2:
+            raise DataError(f"{cfg.source}: {len(train)} row(s); need at least 2 to hold some out")
+        parts = train.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
+        train, eval_ds = parts["train"], parts["test"]
+    if len(train) == 0:
+        raise DataError(f"{cfg.source}: the training split is empty")
+    if len(eval_ds) == 0:
+        raise DataError(f"{cfg.eval_source or cfg.source}: the held-out split is empty")
+    fmt = detect_format(train.column_names, cfg)
+    train, kind = format_rows(train, fmt, cfg, cfg.source)
+    eval_ds, _ = format_rows(eval_ds, fmt, cfg, cfg.eval_source or cfg.source)
+    if cfg.max_train_rows:
+        train = train.select(range(min(cfg.max_train_rows, len(train))))
+    if cfg.max_eval_rows:
+        eval_ds = eval_ds.select(range(min(cfg.max_eval_rows, len(eval_ds))))
+    return DatasetSplits(
+        train=train,
+        eval=eval_ds,
+        kind=kind,
+        digest=digest_rows(train, eval_ds),
+        source=cfg.source,
+        response_template=cfg.response_template,
+    )
+
+
+def eval_prompt_and_reference(row: dict, kind: str, response_template: str | None):
+    """Split a held-out row into (prompt, reference answer): a chat list or a string prompt."""
+    if kind == "messages":
+        return row["messages"][:-1], row["messages"][-1]["content"]
+    if kind == "prompt_completion":
+        return row["prompt"], row["completion"]
+    text = row["text"]
+    if not response_template or response_template not in text:
+        return None, None
+    head, _, tail = text.partition(response_template)
+    return head + response_template, tail
+
+
+@task(
+    name="load-dataset",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_unless_input_error,
+)
+def load_dataset_task(cfg: DataConfig) -> DatasetSplits:
+    """Prefect wrapper: retried because hub downloads can fail transiently."""
+    return load_dataset_splits(cfg)

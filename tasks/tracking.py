@@ -1,0 +1,112 @@
+"""Provenance in one place: the MLflow run of a flow run, its params, tags, dataset inputs, metrics and artifacts.
+
+One MLflow run per flow run. The run is opened by `tracking_run` around the flow's tasks; an exception inside
+marks it FAILED (KeyboardInterrupt: KILLED), so a failed flow never leaves it RUNNING.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import RunStatus
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from pipeline_config.schema import PipelineConfig, TrackingConfig, dump_pipeline_config
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "trl", "accelerate", "datasets", "prefect", "mlflow")
+
+
+def resolve_tracking_uri(cfg: TrackingConfig) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else a SQLite store in the working folder."""
+    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def git_commit(repo_dir: Path | None = None) -> str:
+    here = repo_dir or Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "missing"
+    return versions
+
+
+def prefect_flow_run_id() -> str:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id or "none")
+
+
+@contextlib.contextmanager
+def tracking_run(cfg: PipelineConfig) -> Iterator[mlflow.ActiveRun]:
+    """Open the MLflow run of this flow run: resolved config as params, provenance as tags."""
+    mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking))
+    mlflow.set_experiment(cfg.tracking.experiment_name)
+    tags = {
+        "prefect.flow_run_id": prefect_flow_run_id(),
+        "git_commit": git_commit(),
+        "base_model": cfg.model.name_or_path,
+        **{f"version.{k}": v for k, v in library_versions().items()},
+    }
+    run = mlflow.start_run(run_name=cfg.tracking.run_name, tags=tags)
+    try:
+        mlflow.log_params({k: "" if v is None else v for k, v in cfg.to_flat_dict().items()})
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    else:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def log_dataset(data) -> None:
+    """Train and held-out rows as MLflow dataset inputs, with the content digest."""
+    for ctx, ds in (("training", data.train), ("evaluation", data.eval)):
+        dataset = mlflow.data.from_huggingface(ds, name=f"{data.source}:{ctx}", digest=data.digest)
+        mlflow.log_input(dataset, context=ctx)
+    mlflow.set_tag("dataset_digest", data.digest)
+
+
+def log_results(cfg: PipelineConfig, train_result, comparison, adapter_dir: str) -> None:
+    """Metrics of base vs fine-tuned and of training, eval samples, adapter folder and resolved config."""
+    metrics = {f"base_{k}": v for k, v in comparison.base.metrics.items()}
+    metrics |= {f"finetuned_{k}": v for k, v in comparison.finetuned.metrics.items()}
+    metrics |= train_result.metrics
+    mlflow.log_metrics(metrics)
+    mlflow.log_artifacts(adapter_dir, artifact_path="adapter")
+    mlflow.log_text(dump_pipeline_config(cfg), "pipeline_config.yaml")
+    if comparison.samples:
+        mlflow.log_text(json.dumps(comparison.samples, indent=1), "eval_samples.json")
+    mlflow.set_tag("adapter_dir", str(Path(adapter_dir).resolve()))
+
+
+@task(name="log-dataset", cache_policy=NO_CACHE, persist_result=False)
+def log_dataset_task(data) -> None:
+    log_dataset(data)
+
+
+@task(name="log-results", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=[5, 30])
+def log_results_task(cfg: PipelineConfig, train_result, comparison, adapter_dir: str) -> None:
+    """Retried: the tracking server or artifact store can fail transiently."""
+    log_results(cfg, train_result, comparison, adapter_dir)
