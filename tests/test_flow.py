@@ -1,0 +1,79 @@
+"""The whole flow under a real (test-harness) Prefect server, tracked in a temporary SQLite MLflow store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from peft import PeftModel
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.finetune import finetune
+from pipeline_config.schema import load_pipeline_config
+from tasks.data import load_dataset_splits
+from tasks.evaluate import eval_loss, scored_examples
+from tasks.model import load_quantized_model
+from tasks.tokenizer import setup_tokenizer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_flow_records_run_and_adapter_reproduces_eval_loss(prefect_server, tiny_config_file, tmp_path):
+    summary = finetune(config_path=str(tiny_config_file))
+    cfg = load_pipeline_config(tiny_config_file)
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    run = client.get_run(summary["mlflow_run_id"])
+
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["lora.r"] == "8" and params["training.max_steps"] == "6" and params["data.source"] == "bundled:orders"
+    assert params["model.name_or_path"] == cfg.model.name_or_path
+    metrics = run.data.metrics
+    for key in ("eval_loss", "perplexity", "exact_match"):
+        assert f"base_{key}" in metrics and f"finetuned_{key}" in metrics
+    assert metrics["train_tokens_per_s"] > 0 and metrics["train_peak_memory_mib"] > 0
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 3  # logging every 2 of 6 steps
+    tags = run.data.tags
+    assert tags["prefect.flow_run_id"] not in ("", "none") and len(tags["git_commit"]) >= 7
+    assert tags["dataset_digest"] == summary["dataset_digest"]
+    inputs = run.inputs.dataset_inputs
+    assert {i.dataset.digest for i in inputs} == {summary["dataset_digest"]}
+    assert {t.value for i in inputs for t in i.tags if t.key == "mlflow.data.context"} == {"training", "evaluation"}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json",
+            "adapter/pipeline_config.yaml"} <= artifacts
+    assert "pipeline_config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    # The logged adapter, downloaded and put back onto a fresh 4-bit base, reproduces the logged eval loss.
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter",
+                                                     dst_path=str(tmp_path / "dl"), tracking_uri=cfg.tracking.tracking_uri))
+    assert yaml.safe_load((local / "pipeline_config.yaml").read_text())["lora"]["r"] == 8
+    data = load_dataset_splits(cfg.data)
+    tokenizer = setup_tokenizer(cfg.model, cfg.tokenizer, data.is_conversational)
+    base = load_quantized_model(cfg.model, cfg.quantization, "cpu")
+    reloaded = PeftModel.from_pretrained(base, local).eval()
+    examples = scored_examples(data, tokenizer, cfg.evaluation.max_loss_rows, cfg.training.max_seq_length)
+    loss = eval_loss(reloaded, tokenizer, examples, cfg.evaluation.batch_size)
+    assert loss == pytest.approx(metrics["finetuned_eval_loss"], rel=2e-3)
+    assert loss < metrics["base_eval_loss"]
+
+
+def test_failed_flow_marks_mlflow_run_failed(prefect_server, tiny_config_file, tmp_path):
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text('{"body": "no usable column"}\n' * 4)
+    with pytest.raises(Exception, match="cannot tell the format"):
+        finetune(config_path=str(tiny_config_file), overrides=[f"data.source={bad}"])
+    cfg = load_pipeline_config(tiny_config_file)
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment_name)
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
