@@ -20,13 +20,21 @@ EXIT_BAD_INPUT = 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qlora-flow", description="QLoRA fine-tuning as a Prefect flow, tracked in MLflow.")
+    parser = argparse.ArgumentParser(
+        prog="qlora-flow", description="QLoRA fine-tuning as a Prefect flow, tracked in MLflow."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("run", "run the fine-tuning flow"), ("validate", "check config and data, load no model")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), help="YAML config (default: %(default)s)")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override one config value; repeatable")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="SECTION.KEY=VALUE",
+            help="override one config value; repeatable",
+        )
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -49,8 +57,8 @@ def run_command(config: str, overrides: list[str]) -> int:
 
     validate_config(config, overrides)  # fail fast, before Prefect or any weights start
     from flows.finetune import finetune
-    from tasks.tracking import resolve_tracking_uri
     from pipeline_config.schema import load_pipeline_config
+    from tasks.tracking import resolve_tracking_uri
 
     started = time.perf_counter()
     summary = finetune(config_path=config, overrides=overrides)
@@ -73,7 +81,9 @@ def format_summary(summary: dict, tracking_uri: str, wall_s: float) -> str:
         f"peak memory {t['train_peak_memory_mib']:.0f} MiB on {summary['device']}"
     )
     lines.append(f"adapter: {summary['adapter_dir']}")
-    lines.append(f"MLflow run: {summary['mlflow_run_id']} (experiment {summary['mlflow_experiment_id']}) in {tracking_uri}")
+    lines.append(
+        f"MLflow run: {summary['mlflow_run_id']} (experiment {summary['mlflow_experiment_id']}) in {tracking_uri}"
+    )
     lines.append(f"  browse: mlflow ui --backend-store-uri {tracking_uri}")
     lines.append(f"flow wall time: {wall_s:.0f} s")
     return "\n".join(lines)

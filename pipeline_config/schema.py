@@ -176,9 +176,7 @@ class TrainingConfig(_Section):
     )
     lr_scheduler_type: str = Field(default="cosine", description="transformers scheduler name (cosine, constant...).")
     warmup_ratio: float = Field(default=0.03, ge=0.0, lt=1.0, description="Fraction of steps spent warming up.")
-    group_by_length: bool = Field(
-        default=False, description="Batch rows of similar length together (less padding)."
-    )
+    group_by_length: bool = Field(default=False, description="Batch rows of similar length together (less padding).")
     logging_steps: int = Field(default=25, gt=0, description="Log training loss every this many optimizer steps.")
     max_seq_length: int = Field(default=1024, gt=0, description="Tokens per row; longer rows are truncated.")
     packing: bool = Field(default=False, description="Pack several rows into one sequence (TRL packing).")
@@ -241,7 +239,11 @@ class PipelineConfig(_Section):
             problems.append("training.fp16 is true but quantization.compute_dtype is bfloat16: use one dtype")
         if t.bf16 and q.compute_dtype == "float16":
             problems.append("training.bf16 is true but quantization.compute_dtype is float16: use one dtype")
-        if self.data.format == "text" and self.evaluation.task_metric == "exact_match" and not self.data.response_template:
+        if (
+            self.data.format == "text"
+            and self.evaluation.task_metric == "exact_match"
+            and not self.data.response_template
+        ):
             problems.append(
                 "evaluation.task_metric is exact_match but data.format 'text' has no data.response_template to split "
                 "prompt from answer: set one or use task_metric: none"

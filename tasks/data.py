@@ -79,7 +79,9 @@ def _check_jsonl(path: Path) -> None:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: line {lineno} is not valid JSON ({exc.msg}): fix or remove that line") from None
+                raise DataError(
+                    f"{path}: line {lineno} is not valid JSON ({exc.msg}): fix or remove that line"
+                ) from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path}: line {lineno} is not a JSON object")
 
@@ -121,7 +123,9 @@ def format_rows(ds: datasets.Dataset, fmt: str, cfg: DataConfig, where: str) -> 
                 f"available columns: {', '.join(ds.column_names)}"
             )
     if fmt == "messages":
-        out = ds.select_columns([c.messages]).rename_columns({c.messages: "messages"} if c.messages != "messages" else {})
+        out = ds.select_columns([c.messages]).rename_columns(
+            {c.messages: "messages"} if c.messages != "messages" else {}
+        )
         for i, row in enumerate(out["messages"]):
             if not row or not all(isinstance(t, dict) and {"role", "content"} <= set(t) for t in row):
                 raise DataError(f"{where}: row {i} column {c.messages!r} is not a list of {{role, content}} turns")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from pipeline_config.schema import EvaluationConfig
 from tasks.data import DatasetSplits, eval_prompt_and_reference
@@ -25,13 +25,18 @@ from tasks.data import DatasetSplits, eval_prompt_and_reference
 class EvalResult:
     metrics: dict[str, float]
     predictions: list[str] = field(default_factory=list)
+    prompts: list = field(default_factory=list)  # chat turns or strings, aligned with predictions
+    references: list[str] = field(default_factory=list)
 
 
 def _ids(tokenizer, prompt, text=None) -> list[int]:
     """Token ids of a chat (list of turns) or a plain string."""
     if isinstance(prompt, list):
-        return list(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=text is None,
-                                                  return_dict=True)["input_ids"])
+        return list(
+            tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=text is None, return_dict=True)[
+                "input_ids"
+            ]
+        )
     return tokenizer(prompt)["input_ids"]
 
 
@@ -75,7 +80,9 @@ def eval_loss(model, tokenizer, examples, batch_size: int) -> float:
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
         loss = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100,
+            shift_logits.reshape(-1, shift_logits.size(-1)),
+            shift_labels.reshape(-1),
+            ignore_index=-100,
             reduction="sum",
         )
         total += loss.item()
@@ -94,14 +101,23 @@ def greedy_answers(model, tokenizer, prompts: list, max_new_tokens: int, batch_s
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
             if isinstance(chunk[0], list):
-                enc = tokenizer.apply_chat_template(chunk, add_generation_prompt=True, padding=True,
-                                                    return_tensors="pt", return_dict=True)
+                enc = tokenizer.apply_chat_template(
+                    chunk, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
+                )
             else:
                 enc = tokenizer(chunk, padding=True, return_tensors="pt")
             enc = {k: v.to(device) for k, v in enc.items()}
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 temperature=None, top_p=None, top_k=None)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
             new = out[:, enc["input_ids"].shape[1] :]
             answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     finally:
@@ -110,20 +126,23 @@ def greedy_answers(model, tokenizer, prompts: list, max_new_tokens: int, batch_s
 
 
 def evaluate_model(model, tokenizer, data: DatasetSplits, cfg: EvaluationConfig, max_len: int) -> EvalResult:
-    """Eval loss, perplexity and (when the rows have references) exact match of greedy answers."""
+    """Eval loss, perplexity, greedy answers for the first held-out rows, and their exact match if configured."""
     model.eval()
     loss = eval_loss(model, tokenizer, scored_examples(data, tokenizer, cfg.max_loss_rows, max_len), cfg.batch_size)
-    metrics = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-    predictions: list[str] = []
-    if cfg.task_metric == "exact_match" and cfg.max_generation_rows:
-        pairs = [eval_prompt_and_reference(r, data.kind, data.response_template)
-                 for r in data.eval.select(range(min(cfg.max_generation_rows, len(data.eval))))]
-        pairs = [p for p in pairs if p[0] is not None]
-        predictions = greedy_answers(model, tokenizer, [p for p, _ in pairs], cfg.max_new_tokens, cfg.batch_size)
-        hits = sum(pred == ref.strip() for pred, (_, ref) in zip(predictions, pairs))
-        metrics["exact_match"] = 100.0 * hits / max(len(pairs), 1)
-        metrics["generation_rows"] = float(len(pairs))
-    return EvalResult(metrics=metrics, predictions=predictions)
+    result = EvalResult(metrics={"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))})
+    rows = data.eval.select(range(min(cfg.max_generation_rows, len(data.eval))))
+    pairs = [eval_prompt_and_reference(r, data.kind, data.response_template) for r in rows]
+    pairs = [p for p in pairs if p[0] is not None]  # 'text' rows without the response template have no answer
+    if not pairs:
+        return result
+    result.prompts = [p for p, _ in pairs]
+    result.references = [ref.strip() for _, ref in pairs]
+    result.predictions = greedy_answers(model, tokenizer, result.prompts, cfg.max_new_tokens, cfg.batch_size)
+    if cfg.task_metric == "exact_match":
+        hits = sum(p == r for p, r in zip(result.predictions, result.references, strict=True))
+        result.metrics["exact_match"] = 100.0 * hits / len(pairs)
+        result.metrics["generation_rows"] = float(len(pairs))
+    return result
 
 
 @dataclass
@@ -140,12 +159,15 @@ def evaluate_base_and_finetuned(
     with peft_model.disable_adapter():
         base = evaluate_model(peft_model, tokenizer, data, cfg, max_len)
     tuned = evaluate_model(peft_model, tokenizer, data, cfg, max_len)
-    samples = []
-    rows = data.eval.select(range(min(cfg.samples_to_log, len(base.predictions))))
-    for row, b, f in zip(rows, base.predictions, tuned.predictions):
-        prompt, ref = eval_prompt_and_reference(row, data.kind, data.response_template)
-        shown = prompt[-1]["content"] if isinstance(prompt, list) else prompt
-        samples.append({"prompt": shown, "expected": ref, "base_output": b, "finetuned_output": f})
+    samples = [
+        {
+            "prompt": p[-1]["content"] if isinstance(p, list) else p,
+            "expected": r,
+            "base_output": b,
+            "finetuned_output": f,
+        }
+        for p, r, b, f in zip(base.prompts, base.references, base.predictions, tuned.predictions, strict=True)
+    ][: cfg.samples_to_log]
     return Comparison(base=base, finetuned=tuned, samples=samples)
 
 

@@ -73,8 +73,14 @@ def wrap_lora(
     return model, build_lora_config(lora_cfg)
 
 
-@task(name="load-quantized-model", cache_policy=NO_CACHE, persist_result=False, retries=2,
-      retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_input_error)
+@task(
+    name="load-quantized-model",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=2,
+    retry_delay_seconds=[10, 60],
+    retry_condition_fn=retry_unless_input_error,
+)
 def load_quantized_model_task(model_cfg: ModelConfig, quant_cfg: QuantizationConfig, device: str):
     """Prefect wrapper: retried because the weight download can fail transiently. Never persisted or cached."""
     return load_quantized_model(model_cfg, quant_cfg, device)

@@ -75,7 +75,11 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     """A path or hub id that `from_pretrained` can 4-bit-load; converts a GGUF source once (cached)."""
     check_model_source(cfg)
     if not cfg.gguf_file:
-        return str(Path(cfg.name_or_path).expanduser()) if Path(cfg.name_or_path).expanduser().exists() else cfg.name_or_path
+        return (
+            str(Path(cfg.name_or_path).expanduser())
+            if Path(cfg.name_or_path).expanduser().exists()
+            else cfg.name_or_path
+        )
     folder = package_dir(cfg.name_or_path) if cfg.name_or_path.startswith(PACKAGE_PREFIX) else Path(cfg.name_or_path)
     gguf_path = folder / cfg.gguf_file
     target = Path(cfg.cache_dir).expanduser() / f"{gguf_path.stem}-{file_digest(gguf_path)[:12]}"

@@ -28,7 +28,10 @@ PAD_CANDIDATES = ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>", "<unk>", "<|e
 def choose_pad_token(tokenizer: PreTrainedTokenizerBase, requested: str | None) -> str:
     eos = tokenizer.eos_token
     if requested:
-        if tokenizer.convert_tokens_to_ids(requested) in (None, tokenizer.unk_token_id) and requested != tokenizer.unk_token:
+        if (
+            tokenizer.convert_tokens_to_ids(requested) in (None, tokenizer.unk_token_id)
+            and requested != tokenizer.unk_token
+        ):
             raise PipelineInputError(f"tokenizer.pad_token {requested!r} is not in the vocabulary")
         return requested
     if tokenizer.pad_token and tokenizer.pad_token != eos:
@@ -66,8 +69,14 @@ def setup_tokenizer(
     return tokenizer
 
 
-@task(name="setup-tokenizer", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=[5, 30],
-      retry_condition_fn=retry_unless_input_error)
+@task(
+    name="setup-tokenizer",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_unless_input_error,
+)
 def setup_tokenizer_task(model_cfg: ModelConfig, tok_cfg: TokenizerConfig, needs_chat_template: bool):
     """Prefect wrapper: retried because the hub download can fail transiently."""
     return setup_tokenizer(model_cfg, tok_cfg, needs_chat_template)

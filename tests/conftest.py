@@ -46,6 +46,7 @@ def tiny_llama_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
+        initializer_range=0.25,  # wide enough embeddings that a few LoRA steps can move the logits
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)

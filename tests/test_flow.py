@@ -49,13 +49,23 @@ def test_flow_records_run_and_adapter_reproduces_eval_loss(prefect_server, tiny_
     assert {i.dataset.digest for i in inputs} == {summary["dataset_digest"]}
     assert {t.value for i in inputs for t in i.tags if t.key == "mlflow.data.context"} == {"training", "evaluation"}
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
-    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json",
-            "adapter/pipeline_config.yaml"} <= artifacts
+    assert {
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "adapter/tokenizer.json",
+        "adapter/pipeline_config.yaml",
+    } <= artifacts
     assert "pipeline_config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
     # The logged adapter, downloaded and put back onto a fresh 4-bit base, reproduces the logged eval loss.
-    local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter",
-                                                     dst_path=str(tmp_path / "dl"), tracking_uri=cfg.tracking.tracking_uri))
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id,
+            artifact_path="adapter",
+            dst_path=str(tmp_path / "dl"),
+            tracking_uri=cfg.tracking.tracking_uri,
+        )
+    )
     assert yaml.safe_load((local / "pipeline_config.yaml").read_text())["lora"]["r"] == 8
     data = load_dataset_splits(cfg.data)
     tokenizer = setup_tokenizer(cfg.model, cfg.tokenizer, data.is_conversational)

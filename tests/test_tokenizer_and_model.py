@@ -39,9 +39,7 @@ def test_missing_chat_template_for_chat_data_is_an_input_error(tiny_llama_dir, t
         setup_tokenizer(ModelConfig(name_or_path=str(copy)), TokenizerConfig(), needs_chat_template=True)
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    tok = setup_tokenizer(
-        ModelConfig(name_or_path=str(copy)), TokenizerConfig(chat_template_file=str(template)), True
-    )
+    tok = setup_tokenizer(ModelConfig(name_or_path=str(copy)), TokenizerConfig(chat_template_file=str(template)), True)
     assert tok.chat_template == template.read_text()
 
 
