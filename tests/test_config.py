@@ -110,3 +110,19 @@ def test_cli_validate_default_reports_data(capsys):
     assert main(["validate"]) == 0
     out = capsys.readouterr().out
     assert "format=messages train=1200 eval=240" in out
+
+
+def test_module_entry_point_rejects_bad_config_with_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    data = _base()
+    data["lora"]["alpha"] = -1
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.finetune", "--config", str(_write(tmp_path, data))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "lora.alpha" in result.stderr and "Traceback" not in result.stderr
