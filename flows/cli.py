@@ -40,31 +40,28 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def validate_command(config: str, overrides: list[str]) -> int:
-    from tasks.config import validate_config
-    from tasks.data import load_dataset_splits
     from tasks.model_source import check_model_source
+    from tasks.preflight import preflight_from_config
 
-    cfg = validate_config(config, overrides)
-    data = load_dataset_splits(cfg.data)
+    cfg, data, device, report = preflight_from_config(config, overrides)
     print(f"config ok: {config}")
-    print(f"model: {check_model_source(cfg.model)}")
+    print(f"model: {check_model_source(cfg.model)}; device: {device}")
     print(f"data: {data.source} format={data.kind} train={len(data.train)} eval={len(data.eval)} digest={data.digest}")
+    print(report.render())
     return 0
 
 
 def run_command(config: str, overrides: list[str]) -> int:
-    from tasks.config import validate_config
+    from tasks.preflight import preflight_from_config
 
-    validate_config(config, overrides)  # fail fast, before Prefect or any weights start
+    cfg, _, _, report = preflight_from_config(config, overrides)  # fail fast, before Prefect or any weights start
+    print(report.render())
     from flows.finetune import finetune
-    from pipeline_config.schema import load_pipeline_config
     from tasks.tracking import resolve_tracking_uri
 
     started = time.perf_counter()
     summary = finetune(config_path=config, overrides=overrides)
-    wall_s = time.perf_counter() - started
-    tracking_uri = resolve_tracking_uri(load_pipeline_config(config, overrides).tracking)
-    print(format_summary(summary, tracking_uri, wall_s))
+    print(format_summary(summary, resolve_tracking_uri(cfg.tracking), time.perf_counter() - started))
     return 0
 
 

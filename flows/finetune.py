@@ -4,7 +4,7 @@
     python -m flows.finetune --config pipeline_config/default.yaml
 
 Steps, in order (each a task in tasks/):
-  validate-config -> load-dataset -> log-dataset -> setup-tokenizer -> load-quantized-model -> wrap-lora
+  validate-config -> load-dataset -> log-dataset -> setup-tokenizer -> preflight -> load-quantized-model -> wrap-lora
   -> train-adapter -> evaluate-models (base vs fine-tuned) -> save-adapter -> log-results
 Models travel between tasks in memory only; no task caches or persists them.
 """
@@ -17,6 +17,7 @@ from tasks.config import validate_config_task
 from tasks.data import load_dataset_task
 from tasks.evaluate import evaluate_models_task
 from tasks.model import load_quantized_model_task, pick_device, wrap_lora_task
+from tasks.preflight import preflight_task
 from tasks.save import save_adapter_task
 from tasks.tokenizer import setup_tokenizer_task
 from tasks.tracking import log_dataset_task, log_results_task, tracking_run
@@ -32,9 +33,11 @@ def finetune(config_path: str | None = None, overrides: list[str] | None = None)
         data = load_dataset_task(cfg.data)
         log_dataset_task(data)
         tokenizer = setup_tokenizer_task(cfg.model, cfg.tokenizer, data.is_conversational)
+        preflight_task(cfg, data, tokenizer, device)
         model = load_quantized_model_task(cfg.model, cfg.quantization, device)
         model, lora_config = wrap_lora_task(model, cfg.lora, cfg.training)
-        trained = train_adapter_task(model, data, lora_config, tokenizer, cfg.training, device, report_to_mlflow=True)
+        train = train_adapter_task.with_options(retries=cfg.training.task_retries)
+        trained = train(model, data, lora_config, tokenizer, cfg, device, report_to_mlflow=True)
         comparison = evaluate_models_task(trained.model, tokenizer, data, cfg.evaluation, cfg.training.max_seq_length)
         adapter_dir = save_adapter_task(trained.model, tokenizer, cfg)
         log_results_task(cfg, trained, comparison, adapter_dir)

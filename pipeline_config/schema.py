@@ -56,6 +56,10 @@ class ModelConfig(_Section):
         description="Name of the environment variable that holds the hub token for gated models. The token itself "
         "never goes into a config file.",
     )
+    hub_token_secret_block: str | None = Field(
+        default=None,
+        description="Prefect Secret block holding the hub token, used when the environment variable is unset.",
+    )
     trust_remote_code: bool = Field(
         default=False, description="Allow model code from the hub. Off unless you trust the repository."
     )
@@ -65,6 +69,9 @@ class QuantizationConfig(_Section):
     """bitsandbytes 4-bit loading of the base model (transformers.BitsAndBytesConfig)."""
 
     load_in_4bit: bool = Field(default=True, description="Load the base model in 4-bit (QLoRA). Must stay true.")
+    load_in_8bit: bool = Field(
+        default=False, description="8-bit loading; not QLoRA, so it cannot be combined with 4-bit."
+    )
     quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type: NF4 or FP4.")
     compute_dtype: DTypeName = Field(
         default="bfloat16", description="dtype of the de-quantised weights during matmuls (bnb_4bit_compute_dtype)."
@@ -78,6 +85,8 @@ class QuantizationConfig(_Section):
 
     @model_validator(mode="after")
     def _four_bit_only(self) -> QuantizationConfig:
+        if self.load_in_8bit and self.load_in_4bit:
+            raise ValueError("quantization.load_in_8bit and load_in_4bit are both true: choose one (QLoRA is 4-bit)")
         if not self.load_in_4bit:
             raise ValueError("quantization.load_in_4bit must be true: this pipeline fine-tunes with QLoRA")
         return self
@@ -180,6 +189,30 @@ class TrainingConfig(_Section):
     logging_steps: int = Field(default=25, gt=0, description="Log training loss every this many optimizer steps.")
     max_seq_length: int = Field(default=1024, gt=0, description="Tokens per row; longer rows are truncated.")
     packing: bool = Field(default=False, description="Pack several rows into one sequence (TRL packing).")
+    packing_strategy: Literal["bfd", "wrapped"] = Field(
+        default="bfd",
+        description="TRL packing: 'bfd' keeps rows whole (best-fit decreasing), 'wrapped' cuts rows mid-sequence.",
+    )
+    completion_only_loss: bool | None = Field(
+        default=None,
+        description="Loss on the completion only (prompt/completion data). Unset: TRL's default for the data format.",
+    )
+    save_steps: int = Field(
+        default=50,
+        ge=0,
+        description="Write a checkpoint (adapter, optimizer, scheduler, RNG, step) every N steps; 0 = never.",
+    )
+    save_total_limit: int = Field(default=2, gt=0, description="Keep only the newest N checkpoints.")
+    task_retries: int = Field(
+        default=1,
+        ge=0,
+        description="Prefect retries of the train task; a retry reloads the base model and resumes from the newest "
+        "complete checkpoint, never from step 0 (when checkpoints exist).",
+    )
+    resume: Literal["auto", "never"] = Field(
+        default="auto",
+        description="'auto': continue from the newest complete checkpoint in output_dir, if any; 'never': start over.",
+    )
     bf16: bool = Field(default=False, description="bfloat16 mixed precision.")
     fp16: bool = Field(default=False, description="float16 mixed precision.")
     seed: int = Field(default=42, description="Training seed.")
@@ -191,6 +224,11 @@ class TrainingConfig(_Section):
     def _one_precision(self) -> TrainingConfig:
         if self.bf16 and self.fp16:
             raise ValueError("training.bf16 and training.fp16 are both true: choose one")
+        if self.packing and self.packing_strategy == "wrapped" and self.completion_only_loss:
+            raise ValueError(
+                "training.packing_strategy 'wrapped' cuts rows mid-sequence, so completion_only_loss cannot be kept: "
+                "use packing_strategy bfd or completion_only_loss false"
+            )
         return self
 
 
@@ -248,8 +286,12 @@ class PipelineConfig(_Section):
                 "evaluation.task_metric is exact_match but data.format 'text' has no data.response_template to split "
                 "prompt from answer: set one or use task_metric: none"
             )
-        if t.device == "cpu" and t.optim.startswith("paged_"):
-            problems.append(f"training.optim {t.optim!r} needs CUDA but training.device is cpu: use adamw_torch")
+        if t.device == "cpu":
+            problems += cuda_only_problems(t)
+        if t.completion_only_loss and self.data.format in ("text", "messages"):
+            problems.append(
+                f"training.completion_only_loss needs prompt/completion data, but data.format is {self.data.format!r}"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -257,6 +299,16 @@ class PipelineConfig(_Section):
     def to_flat_dict(self) -> dict[str, Any]:
         """All resolved values as {'section.key': value} (for MLflow params)."""
         return _flatten(self.model_dump(mode="json"))
+
+
+def cuda_only_problems(t: TrainingConfig) -> list[str]:
+    """Training options that only work on CUDA (checked against the device the run will really use)."""
+    problems = []
+    if t.optim.startswith("paged_"):
+        problems.append(f"training.optim {t.optim!r} needs CUDA, and this run is on the CPU: use adamw_torch")
+    if t.fp16:
+        problems.append("training.fp16 needs CUDA, and this run is on the CPU: use bf16 or neither")
+    return problems
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

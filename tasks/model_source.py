@@ -43,8 +43,44 @@ def file_digest(path: Path, chunk_bytes: int = 1 << 20) -> str:
 
 
 def hub_token(cfg: ModelConfig) -> str | None:
-    """The hub token from the environment variable the config names (never from the config itself)."""
-    return os.environ.get(cfg.hub_token_env) or None
+    """The hub token: the environment variable the config names, else a Prefect Secret block; never the config."""
+    token = os.environ.get(cfg.hub_token_env)
+    if token:
+        return token
+    if cfg.hub_token_secret_block:
+        from prefect.blocks.system import Secret
+
+        try:
+            return Secret.load(cfg.hub_token_secret_block).get()
+        except (ValueError, RuntimeError) as exc:
+            raise ModelSourceError(
+                f"model.hub_token_secret_block {cfg.hub_token_secret_block!r} unreadable ({type(exc).__name__}): "
+                "create it with `prefect block create secret` or set the environment variable instead"
+            ) from None
+    return None
+
+
+def check_hub_model(cfg: ModelConfig) -> None:
+    """Ask the hub whether the model is reachable with the token we have (config and tokenizer only, no weights)."""
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    name, token = cfg.name_or_path, hub_token(cfg)
+    try:
+        huggingface_hub.model_info(name, revision=cfg.revision, token=token)
+    except GatedRepoError:
+        how = "is set but was refused (accept the license on the model page)" if token else "is not set"
+        raise ModelSourceError(
+            f"model.name_or_path {name!r} is gated and the token in ${cfg.hub_token_env} {how}; "
+            f"export {cfg.hub_token_env}=<token> or use an ungated copy"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelSourceError(f"model.name_or_path {name!r}: no such model on the hub (check the id)") from None
+    except Exception as exc:  # offline mode, DNS failure, refused connection, timeout: all mean "no hub here"
+        raise ModelSourceError(
+            f"model.name_or_path {name!r} is a hub id but the hub cannot be reached ({type(exc).__name__}); "
+            "without network access download the model elsewhere and point model.name_or_path at that local folder"
+        ) from None
 
 
 def check_model_source(cfg: ModelConfig) -> str:
@@ -68,7 +104,17 @@ def check_model_source(cfg: ModelConfig) -> str:
         elif not (path / "config.json").is_file():
             raise ModelSourceError(f"model.name_or_path {name}: no config.json in that folder")
         return f"local folder {path}"
+    if not _hub_cached(cfg):
+        check_hub_model(cfg)
     return f"hub model {name}"
+
+
+def _hub_cached(cfg: ModelConfig) -> bool:
+    """True when the hub model's config is already in the local HF cache (then no network is needed)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(cfg.name_or_path, "config.json", revision=cfg.revision)
+    return isinstance(found, str)
 
 
 def resolve_model_path(cfg: ModelConfig) -> str:

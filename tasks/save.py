@@ -6,6 +6,9 @@ never leaves a half-written adapter where a reader (or the registry) would pick 
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -15,9 +18,41 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline_config.schema import PipelineConfig, dump_pipeline_config
+from tasks.errors import PipelineInputError
 
 ADAPTER_DIRNAME = "adapter"
 RESOLVED_CONFIG_NAME = "pipeline_config.yaml"
+CHECKSUMS_NAME = "SHA256SUMS.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    sums = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS_NAME}
+    (folder / CHECKSUMS_NAME).write_text(json.dumps(sums, indent=1))
+
+
+def adapter_checksum(folder: Path) -> str:
+    """One digest for the whole adapter folder: the sha256 of its checksum file."""
+    return _sha256(folder / CHECKSUMS_NAME)
+
+
+def verify_adapter_dir(folder: Path, expected_checksum: str | None = None) -> None:
+    """Raise PipelineInputError unless every file matches SHA256SUMS.json (and that file the expected digest)."""
+    sums_path = folder / CHECKSUMS_NAME
+    if not sums_path.is_file():
+        raise PipelineInputError(f"{folder}: no {CHECKSUMS_NAME}; not a complete adapter folder")
+    if expected_checksum and adapter_checksum(folder) != expected_checksum:
+        raise PipelineInputError(f"{folder}: checksum file differs from the one logged with the run")
+    for name, digest in json.loads(sums_path.read_text()).items():
+        if not (folder / name).is_file() or _sha256(folder / name) != digest:
+            raise PipelineInputError(f"{folder}/{name}: missing or corrupted (sha256 mismatch); download it again")
 
 
 def save_adapter(peft_model, tokenizer, cfg: PipelineConfig) -> Path:
@@ -30,6 +65,7 @@ def save_adapter(peft_model, tokenizer, cfg: PipelineConfig) -> Path:
         peft_model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / RESOLVED_CONFIG_NAME).write_text(dump_pipeline_config(cfg))
+        write_checksums(tmp)
         if final.exists():
             old = out_dir / f".{ADAPTER_DIRNAME}.old"
             shutil.rmtree(old, ignore_errors=True)
@@ -38,6 +74,14 @@ def save_adapter(peft_model, tokenizer, cfg: PipelineConfig) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise PipelineInputError(
+                f"disk full while saving the adapter to {final}: free space and re-run "
+                "(complete checkpoints are kept, so the re-run resumes)"
+            ) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

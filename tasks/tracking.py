@@ -20,6 +20,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline_config.schema import PipelineConfig, TrackingConfig, dump_pipeline_config
+from tasks.save import adapter_checksum
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "trl", "accelerate", "datasets", "prefect", "mlflow")
@@ -59,13 +60,18 @@ def prefect_flow_run_id() -> str:
 def tracking_run(cfg: PipelineConfig) -> Iterator[mlflow.ActiveRun]:
     """Open the MLflow run of this flow run: resolved config as params, provenance as tags."""
     mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking))
-    mlflow.set_experiment(cfg.tracking.experiment_name)
+    experiment = mlflow.set_experiment(cfg.tracking.experiment_name)
+    output_dir = str(Path(cfg.training.output_dir).resolve())
+    interrupted = close_interrupted_runs(experiment.experiment_id, output_dir)
     tags = {
         "prefect.flow_run_id": prefect_flow_run_id(),
+        "output_dir": output_dir,
         "git_commit": git_commit(),
         "base_model": cfg.model.name_or_path,
         **{f"version.{k}": v for k, v in library_versions().items()},
     }
+    if interrupted:
+        tags["continues_run_id"] = interrupted[0]
     run = mlflow.start_run(run_name=cfg.tracking.run_name, tags=tags)
     try:
         mlflow.log_params({k: "" if v is None else v for k, v in cfg.to_flat_dict().items()})
@@ -78,6 +84,20 @@ def tracking_run(cfg: PipelineConfig) -> Iterator[mlflow.ActiveRun]:
         raise
     else:
         mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def close_interrupted_runs(experiment_id: str, output_dir: str) -> list[str]:
+    """Mark runs of the same output folder that a kill left RUNNING as KILLED; returns their ids, newest first."""
+    client = mlflow.MlflowClient()
+    stale = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.output_dir = '{output_dir}'",
+        order_by=["attributes.start_time DESC"],
+    )
+    for run in stale:
+        client.set_terminated(run.info.run_id, status="KILLED")
+        client.set_tag(run.info.run_id, "killed_reason", "process ended without closing the run (found on re-run)")
+    return [run.info.run_id for run in stale]
 
 
 def log_dataset(data) -> None:
@@ -94,7 +114,11 @@ def log_results(cfg: PipelineConfig, train_result, comparison, adapter_dir: str)
     metrics |= {f"finetuned_{k}": v for k, v in comparison.finetuned.metrics.items()}
     metrics |= train_result.metrics
     mlflow.log_metrics(metrics)
+    mlflow.set_tag(
+        "resumed_from_checkpoint", Path(train_result.resumed_from).name if train_result.resumed_from else "none"
+    )
     mlflow.log_artifacts(adapter_dir, artifact_path="adapter")
+    mlflow.set_tag("adapter_sha256", adapter_checksum(Path(adapter_dir)))
     mlflow.log_text(dump_pipeline_config(cfg), "pipeline_config.yaml")
     if comparison.samples:
         mlflow.log_text(json.dumps(comparison.samples, indent=1), "eval_samples.json")

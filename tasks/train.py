@@ -8,19 +8,23 @@ Training loss per logging step reaches MLflow through transformers' own MLflowCa
 
 from __future__ import annotations
 
+import os
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from peft import LoraConfig
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from trl import SFTConfig, SFTTrainer
 
-from pipeline_config.schema import TrainingConfig
+from pipeline_config.schema import PipelineConfig, TrainingConfig
 from tasks.data import DatasetSplits
 
 
@@ -32,6 +36,52 @@ class TrainResult:
     metrics: dict[str, float]
     loss_history: list[tuple[int, float]] = field(default_factory=list)
     train_dataset: object = None  # the tokenized rows SFTTrainer trained on
+    resumed_from: str | None = None  # checkpoint folder training continued from, if any
+
+
+STAGING_DIRNAME = ".checkpoint-staging"
+
+
+class AtomicCheckpointSFTTrainer(SFTTrainer):
+    """SFTTrainer whose checkpoints appear all at once: written into a staging folder, then renamed into place.
+
+    transformers writes `checkpoint-N` file by file; a kill in the middle would leave a folder that
+    `get_last_checkpoint` picks up and resume then fails on. Here a `checkpoint-N` folder exists only complete.
+    """
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = self._get_output_dir(trial=trial)
+        staging = os.path.join(run_dir, STAGING_DIRNAME)
+        shutil.rmtree(staging, ignore_errors=True)
+        get_output_dir = self._get_output_dir
+        self._get_output_dir = lambda trial=None: staging  # super() writes checkpoint-N under staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._get_output_dir = get_output_dir
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        target = os.path.join(run_dir, name)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(os.path.join(staging, name), target)
+        _fsync_dir(run_dir)
+        shutil.rmtree(staging, ignore_errors=True)
+        if self.args.should_save:
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def latest_complete_checkpoint(output_dir: str) -> str | None:
+    """Newest `checkpoint-N` folder (only complete ones exist, see AtomicCheckpointSFTTrainer)."""
+    if not Path(output_dir).is_dir():
+        return None
+    return get_last_checkpoint(output_dir)
 
 
 def build_sft_config(cfg: TrainingConfig, device: str, report_to_mlflow: bool) -> SFTConfig:
@@ -60,7 +110,11 @@ def build_sft_config(cfg: TrainingConfig, device: str, report_to_mlflow: bool) -
         dataloader_pin_memory=device != "cpu",
         include_num_input_tokens_seen="non_padding",
         eval_strategy="no",
-        save_strategy="no",
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=cfg.save_total_limit,
+        packing_strategy=cfg.packing_strategy,
+        completion_only_loss=cfg.completion_only_loss,
         report_to=["mlflow"] if report_to_mlflow else "none",
         disable_tqdm=not sys.stderr.isatty(),
     )
@@ -85,7 +139,8 @@ def train_adapter(
     """Run SFTTrainer and return the PEFT model with its training metrics."""
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainer = SFTTrainer(
+    resume_from = latest_complete_checkpoint(cfg.output_dir) if cfg.resume == "auto" else None
+    trainer = AtomicCheckpointSFTTrainer(
         model=model,
         args=build_sft_config(cfg, device, report_to_mlflow),
         train_dataset=data.train,
@@ -93,9 +148,9 @@ def train_adapter(
         processing_class=tokenizer,
     )
     started = time.perf_counter()
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=resume_from)
     wall_s = time.perf_counter() - started
-    tokens = float(trainer.state.num_input_tokens_seen)
+    tokens = float(trainer.state.num_input_tokens_seen)  # restored from the checkpoint when resuming
     metrics = {
         "train_loss": float(output.training_loss),
         "train_runtime_s": wall_s,
@@ -106,10 +161,25 @@ def train_adapter(
     }
     losses = [(h["step"], float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
     trainer.model.eval()
-    return TrainResult(model=trainer.model, metrics=metrics, loss_history=losses, train_dataset=trainer.train_dataset)
+    return TrainResult(
+        model=trainer.model,
+        metrics=metrics,
+        loss_history=losses,
+        train_dataset=trainer.train_dataset,
+        resumed_from=resume_from,
+    )
 
 
-@task(name="train-adapter", cache_policy=NO_CACHE, persist_result=False)
-def train_adapter_task(model, data, lora_config, tokenizer, cfg: TrainingConfig, device: str, report_to_mlflow: bool):
-    """Prefect wrapper; no retries: a retry would start training over (resume comes with checkpointing)."""
-    return train_adapter(model, data, lora_config, tokenizer, cfg, device, report_to_mlflow)
+@task(name="train-adapter", cache_policy=NO_CACHE, persist_result=False, retry_delay_seconds=10)
+def train_adapter_task(model, data, lora_config, tokenizer, cfg: PipelineConfig, device: str, report_to_mlflow: bool):
+    """Prefect wrapper. On a retry the in-memory model may be half-updated, so it is rebuilt from the config and
+    training resumes from the newest complete checkpoint (`training.resume: auto`), never from step 0."""
+    from prefect.runtime import task_run
+
+    from tasks.model import load_quantized_model, wrap_lora
+
+    if (task_run.run_count or 1) > 1:
+        model, lora_config = wrap_lora(
+            load_quantized_model(cfg.model, cfg.quantization, device), cfg.lora, cfg.training
+        )
+    return train_adapter(model, data, lora_config, tokenizer, cfg.training, device, report_to_mlflow)

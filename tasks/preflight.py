@@ -1,0 +1,177 @@
+"""Preflight: every check on config, data and tokenizer that needs no model weights, reported all at once.
+
+Runs as `qlora-flow validate`, before `qlora-flow run` starts the flow, and as the flow's first task after the
+tokenizer is set up. Fatal problems stop the run (exit code 2); the rest are warnings in the report.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from transformers import PreTrainedTokenizerBase
+
+from pipeline_config.schema import PipelineConfig, cuda_only_problems
+from tasks.data import DatasetSplits
+from tasks.errors import PipelineInputError
+
+
+class PreflightError(PipelineInputError):
+    """Fatal preflight findings; the message lists all of them."""
+
+
+@dataclass
+class PreflightReport:
+    fatal: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def render(self) -> str:
+        lines = ["preflight:"]
+        s = self.stats
+        if s:
+            lines.append(
+                f"  train rows {s['rows']:.0f}; tokens per row min {s['tokens_min']:.0f} / mean {s['tokens_mean']:.0f} "
+                f"/ p95 {s['tokens_p95']:.0f} / max {s['tokens_max']:.0f}; "
+                f"{s['rows_truncated']:.0f} row(s) longer than max_seq_length {s['max_seq_length']:.0f}"
+            )
+        lines += [f"  FATAL: {p}" for p in self.fatal]
+        lines += [f"  warning: {p}" for p in self.warnings]
+        if not self.fatal:
+            lines.append("  ok")
+        return "\n".join(lines)
+
+
+def rendered_ids(data: DatasetSplits, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Token ids of each training row as the trainer sees it (chat template, or text + EOS as TRL appends it)."""
+    eos = tokenizer.eos_token
+    if data.kind == "messages":
+        return [
+            list(tokenizer.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"])
+            for m in data.train["messages"]
+        ]
+    if data.kind == "text":
+        texts = [t if t.endswith(eos) else t + eos for t in data.train["text"]]
+    else:
+        texts = [
+            p + (c if c.endswith(eos) else c + eos)
+            for p, c in zip(data.train["prompt"], data.train["completion"], strict=True)
+        ]
+    return tokenizer(texts)["input_ids"]
+
+
+def _ends_with_eos(ids: list[int], tokenizer: PreTrainedTokenizerBase) -> bool:
+    """EOS is the last token, allowing for whitespace a chat template writes after it."""
+    for tid in reversed(ids):
+        if tid == tokenizer.eos_token_id:
+            return True
+        if tokenizer.decode([tid]).strip():
+            return False
+    return False
+
+
+def writable_problem(folder: str) -> str | None:
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+            pass
+    except OSError as exc:
+        return f"training.output_dir {folder} is not writable ({exc.strerror or exc}): choose another folder"
+    return None
+
+
+def run_preflight(
+    cfg: PipelineConfig, data: DatasetSplits, tokenizer: PreTrainedTokenizerBase, device: str
+) -> PreflightReport:
+    report = PreflightReport()
+    t = cfg.training
+    if device == "cpu":
+        report.fatal += cuda_only_problems(t)
+    if problem := writable_problem(t.output_dir):
+        report.fatal.append(problem)
+    if data.is_conversational and not tokenizer.chat_template:
+        report.fatal.append("chat data but the tokenizer has no chat template: set tokenizer.chat_template_file")
+    if t.completion_only_loss and data.kind != "prompt_completion":
+        report.fatal.append(f"training.completion_only_loss needs prompt/completion rows; the data is {data.kind!r}")
+    if data.kind == "prompt_completion":
+        empty = sum(1 for c in data.train["completion"] if not c.strip())
+        if empty:
+            report.fatal.append(f"{empty} training row(s) have an empty completion: nothing to learn there")
+    if data.kind == "text" and data.response_template:
+        missing = sum(1 for x in data.eval["text"] if data.response_template not in x)
+        if missing:
+            report.warnings.append(
+                f"{missing} held-out row(s) lack data.response_template {data.response_template!r}: no answer to score"
+            )
+    if report.fatal and data.is_conversational and not tokenizer.chat_template:
+        return report  # rows cannot be rendered without a template
+    ids = rendered_ids(data, tokenizer)
+    lengths = [len(x) for x in ids]
+    truncated = sum(n > t.max_seq_length for n in lengths)
+    report.stats = {
+        "rows": float(len(lengths)),
+        "tokens_min": float(min(lengths)),
+        "tokens_mean": statistics.fmean(lengths),
+        "tokens_p95": float(sorted(lengths)[int(0.95 * (len(lengths) - 1))]),
+        "tokens_max": float(max(lengths)),
+        "rows_truncated": float(truncated),
+        "max_seq_length": float(t.max_seq_length),
+    }
+    if truncated == len(lengths):
+        report.fatal.append(
+            f"every training row is longer than training.max_seq_length {t.max_seq_length} (shortest: "
+            f"{min(lengths)} tokens): raise max_seq_length"
+        )
+    elif truncated:
+        report.warnings.append(
+            f"{truncated} of {len(lengths)} training rows exceed max_seq_length {t.max_seq_length}: they are cut and "
+            "lose their EOS"
+        )
+    no_eos = sum(not _ends_with_eos(x, tokenizer) for x in ids)
+    if no_eos:
+        report.fatal.append(
+            f"{no_eos} training row(s) do not end with the EOS token {tokenizer.eos_token!r}: the model would never "
+            "learn to stop; fix the chat template or the data"
+        )
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        report.warnings.append(
+            "pad token == EOS: TRL masks padding by position, so EOS stays trained, but set a distinct "
+            "tokenizer.pad_token if the vocabulary has one"
+        )
+    return report
+
+
+def check_preflight(cfg, data, tokenizer, device) -> PreflightReport:
+    """Run the preflight; raise PreflightError listing every fatal problem."""
+    report = run_preflight(cfg, data, tokenizer, device)
+    if report.fatal:
+        raise PreflightError("preflight failed:\n" + "\n".join(f"  - {p}" for p in report.fatal))
+    return report
+
+
+@task(name="preflight", cache_policy=NO_CACHE, persist_result=False)
+def preflight_task(cfg, data, tokenizer, device) -> PreflightReport:
+    from prefect import get_run_logger
+
+    report = check_preflight(cfg, data, tokenizer, device)
+    get_run_logger().info(report.render())
+    return report
+
+
+def preflight_from_config(config_path: str | None, overrides: list[str] | None):
+    """Everything `qlora-flow validate` checks: config, model source, data, tokenizer, preflight. No weights load."""
+    from tasks.config import validate_config
+    from tasks.data import load_dataset_splits
+    from tasks.model import pick_device
+    from tasks.tokenizer import setup_tokenizer
+
+    cfg = validate_config(config_path, overrides)
+    device = pick_device(cfg.training.device)
+    data = load_dataset_splits(cfg.data)
+    tokenizer = setup_tokenizer(cfg.model, cfg.tokenizer, data.is_conversational)
+    return cfg, data, device, check_preflight(cfg, data, tokenizer, device)
