@@ -254,6 +254,11 @@ class TrackingConfig(_Section):
         "folder. Credentials come from the environment only.",
     )
     experiment_name: str = Field(default="qlora-finetune", description="MLflow experiment.")
+    artifact_location: str | None = Field(
+        default=None,
+        description="Artifact root for a new experiment (local folder or URI). Unset: the tracking server's default "
+        "(./mlruns beside a local SQLite store).",
+    )
     run_name: str | None = Field(default=None, description="MLflow run name (default: generated).")
 
 

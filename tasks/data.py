@@ -41,7 +41,27 @@ class DatasetSplits:
         return self.kind == "messages"
 
 
-def _read_source(source: str, cfg: DataConfig) -> datasets.DatasetDict:
+def _row_count(path: Path) -> int | None:
+    """Rows in a local file, read cheaply, so an empty file gets a clear message (datasets fails obscurely)."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open() as fh:
+            return sum(1 for line in fh if line.strip())
+    if suffix == ".json":
+        try:
+            obj = json.loads(path.read_text() or "[]")
+        except json.JSONDecodeError:
+            return None
+        return len(obj) if isinstance(obj, list) else None
+    if suffix == ".csv":
+        with path.open() as fh:
+            return max(sum(1 for line in fh if line.strip()) - 1, 0)
+    import pyarrow.parquet as pq
+
+    return pq.read_metadata(path).num_rows
+
+
+def _read_source(source: str, cfg: DataConfig, role: str = "training") -> datasets.DatasetDict:
     if source.startswith(BUNDLED_PREFIX):
         name = source.removeprefix(BUNDLED_PREFIX)
         if name != "orders":
@@ -55,6 +75,8 @@ def _read_source(source: str, cfg: DataConfig) -> datasets.DatasetDict:
         builder = LOCAL_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise DataError(f"data file {source}: unsupported type; use .jsonl, .json, .csv or .parquet")
+        if _row_count(path) == 0:
+            raise DataError(f"data file {source} has no rows: the {role} split is empty")
         if path.suffix.lower() == ".jsonl":
             _check_jsonl(path)
         try:
@@ -171,7 +193,7 @@ def load_dataset_splits(cfg: DataConfig) -> DatasetSplits:
         raise DataError(f"data.train_split {cfg.train_split!r} not in {cfg.source}; splits: {', '.join(raw)}")
     train = raw[cfg.train_split]
     if cfg.eval_source:
-        eval_raw = _read_source(cfg.eval_source, cfg)
+        eval_raw = _read_source(cfg.eval_source, cfg, role="held-out")
         eval_ds = eval_raw[cfg.eval_split or next(iter(eval_raw))]
     elif cfg.eval_split or (cfg.source.startswith(BUNDLED_PREFIX)):
         split = cfg.eval_split or "test"

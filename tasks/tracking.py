@@ -60,6 +60,12 @@ def prefect_flow_run_id() -> str:
 def tracking_run(cfg: PipelineConfig) -> Iterator[mlflow.ActiveRun]:
     """Open the MLflow run of this flow run: resolved config as params, provenance as tags."""
     mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking))
+    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment_name)
+    if experiment is None:
+        location = cfg.tracking.artifact_location
+        if location and "://" not in location:
+            location = Path(location).resolve().as_uri()
+        mlflow.create_experiment(cfg.tracking.experiment_name, artifact_location=location)
     experiment = mlflow.set_experiment(cfg.tracking.experiment_name)
     output_dir = str(Path(cfg.training.output_dir).resolve())
     interrupted = close_interrupted_runs(experiment.experiment_id, output_dir)

@@ -8,6 +8,7 @@ Training loss per logging step reaches MLflow through transformers' own MLflowCa
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import shutil
@@ -26,6 +27,7 @@ from trl import SFTConfig, SFTTrainer
 
 from pipeline_config.schema import PipelineConfig, TrainingConfig
 from tasks.data import DatasetSplits
+from tasks.errors import PipelineInputError, retry_unless_input_error
 
 
 @dataclass
@@ -57,6 +59,14 @@ class AtomicCheckpointSFTTrainer(SFTTrainer):
         self._get_output_dir = lambda trial=None: staging  # super() writes checkpoint-N under staging
         try:
             super()._save_checkpoint(model, trial)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if exc.errno == errno.ENOSPC:
+                raise PipelineInputError(
+                    f"disk full while writing a checkpoint in {run_dir}: free space and re-run; training resumes "
+                    "from the newest complete checkpoint"
+                ) from None
+            raise
         finally:
             self._get_output_dir = get_output_dir
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
@@ -170,7 +180,13 @@ def train_adapter(
     )
 
 
-@task(name="train-adapter", cache_policy=NO_CACHE, persist_result=False, retry_delay_seconds=10)
+@task(
+    name="train-adapter",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retry_delay_seconds=10,
+    retry_condition_fn=retry_unless_input_error,
+)
 def train_adapter_task(model, data, lora_config, tokenizer, cfg: PipelineConfig, device: str, report_to_mlflow: bool):
     """Prefect wrapper. On a retry the in-memory model may be half-updated, so it is rebuilt from the config and
     training resumes from the newest complete checkpoint (`training.resume: auto`), never from step 0."""

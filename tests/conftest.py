@@ -75,7 +75,11 @@ def tiny_config_dict(model_dir: Path, tmp_path: Path) -> dict:
             "device": "cpu",
         },
         "evaluation": {"max_loss_rows": 8, "max_generation_rows": 4, "max_new_tokens": 8, "batch_size": 4},
-        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment_name": "tests"},
+        "tracking": {
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "experiment_name": "tests",
+            "artifact_location": str(tmp_path / "artifacts"),
+        },
     }
 
 

@@ -87,3 +87,29 @@ def test_failed_flow_marks_mlflow_run_failed(prefect_server, tiny_config_file, t
     exp = client.get_experiment_by_name(cfg.tracking.experiment_name)
     runs = client.search_runs([exp.experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_disk_full_while_saving_fails_cleanly(prefect_server, tiny_config_file, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import peft.peft_model
+
+    from flows.cli import main
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", full_disk)
+    code = main(["run", "--config", str(tiny_config_file), "--set", "training.save_steps=0"])
+
+    err = capsys.readouterr().err
+    assert code == 2 and "disk full while saving the adapter" in err and "Traceback" not in err
+    out = tmp_path / "out"
+    assert not (out / "adapter").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".adapter")]  # no half-written temp folder left
+    cfg = load_pipeline_config(tiny_config_file)
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "adapter_sha256" not in runs[0].data.tags

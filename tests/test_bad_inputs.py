@@ -1,0 +1,155 @@
+"""Every bad input gets one short message naming what to fix, exit code 2, no traceback, and leaves nothing behind:
+no MLflow run (so nothing RUNNING, nothing registered) and no adapter folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.cli import main
+from tests.conftest import tiny_config_dict
+
+
+def _unknown_key(c, tmp):
+    c["training"]["learning_rte"] = 1e-3
+
+
+def _wrong_type(c, tmp):
+    c["training"]["per_device_train_batch_size"] = "eight"
+
+
+def _set(section, key, value):
+    def apply(c, tmp):
+        c[section][key] = value
+
+    return apply
+
+
+def _jsonl(tmp: Path, name: str, lines: list[str]) -> str:
+    path = tmp / name
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def _missing_file(c, tmp):
+    c["data"] = {"source": str(tmp / "missing.jsonl")}
+
+
+def _malformed_jsonl(c, tmp):
+    c["data"] = {"source": _jsonl(tmp, "bad.jsonl", ['{"text": "a"}', '{"text": "b"}', '{"text": "c",}'])}
+
+
+def _missing_column(c, tmp):
+    rows = [json.dumps({"question": "q", "reply": "a"})] * 6
+    c["data"] = {"source": _jsonl(tmp, "cols.jsonl", rows), "format": "prompt_completion"}
+
+
+def _empty_dataset(c, tmp):
+    c["data"] = {"source": _jsonl(tmp, "empty.jsonl", [])}
+
+
+def _empty_split(c, tmp):
+    import pandas as pd
+
+    rows = [json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) for i in range(6)]
+    pd.DataFrame({"prompt": pd.Series([], dtype=str), "completion": pd.Series([], dtype=str)}).to_parquet(
+        tmp / "eval.parquet"
+    )
+    c["data"] = {"source": _jsonl(tmp, "train.jsonl", rows), "eval_source": str(tmp / "eval.parquet")}
+
+
+def _all_rows_too_long(c, tmp):
+    c["training"]["max_seq_length"] = 8
+
+
+def _model_path_missing(c, tmp):
+    c["model"] = {"name_or_path": str(tmp / "no-such-model")}
+
+
+def _hub_without_network(c, tmp):
+    c["model"] = {"name_or_path": "NousResearch/Llama-2-7b-chat-hf"}
+
+
+def _cuda_only_on_cpu(c, tmp):
+    c["training"].update(optim="paged_adamw_32bit", device="auto")
+
+
+def _output_not_writable(c, tmp):
+    blocker = tmp / "a-file"
+    blocker.write_text("x")
+    c["training"]["output_dir"] = str(blocker / "out")
+
+
+CASES = {
+    "unknown key": (_unknown_key, "did you mean 'training.learning_rate'"),
+    "wrong type": (_wrong_type, "training.per_device_train_batch_size"),
+    "lr <= 0": (_set("training", "learning_rate", 0), "training.learning_rate"),
+    "r <= 0": (_set("lora", "r", 0), "lora.r"),
+    "dropout outside [0,1)": (_set("lora", "dropout", 1.0), "lora.dropout"),
+    "warmup outside [0,1)": (_set("training", "warmup_ratio", 1.5), "training.warmup_ratio"),
+    "fp16 and bf16": (lambda c, t: c["training"].update(fp16=True, bf16=True), "both true: choose one"),
+    "8-bit and 4-bit": (_set("quantization", "load_in_8bit", True), "load_in_8bit and load_in_4bit"),
+    "wrapped packing with completion-only": (
+        lambda c, t: c["training"].update(packing=True, packing_strategy="wrapped", completion_only_loss=True),
+        "completion_only_loss cannot be kept",
+    ),
+    "missing data file": (_missing_file, "missing.jsonl not found"),
+    "malformed jsonl": (_malformed_jsonl, "line 3 is not valid JSON"),
+    "missing column": (_missing_column, "available columns: question, reply"),
+    "empty dataset": (_empty_dataset, "empty.jsonl has no rows: the training split is empty"),
+    "empty split": (_empty_split, "eval.parquet has no rows: the held-out split is empty"),
+    "every row too long": (_all_rows_too_long, "every training row is longer than training.max_seq_length 8"),
+    "model path missing": (_model_path_missing, "folder not found"),
+    "hub id without network": (_hub_without_network, "hub cannot be reached"),
+    "cuda-only option on cpu": (_cuda_only_on_cpu, "needs CUDA, and this run is on the CPU"),
+    "output folder not writable": (_output_not_writable, "is not writable"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_exits_2_with_one_message(case, tiny_llama_dir, tmp_path, capsys):
+    mutate, expected = CASES[case]
+    config = tiny_config_dict(tiny_llama_dir, tmp_path)
+    mutate(config, tmp_path)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    code = main(["run", "--config", str(path)])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert expected in err
+    assert "Traceback" not in err and len(err.splitlines()) <= 8
+    assert not (tmp_path / "mlflow.db").exists()  # no MLflow run was opened, so none is RUNNING or registered
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_gated_model_without_token(monkeypatch, tmp_path):
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    from pipeline_config.schema import ModelConfig
+    from tasks.errors import ModelSourceError
+    from tasks.model_source import check_model_source
+
+    def gated(*args, **kwargs):
+        request = httpx2.Request("GET", "https://huggingface.co/api/models/meta-llama/Llama-2-7b-chat-hf")
+        raise GatedRepoError("gated", response=httpx2.Response(401, request=request))
+
+    monkeypatch.setattr(huggingface_hub, "model_info", gated)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(ModelSourceError, match=r"is gated and the token in \$HF_TOKEN is not set"):
+        check_model_source(ModelConfig(name_or_path="meta-llama/Llama-2-7b-chat-hf"))
+
+
+def test_debug_flag_shows_traceback(tiny_llama_dir, tmp_path, capsys):
+    config = tiny_config_dict(tiny_llama_dir, tmp_path)
+    _missing_file(config, tmp_path)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["validate", "--config", str(path), "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
