@@ -51,6 +51,16 @@ class AtomicCheckpointSFTTrainer(SFTTrainer):
     `get_last_checkpoint` picks up and resume then fails on. Here a `checkpoint-N` folder exists only complete.
     """
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        """Resume with the adapter weights in the dtype training uses: peft up-casts loaded adapters to fp32,
+        while SFTTrainer keeps QLoRA adapters in bf16, so an un-fixed resume would train on different numerics."""
+        target = model if model is not None else self.model
+        dtypes = {n: p.dtype for n, p in target.named_parameters() if p.requires_grad}
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for name, param in target.named_parameters():
+            if name in dtypes and param.dtype != dtypes[name]:
+                param.data = param.data.to(dtypes[name])
+
     def _save_checkpoint(self, model, trial) -> None:
         run_dir = self._get_output_dir(trial=trial)
         staging = os.path.join(run_dir, STAGING_DIRNAME)

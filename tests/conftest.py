@@ -88,3 +88,12 @@ def tiny_config_file(tiny_llama_dir, tmp_path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_config_dict(tiny_llama_dir, tmp_path)))
     return path
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real Prefect server (the test harness starts one on a free local port with a temporary database)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -9,7 +9,6 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from peft import PeftModel
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.finetune import finetune
 from pipeline_config.schema import load_pipeline_config
@@ -19,12 +18,6 @@ from tasks.model import load_quantized_model
 from tasks.tokenizer import setup_tokenizer
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def test_flow_records_run_and_adapter_reproduces_eval_loss(prefect_server, tiny_config_file, tmp_path):

@@ -1,0 +1,90 @@
+"""Crash safety: SIGKILL the flow after its second checkpoint, re-run it, and it resumes (not from step 0) to the
+same adapter as an uninterrupted run; the killed attempt's MLflow run ends KILLED and the new one links to it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from flows.finetune import finetune
+from tests.conftest import tiny_config_dict
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _config(tiny_llama_dir, tmp_path, out_name: str) -> Path:
+    cfg = tiny_config_dict(tiny_llama_dir, tmp_path)
+    cfg["training"].update(
+        output_dir=str(tmp_path / out_name), max_steps=24, save_steps=2, save_total_limit=3, logging_steps=1
+    )
+    path = tmp_path / f"{out_name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _checkpoints(out: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+
+
+def test_kill_after_second_checkpoint_then_resume(prefect_server, tiny_llama_dir, tmp_path):
+    killed_cfg = _config(tiny_llama_dir, tmp_path, "killed")
+    out = tmp_path / "killed"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONUNBUFFERED": "1"}
+    env.pop("PREFECT_API_URL", None)  # the child starts its own temporary server
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.finetune", "--config", str(killed_cfg)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoint-4").is_dir():
+            assert proc.poll() is None, "the flow ended before its second checkpoint"
+            assert time.monotonic() < deadline, "no second checkpoint within 240 s"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    at_kill = _checkpoints(out)
+    assert at_kill and 4 <= at_kill[-1] < 24
+    for step in at_kill:  # only complete checkpoints exist
+        assert (out / f"checkpoint-{step}" / "trainer_state.json").is_file()
+        assert (out / f"checkpoint-{step}" / "optimizer.pt").is_file()
+
+    cfg = yaml.safe_load(killed_cfg.read_text())
+    client = MlflowClient(cfg["tracking"]["tracking_uri"])
+    experiment_id = client.get_experiment_by_name(cfg["tracking"]["experiment_name"]).experiment_id
+    (killed_run,) = client.search_runs([experiment_id])
+    assert killed_run.info.status == "RUNNING"  # SIGKILL gave it no chance to close
+
+    resumed = finetune(config_path=str(killed_cfg))
+    run = client.get_run(resumed["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["resumed_from_checkpoint"] == f"checkpoint-{at_kill[-1]}"
+    assert run.data.tags["continues_run_id"] == killed_run.info.run_id
+    assert client.get_run(killed_run.info.run_id).info.status == "KILLED"
+    assert run.data.metrics["train_steps"] == 24
+    first_logged = min(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert first_logged == at_kill[-1] + 1  # no step before the checkpoint was trained again
+
+    straight = finetune(config_path=str(_config(tiny_llama_dir, tmp_path, "straight")))
+    a = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-3, atol=1e-5)
+    assert straight["finetuned"]["eval_loss"] == pytest.approx(resumed["finetuned"]["eval_loss"], rel=1e-3)
