@@ -7,6 +7,7 @@ marks it FAILED (KeyboardInterrupt: KILLED), so a failed flow never leaves it RU
 from __future__ import annotations
 
 import contextlib
+import getpass
 import importlib.metadata
 import json
 import os
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.entities import RunStatus
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -70,6 +72,8 @@ def tracking_run(cfg: PipelineConfig) -> Iterator[mlflow.ActiveRun]:
     output_dir = str(Path(cfg.training.output_dir).resolve())
     interrupted = close_interrupted_runs(experiment.experiment_id, output_dir)
     tags = {
+        # MLflow would put $MLFLOW_TRACKING_USERNAME here: a credential, so name the OS user instead.
+        "mlflow.user": getpass.getuser(),
         "prefect.flow_run_id": prefect_flow_run_id(),
         "output_dir": output_dir,
         "git_commit": git_commit(),
@@ -109,7 +113,10 @@ def close_interrupted_runs(experiment_id: str, output_dir: str) -> list[str]:
 def log_dataset(data) -> None:
     """Train and held-out rows as MLflow dataset inputs, with the content digest."""
     for ctx, ds in (("training", data.train), ("evaluation", data.eval)):
-        dataset = mlflow.data.from_huggingface(ds, name=f"{data.source}:{ctx}", digest=data.digest)
+        # An explicit source: the default one copies the run context, which can hold the tracking user name.
+        dataset = mlflow.data.from_huggingface(
+            ds, name=f"{data.source}:{ctx}", digest=data.digest, source=CodeDatasetSource(tags={"source": data.source})
+        )
         mlflow.log_input(dataset, context=ctx)
     mlflow.set_tag("dataset_digest", data.digest)
 
