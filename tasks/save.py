@@ -23,6 +23,7 @@ from tasks.errors import PipelineInputError
 ADAPTER_DIRNAME = "adapter"
 RESOLVED_CONFIG_NAME = "pipeline_config.yaml"
 CHECKSUMS_NAME = "SHA256SUMS.json"
+FINISHED_MARKER = "RUN_FINISHED"  # in output_dir once the run's adapter is in place: a re-run trains anew
 
 
 def _sha256(path: Path) -> str:
@@ -74,6 +75,7 @@ def save_adapter(peft_model, tokenizer, cfg: PipelineConfig) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+        (out_dir / FINISHED_MARKER).write_text("adapter saved; a re-run of this output_dir trains anew\n")
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno == errno.ENOSPC:

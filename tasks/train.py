@@ -28,6 +28,7 @@ from trl import SFTConfig, SFTTrainer
 from pipeline_config.schema import PipelineConfig, TrainingConfig
 from tasks.data import DatasetSplits
 from tasks.errors import PipelineInputError, retry_unless_input_error
+from tasks.save import FINISHED_MARKER
 
 
 @dataclass
@@ -98,8 +99,17 @@ def _fsync_dir(path: str) -> None:
 
 
 def latest_complete_checkpoint(output_dir: str) -> str | None:
-    """Newest `checkpoint-N` folder (only complete ones exist, see AtomicCheckpointSFTTrainer)."""
-    if not Path(output_dir).is_dir():
+    """Newest `checkpoint-N` folder of an unfinished run (only complete ones exist, see AtomicCheckpointSFTTrainer).
+
+    After a finished run (adapter saved) a re-run trains anew: its old checkpoints are removed, the adapter stays.
+    """
+    out = Path(output_dir)
+    if not out.is_dir():
+        return None
+    if (out / FINISHED_MARKER).exists():
+        for old in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+            shutil.rmtree(old)
+        (out / FINISHED_MARKER).unlink()
         return None
     return get_last_checkpoint(output_dir)
 

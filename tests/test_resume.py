@@ -19,7 +19,6 @@ from safetensors.torch import load_file
 from flows.finetune import finetune
 from tests.conftest import tiny_config_dict
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -37,6 +36,7 @@ def _checkpoints(out: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
 
 
+@pytest.mark.slow
 def test_kill_after_second_checkpoint_then_resume(prefect_server, tiny_llama_dir, tmp_path):
     killed_cfg = _config(tiny_llama_dir, tmp_path, "killed")
     out = tmp_path / "killed"
@@ -88,3 +88,16 @@ def test_kill_after_second_checkpoint_then_resume(prefect_server, tiny_llama_dir
     for key in a:
         torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-3, atol=1e-5)
     assert straight["finetuned"]["eval_loss"] == pytest.approx(resumed["finetuned"]["eval_loss"], rel=1e-3)
+
+
+def test_resume_picks_newest_complete_checkpoint_unless_run_finished(tmp_path):
+    from tasks.save import FINISHED_MARKER
+    from tasks.train import STAGING_DIRNAME, latest_complete_checkpoint
+
+    for step in (2, 10, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / STAGING_DIRNAME / "checkpoint-12").mkdir(parents=True)  # a save the kill interrupted
+    assert latest_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    (tmp_path / FINISHED_MARKER).write_text("")
+    assert latest_complete_checkpoint(str(tmp_path)) is None
+    assert not list(tmp_path.glob("checkpoint-*")) and not (tmp_path / FINISHED_MARKER).exists()
