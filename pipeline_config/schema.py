@@ -260,6 +260,25 @@ class TrackingConfig(_Section):
         "(./mlruns beside a local SQLite store).",
     )
     run_name: str | None = Field(default=None, description="MLflow run name (default: generated).")
+    system_metrics: bool = Field(
+        default=True, description="Log CPU, memory (and GPU, with pynvml) usage during the run."
+    )
+    system_metrics_interval_s: float = Field(default=5.0, gt=0, description="Seconds between system-metric samples.")
+
+
+class RegistryConfig(_Section):
+    """MLflow model registry: every successful run registers a version; aliases pick champion/challenger."""
+
+    enabled: bool = Field(default=True, description="Register a model version at the end of each successful run.")
+    model_name: str | None = Field(
+        default=None, description="Registered model name. Unset: derived from the base model and dataset names."
+    )
+    metric: str = Field(
+        default="finetuned_exact_match",
+        description="Run metric that decides the champion (compared only between versions of the same dataset digest).",
+    )
+    greater_is_better: bool = Field(default=True, description="Direction of `metric` (false for losses).")
+    max_new_tokens: int = Field(default=128, gt=0, description="Generation length of the served model's predict().")
 
 
 class PipelineConfig(_Section):
@@ -273,6 +292,7 @@ class PipelineConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Training arguments.")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Evaluation.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
+    registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow model registry.")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineConfig:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import getpass
 import importlib.metadata
-import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -82,7 +81,8 @@ def tracking_run(cfg: PipelineConfig) -> Iterator[mlflow.ActiveRun]:
     }
     if interrupted:
         tags["continues_run_id"] = interrupted[0]
-    run = mlflow.start_run(run_name=cfg.tracking.run_name, tags=tags)
+    mlflow.set_system_metrics_sampling_interval(cfg.tracking.system_metrics_interval_s)
+    run = mlflow.start_run(run_name=cfg.tracking.run_name, tags=tags, log_system_metrics=cfg.tracking.system_metrics)
     try:
         mlflow.log_params({k: "" if v is None else v for k, v in cfg.to_flat_dict().items()})
         yield run
@@ -121,8 +121,25 @@ def log_dataset(data) -> None:
     mlflow.set_tag("dataset_digest", data.digest)
 
 
-def log_results(cfg: PipelineConfig, train_result, comparison, adapter_dir: str) -> None:
-    """Metrics of base vs fine-tuned and of training, eval samples, adapter folder and resolved config."""
+def loss_curve_figure(loss_history: list[tuple[int, float]], title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if loss_history:
+        steps, losses = zip(*loss_history, strict=True)
+        ax.plot(steps, losses, marker="o", markersize=3)
+    ax.set(xlabel="optimizer step", ylabel="training loss", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def log_results(cfg: PipelineConfig, train_result, comparison, adapter_dir: str) -> dict[str, float]:
+    """Metrics of base vs fine-tuned and of training, loss curve, eval samples, adapter folder and resolved config.
+    Returns the metrics it logged."""
     metrics = {f"base_{k}": v for k, v in comparison.base.metrics.items()}
     metrics |= {f"finetuned_{k}": v for k, v in comparison.finetuned.metrics.items()}
     metrics |= train_result.metrics
@@ -134,8 +151,12 @@ def log_results(cfg: PipelineConfig, train_result, comparison, adapter_dir: str)
     mlflow.set_tag("adapter_sha256", adapter_checksum(Path(adapter_dir)))
     mlflow.log_text(dump_pipeline_config(cfg), "pipeline_config.yaml")
     if comparison.samples:
-        mlflow.log_text(json.dumps(comparison.samples, indent=1), "eval_samples.json")
+        columns = {key: [row[key] for row in comparison.samples] for key in comparison.samples[0]}
+        mlflow.log_table(columns, artifact_file="eval_samples.json")
+    fig = loss_curve_figure(train_result.loss_history, f"{cfg.model.name_or_path} on {cfg.data.source}")
+    mlflow.log_figure(fig, "loss_curve.png")
     mlflow.set_tag("adapter_dir", str(Path(adapter_dir).resolve()))
+    return metrics
 
 
 @task(name="log-dataset", cache_policy=NO_CACHE, persist_result=False)
@@ -144,6 +165,6 @@ def log_dataset_task(data) -> None:
 
 
 @task(name="log-results", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=[5, 30])
-def log_results_task(cfg: PipelineConfig, train_result, comparison, adapter_dir: str) -> None:
+def log_results_task(cfg: PipelineConfig, train_result, comparison, adapter_dir: str) -> dict[str, float]:
     """Retried: the tracking server or artifact store can fail transiently."""
-    log_results(cfg, train_result, comparison, adapter_dir)
+    return log_results(cfg, train_result, comparison, adapter_dir)

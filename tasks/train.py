@@ -40,6 +40,7 @@ class TrainResult:
     loss_history: list[tuple[int, float]] = field(default_factory=list)
     train_dataset: object = None  # the tokenized rows SFTTrainer trained on
     resumed_from: str | None = None  # checkpoint folder training continued from, if any
+    adapter_dtype: str = "float32"  # dtype the trained LoRA weights are kept in (SFTTrainer: bf16 for QLoRA)
 
 
 STAGING_DIRNAME = ".checkpoint-staging"
@@ -197,6 +198,9 @@ def train_adapter(
         loss_history=losses,
         train_dataset=trainer.train_dataset,
         resumed_from=resume_from,
+        adapter_dtype=next(
+            str(p.dtype).removeprefix("torch.") for n, p in trainer.model.named_parameters() if "lora_" in n
+        ),
     )
 
 

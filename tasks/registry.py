@@ -1,0 +1,228 @@
+"""Step 9: register the adapter in the MLflow model registry and move the `champion` / `challenger` aliases.
+
+Format: an MLflow pyfunc model (`QLoRAChatModel`) whose artifact is the adapter folder (LoRA safetensors,
+tokenizer with its chat template, resolved config, checksums); the base weights are not copied. The base is named in
+the model config and the version tags: a hub id + revision, or a local path + the content digest of its weights.
+Why pyfunc and not the transformers flavor: the flavor's PEFT support references the base by hub id only; the
+embedded default's base is a local conversion of a GGUF file, and every base here must be re-loaded in 4-bit with
+the run's BitsAndBytesConfig, which pyfunc's `load_context` does.
+
+Champion rule: the new version always becomes `challenger`; it becomes `champion` when there is none, or when the
+champion was trained on the same dataset digest and the new version's metric is better (config: metric, direction).
+A champion of another dataset is never displaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from pipeline_config.schema import PipelineConfig
+from tasks.save import adapter_checksum
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class QLoRAChatModel(mlflow.pyfunc.PythonModel):
+    """Base model in 4-bit + the run's LoRA adapter; `predict` takes prompts and returns generated text."""
+
+    def load_context(self, context) -> None:
+        import torch
+        from peft import PeftModel, prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from pipeline_config.schema import QuantizationConfig
+        from tasks.model import build_bnb_config, pick_device
+        from tasks.save import verify_adapter_dir
+
+        cfg = context.model_config
+        adapter = Path(context.artifacts["adapter"])
+        verify_adapter_dir(adapter, cfg.get("adapter_sha256"))
+        quant = QuantizationConfig.model_validate(cfg["quantization"])
+        device = pick_device("auto")
+        base = AutoModelForCausalLM.from_pretrained(
+            cfg["base_model"],
+            revision=cfg.get("base_revision"),
+            quantization_config=build_bnb_config(quant),
+            dtype=getattr(torch, quant.compute_dtype),
+            device_map={"": device},
+            use_safetensors=True,
+        )
+        # The same numerics the run evaluated: kbit preparation (norms in fp32) and adapters in the trained dtype.
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        self.model = PeftModel.from_pretrained(base, adapter).eval()
+        dtype = getattr(torch, cfg["adapter_dtype"])
+        for name, param in self.model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(adapter)
+        self.max_new_tokens = int(cfg["max_new_tokens"])
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+        from tasks.evaluate import greedy_answers
+
+        prompts = normalize_prompts(model_input, has_chat_template=bool(self.tokenizer.chat_template))
+        max_new = int((params or {}).get("max_new_tokens", self.max_new_tokens))
+        return greedy_answers(self.model, self.tokenizer, prompts, max_new, batch_size=8)
+
+
+def normalize_prompts(model_input, has_chat_template: bool) -> list:
+    """Accept a string, chat turns, a list of either, or a DataFrame with a `prompt` / `messages` column."""
+    if hasattr(model_input, "columns"):  # pandas DataFrame from a serving request
+        column = "messages" if "messages" in model_input.columns else "prompt"
+        model_input = list(model_input[column])
+    if isinstance(model_input, str) or (model_input and isinstance(model_input[0], dict)):
+        model_input = [model_input]
+    prompts = [list(p) if not isinstance(p, str) else p for p in model_input]
+    if has_chat_template:  # plain strings become a user turn, as a chat model expects
+        prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+    return prompts
+
+
+def default_model_name(cfg: PipelineConfig) -> str:
+    base = Path(cfg.model.gguf_file or cfg.model.name_or_path.rstrip("/")).stem.split("/")[-1]
+    data = Path(cfg.data.source.split(":")[-1]).stem.split("/")[-1]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{base}-{data}").strip("-")
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 over the safetensors files of a local base model (names and bytes)."""
+    h = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        h.update(path.name.encode())
+        with path.open("rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class PromotionDecision:
+    version: str
+    became_champion: bool
+    reason: str
+    candidate_metric: float | None
+    champion_metric: float | None
+    previous_champion: str | None
+
+
+def decide_champion(
+    client: MlflowClient, name: str, version: str, metric: float | None, digest: str, cfg: PipelineConfig
+) -> PromotionDecision:
+    """Apply the champion rule (module docstring) and move the aliases."""
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        current = None
+    champion_metric = None
+    if current is None:
+        won, reason = True, "no champion yet"
+    elif current.tags.get("dataset_digest") != digest:
+        won, reason = False, f"champion v{current.version} was trained on another dataset digest; not compared"
+    else:
+        raw = current.tags.get(f"metric.{cfg.registry.metric}")
+        champion_metric = float(raw) if raw is not None else None
+        if metric is None:
+            won, reason = False, f"this run has no {cfg.registry.metric}"
+        elif champion_metric is None:
+            won, reason = True, f"champion v{current.version} has no {cfg.registry.metric}"
+        else:
+            better = metric > champion_metric if cfg.registry.greater_is_better else metric < champion_metric
+            won = better
+            verdict = "beats" if better else "does not beat"
+            reason = f"{cfg.registry.metric} {metric:.4f} {verdict} champion v{current.version}'s {champion_metric:.4f}"
+    if won:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    return PromotionDecision(version, won, reason, metric, champion_metric, current.version if current else None)
+
+
+def register_adapter(
+    cfg: PipelineConfig, adapter_dir: str, metrics: dict[str, float], dataset_digest: str, adapter_dtype: str
+) -> PromotionDecision:
+    """Log the pyfunc model into the active run, register a version, tag it, and move the aliases."""
+    from tasks.model_source import resolve_model_path
+    from tasks.tracking import git_commit, library_versions
+
+    name = cfg.registry.model_name or default_model_name(cfg)
+    base_path = resolve_model_path(cfg.model)
+    base_is_local = Path(base_path).is_dir()
+    base_tags = (
+        {"base_model_path": str(Path(base_path).resolve()), "base_model_digest": weights_digest(Path(base_path))}
+        if base_is_local
+        else {"base_model_id": base_path, "base_model_revision": cfg.model.revision or "main"}
+    )
+    adapter_sha = adapter_checksum(Path(adapter_dir))
+    versions = library_versions()
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=QLoRAChatModel(),
+        artifacts={"adapter": adapter_dir},
+        code_paths=[str(REPO_ROOT / "tasks"), str(REPO_ROOT / "pipeline_config")],
+        model_config={
+            "base_model": str(Path(base_path).resolve()) if base_is_local else base_path,
+            "base_revision": None if base_is_local else cfg.model.revision,
+            "quantization": cfg.quantization.model_dump(mode="json"),
+            "adapter_dtype": adapter_dtype,
+            "adapter_sha256": adapter_sha,
+            "max_new_tokens": cfg.registry.max_new_tokens,
+        },
+        pip_requirements=[f"{k}=={v}" for k, v in versions.items() if v != "missing"],
+        registered_model_name=name,
+    )
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    tags = {
+        **base_tags,
+        "dataset_digest": dataset_digest,
+        "dataset_source": cfg.data.source,
+        "git_commit": git_commit(),
+        "adapter_sha256": adapter_sha,
+        "run_id": mlflow.active_run().info.run_id,
+        **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
+        **{f"version.{k}": v for k, v in versions.items()},
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    base_desc = base_tags.get("base_model_id") or base_tags["base_model_path"]
+    client.update_model_version(
+        name, version, description=f"QLoRA adapter on {base_desc}, data {cfg.data.source} (digest {dataset_digest})."
+    )
+    decision = decide_champion(client, name, version, metrics.get(cfg.registry.metric), dataset_digest, cfg)
+    mlflow.set_tags(
+        {
+            "registry.model_name": name,
+            "registry.version": version,
+            "registry.decision": "champion" if decision.became_champion else "challenger",
+            "registry.reason": decision.reason,
+        }
+    )
+    if decision.candidate_metric is not None:
+        mlflow.log_metric("registry.candidate_metric", decision.candidate_metric)
+    if decision.champion_metric is not None:
+        mlflow.log_metric("registry.champion_metric", decision.champion_metric)
+    return decision
+
+
+def promote(name: str, version: str, reason: str, tracking_uri: str | None = None) -> None:
+    """Move `champion` by hand; the reason is kept as a version tag."""
+    client = MlflowClient(tracking_uri)
+    client.get_model_version(name, version)  # raises a clear MlflowException if it does not exist
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_model_version_tag(name, version, "promoted_by_hand_reason", reason)
+
+
+@task(name="register-adapter", cache_policy=NO_CACHE, persist_result=False)
+def register_adapter_task(cfg, adapter_dir, metrics, dataset_digest, adapter_dtype) -> PromotionDecision:
+    """Not retried: a retry after a half-done registration would add a second version of the same run."""
+    return register_adapter(cfg, adapter_dir, metrics, dataset_digest, adapter_dtype)
