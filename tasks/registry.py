@@ -14,6 +14,7 @@ A champion of another dataset is never displaced.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import re
 from dataclasses import dataclass
@@ -179,6 +180,8 @@ def register_adapter(
         },
         pip_requirements=[f"{k}=={v}" for k, v in versions.items() if v != "missing"],
         registered_model_name=name,
+        # MLflow would tag the logged model with $MLFLOW_TRACKING_USERNAME (a credential): name the OS user instead.
+        tags={"mlflow.user": getpass.getuser()},
     )
     version = str(info.registered_model_version)
     client = MlflowClient()
