@@ -5,7 +5,11 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint format mlflow-ui clean
+.PHONY: install demo test test-fast lint format mlflow-ui server worker deploy serve clean
+
+# Local Prefect: a server on 127.0.0.1 with its SQLite database under .prefect/ in this folder.
+PREFECT_PORT ?= 4200
+PREFECT_ENV := PREFECT_HOME=$(CURDIR)/.prefect PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api
 
 install: $(STAMP)
 
@@ -40,5 +44,18 @@ format: install
 mlflow-ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
+server: install
+	$(PREFECT_ENV) $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+worker: install
+	$(PREFECT_ENV) $(VENV)/bin/prefect worker start --pool qlora-process --type process
+
+deploy: install
+	$(PREFECT_ENV) $(VENV)/bin/prefect work-pool create qlora-process --type process --overwrite
+	$(PREFECT_ENV) PWD=$(CURDIR) $(VENV)/bin/prefect --no-prompt deploy --all
+
+serve: install
+	$(PREFECT_ENV) $(VENV)/bin/qlora-flow serve
+
 clean:
-	rm -rf outputs mlruns mlflow.db .pytest_cache
+	rm -rf outputs mlruns mlflow.db .pytest_cache .prefect

@@ -4,6 +4,8 @@
     qlora-flow validate [--config FILE] [--set ...]                     check config + data, load no weights
     qlora-flow promote NAME VERSION --reason TEXT                       move the `champion` alias by hand
     qlora-flow generate --model models:/NAME@champion --prompt TEXT     answer prompts with a registered model
+    qlora-flow serve                                                    serve prefect.yaml's deployments here
+    qlora-flow emit-dataset-updated PATH [--config FILE]                trigger re-training on a data file
 
 Bad input exits with code 2 and one short message (add --debug for the traceback).
 """
@@ -52,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeatable")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--tracking-uri", default=None, help=uri_help)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p = sub.add_parser("serve", help="serve the prefect.yaml deployments from this process (no worker needed)")
+    p.add_argument("--include-gpu", action="store_true", help="also serve the GPU (Llama-2) deployment")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p = sub.add_parser("emit-dataset-updated", help="emit a dataset.updated event for a data file")
+    p.add_argument("path")
+    p.add_argument("--config", default="pipeline_config/default.yaml", help="config the triggered run uses")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -145,6 +154,16 @@ def main(argv: list[str] | None = None) -> int:
             return promote_command(args.name, args.version, args.reason, args.tracking_uri)
         if args.command == "generate":
             return generate_command(args.model, args.prompt, args.max_new_tokens, args.tracking_uri)
+        if args.command == "serve":
+            from flows.deployments import serve_deployments
+
+            serve_deployments(include_gpu=args.include_gpu)
+            return 0
+        if args.command == "emit-dataset-updated":
+            from flows.deployments import emit_dataset_updated
+
+            print(f"emitted dataset.updated {emit_dataset_updated(args.path, args.config)}")
+            return 0
         return run_command(args.config, args.overrides)
     except (ConfigError, PipelineInputError, MlflowException) as exc:
         if args.debug:

@@ -28,8 +28,20 @@ from tasks.train import train_adapter_task
 
 
 @flow(name="qlora-finetune")
-def finetune(config_path: str | None = None, overrides: list[str] | None = None) -> dict:
-    """Fine-tune the configured base model with QLoRA; returns a summary (metrics, adapter dir, MLflow run)."""
+def finetune(
+    config_path: str = "pipeline_config/default.yaml",
+    overrides: list[str] | None = None,
+    data_source: str | None = None,
+) -> dict:
+    """Fine-tune the configured base model with QLoRA; returns a summary (metrics, adapter dir, MLflow run).
+
+    Args:
+        config_path: YAML config, relative to the working folder (the repository for deployments).
+        overrides: `section.key=value` overrides, validated with the file.
+        data_source: replaces `data.source` (what a `dataset.updated` event passes in).
+    """
+    if data_source:
+        overrides = [*(overrides or []), f"data.source={data_source}"]
     cfg = validate_config_task(config_path, overrides)
     device = pick_device(cfg.training.device)
     with tracking_run(cfg) as run:
@@ -47,7 +59,7 @@ def finetune(config_path: str | None = None, overrides: list[str] | None = None)
         decision = None
         if cfg.registry.enabled:
             decision = register_adapter_task(cfg, adapter_dir, metrics, data.digest, trained.adapter_dtype)
-        publish_summary_task(cfg, comparison, adapter_dir, data.digest, run.info.run_id, decision)
+        publish_summary_task(cfg, comparison, adapter_dir, data.digest, run, decision)
     return {
         "base": comparison.base.metrics,
         "finetuned": comparison.finetuned.metrics,

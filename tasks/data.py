@@ -241,6 +241,7 @@ def eval_prompt_and_reference(row: dict, kind: str, response_template: str | Non
 
 @task(
     name="load-dataset",
+    timeout_seconds=3600,  # a hung hub download fails and is retried instead of blocking the run
     cache_policy=NO_CACHE,
     persist_result=False,
     retries=2,

@@ -75,6 +75,7 @@ def wrap_lora(
 
 @task(
     name="load-quantized-model",
+    timeout_seconds=3600,  # a hung hub download fails and is retried instead of blocking the run
     cache_policy=NO_CACHE,
     persist_result=False,
     retries=2,

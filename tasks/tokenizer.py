@@ -71,6 +71,7 @@ def setup_tokenizer(
 
 @task(
     name="setup-tokenizer",
+    timeout_seconds=3600,  # a hung hub download fails and is retried instead of blocking the run
     cache_policy=NO_CACHE,
     persist_result=False,
     retries=2,

@@ -21,7 +21,7 @@ import torch
 from peft import LoraConfig
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from trl import SFTConfig, SFTTrainer
 
@@ -89,6 +89,44 @@ class AtomicCheckpointSFTTrainer(SFTTrainer):
         shutil.rmtree(staging, ignore_errors=True)
         if self.args.should_save:
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
+
+
+class RunLoggerProgress(TrainerCallback):
+    """Training progress (step, loss, learning rate, ETA) into the Prefect run log, so the UI shows it."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.first_step = 0
+
+    def _logger(self):
+        from prefect.exceptions import MissingContextError
+        from prefect.logging import get_run_logger
+
+        try:
+            return get_run_logger()
+        except MissingContextError:
+            import logging
+
+            return logging.getLogger(__name__)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.first_step = time.perf_counter(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        done = state.global_step - self.first_step
+        elapsed = time.perf_counter() - self.started
+        eta_s = elapsed / done * (state.max_steps - state.global_step) if done else float("nan")
+        self._logger().info(
+            "step %d/%d loss %.4f lr %.3g elapsed %.0fs ETA %.0fs",
+            state.global_step,
+            state.max_steps,
+            logs["loss"],
+            logs.get("learning_rate", float("nan")),
+            elapsed,
+            eta_s,
+        )
 
 
 def _fsync_dir(path: str) -> None:
@@ -177,6 +215,7 @@ def train_adapter(
         train_dataset=data.train,
         peft_config=lora_config,
         processing_class=tokenizer,
+        callbacks=[RunLoggerProgress()],
     )
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume_from)

@@ -55,6 +55,7 @@ def test_no_secret_in_anything_a_run_writes(prefect_server, tiny_config_file, tm
         written.append("\n".join(log.message for log in logs))
         written.append(str(client.read_flow_run(flow_run_id).parameters))
     assert any(log.message.startswith("preflight:") for log in logs)  # task logs did reach the server
+    assert any(log.message.startswith("step 6/6 loss ") and " ETA " in log.message for log in logs)
     blob = "\n".join(str(w) for w in written)
     for key, value in secrets.items():
         assert value not in blob, f"{key} leaked"

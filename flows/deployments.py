@@ -1,0 +1,75 @@
+"""Deployments of the finetune flow, read from prefect.yaml, for `qlora-flow serve` (one machine, no worker),
+and the `dataset.updated` event that triggers re-training."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PREFECT_YAML = REPO_ROOT / "prefect.yaml"
+DATASET_EVENT = "dataset.updated"
+
+
+def deployment_specs(path: Path = PREFECT_YAML) -> list[dict]:
+    return yaml.safe_load(path.read_text())["deployments"]
+
+
+def serve_deployments(include_gpu: bool = False) -> None:
+    """Serve the prefect.yaml deployments from this process (schedules and triggers included)."""
+    from prefect import serve
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+    from flows.finetune import finetune
+
+    served = []
+    for spec in deployment_specs():
+        if spec["work_pool"].get("work_queue_name") == "gpu" and not include_gpu:
+            continue
+        served.append(
+            finetune.to_deployment(
+                name=spec["name"],
+                description=spec.get("description"),
+                parameters=spec.get("parameters", {}),
+                schedules=[
+                    {"cron": s["cron"], "timezone": s.get("timezone"), "active": s.get("active", True)}
+                    for s in spec.get("schedules", [])
+                ]
+                or None,
+                triggers=[
+                    DeploymentEventTrigger(**{k: v for k, v in t.items() if k != "type"})
+                    for t in spec.get("triggers", [])
+                ]
+                or None,
+            )
+        )
+    serve(*served)
+
+
+def emit_dataset_updated(path: str, config_path: str = "pipeline_config/default.yaml") -> str:
+    """Emit `dataset.updated` for a local data file; the event-triggered deployment trains on it. Returns the id."""
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+
+    data_path = Path(path).resolve()
+    if not data_path.is_file():
+        from tasks.errors import DataError
+
+        raise DataError(f"{path}: no such data file")
+    digest = hashlib.sha256(data_path.read_bytes()).hexdigest()[:16]
+    event = emit_event(
+        event=DATASET_EVENT,
+        resource={
+            "prefect.resource.id": f"dataset.{data_path.name}",
+            "prefect.resource.name": data_path.name,
+            "dataset.path": str(data_path),
+            "dataset.digest": digest,
+            "qlora.config_path": config_path,
+        },
+    )
+    EventsWorker.drain_all()  # send before this short-lived process exits
+    if event is None:
+        raise RuntimeError("Prefect did not accept the event: is PREFECT_API_URL set to a running server?")
+    return str(event.id)

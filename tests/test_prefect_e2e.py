@@ -1,0 +1,166 @@
+"""End to end the way a user runs it: `prefect server start`, `prefect deploy` from prefect.yaml, a process worker;
+then an API-triggered run and an event-triggered run, each to Completed, with their three artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tasks.bundled_data import generate_orders
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+PREFECT = str(Path(sys.executable).parent / "prefect")
+ARTIFACT_KEYS = {"qlora-summary", "qlora-eval-samples", "qlora-mlflow-run"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(args, env, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+
+
+@pytest.fixture
+def prefect_stack(tmp_path):
+    """A real server on a free loopback port with a temporary PREFECT_HOME, the deployments, and a process worker."""
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_API_URL=api,
+        PWD=str(REPO),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PYTHONUNBUFFERED="1",
+    )
+    procs = [
+        _start([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, tmp_path / "server.log")
+    ]
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(api + "/health", timeout=2):
+                    break
+            except OSError:
+                assert procs[0].poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+                time.sleep(0.5)
+        for args in (["work-pool", "create", "qlora-process", "--type", "process"], ["--no-prompt", "deploy", "--all"]):
+            done = subprocess.run([PREFECT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        procs.append(
+            _start(
+                [PREFECT, "worker", "start", "--pool", "qlora-process", "--type", "process"],
+                env,
+                tmp_path / "worker.log",
+            )
+        )
+        yield api, env
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+def _wait_final(client, flow_run_id, timeout_s: float = 420):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run = client.read_flow_run(flow_run_id)
+        if run.state and run.state.is_final():
+            return run
+        time.sleep(2)
+    raise AssertionError(f"flow run {flow_run_id} not finished in {timeout_s} s")
+
+
+def _artifacts(client, flow_run_id) -> dict:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    found = client.read_artifacts(
+        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+    )
+    return {a.key: a for a in found}
+
+
+def test_deployments_run_on_demand_and_on_dataset_event(prefect_stack, tiny_config_file, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    api, env = prefect_stack
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        # (a) the on-demand deployment, triggered through the API with the tiny config
+        deployment = client.read_deployment_by_name("qlora-finetune/qlora-default")
+        flow_run = client.create_flow_run_from_deployment(
+            deployment.id, parameters={"config_path": str(tiny_config_file)}
+        )
+        run = _wait_final(client, flow_run.id)
+        assert run.state.is_completed(), (tmp_path / "worker.log").read_text()[-4000:]
+        artifacts = _artifacts(client, flow_run.id)
+        assert ARTIFACT_KEYS <= set(artifacts)
+        assert "| eval_loss |" in artifacts["qlora-summary"].data
+        samples = json.loads(artifacts["qlora-eval-samples"].data)
+        assert samples and {"prompt", "expected", "base_output", "finetuned_output"} <= set(samples[0])
+        assert "/#/experiments/" in artifacts["qlora-mlflow-run"].data
+
+        # (b) a dataset.updated event starts the event-triggered deployment on that file
+        rows = generate_orders(40, 200, seed=5)["train"]
+        data_file = tmp_path / "new-orders.jsonl"
+        data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        triggered = client.read_deployment_by_name("qlora-finetune/qlora-on-dataset-update")
+        emitted = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                "emit-dataset-updated",
+                str(data_file),
+                "--config",
+                str(tiny_config_file),
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert emitted.returncode == 0, emitted.stderr[-2000:]
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+        deadline = time.monotonic() + 120
+        while not (
+            runs := client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[triggered.id]))
+            )
+        ):
+            assert time.monotonic() < deadline, "no run started from the dataset.updated event"
+            time.sleep(2)
+        event_run = _wait_final(client, runs[0].id)
+        assert event_run.state.is_completed(), (tmp_path / "worker.log").read_text()[-4000:]
+        assert event_run.parameters["data_source"] == str(data_file)
+        assert event_run.parameters["config_path"] == str(tiny_config_file)
+        assert ARTIFACT_KEYS <= set(_artifacts(client, runs[0].id))
+        summary = _artifacts(client, runs[0].id)["qlora-summary"].data
+        assert str(data_file) in summary
