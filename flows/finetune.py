@@ -4,10 +4,11 @@
     python -m flows.finetune --config pipeline_config/default.yaml
 
 Steps, in order (each a task in tasks/):
-  validate-config -> load-dataset -> log-dataset -> setup-tokenizer -> preflight -> load-quantized-model -> wrap-lora
-  -> train-adapter -> evaluate-models (base vs fine-tuned) -> save-adapter -> log-results -> register-adapter
-  -> publish-summary
-Models travel between tasks in memory only; no task caches or persists them.
+  validate-config -> setup-tokenizer -> prepare-dataset (cached) -> open-prepared-dataset -> log-dataset -> preflight
+  -> load-quantized-model -> wrap-lora -> train-adapter -> evaluate-models (base vs fine-tuned) -> save-adapter
+  -> log-results -> register-adapter -> publish-summary
+Models travel between tasks in memory only; no task caches or persists them (prepare-dataset caches a reference
+to prepared Arrow files, nothing else).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from __future__ import annotations
 from prefect import flow
 
 from tasks.config import validate_config_task
-from tasks.data import load_dataset_task
 from tasks.evaluate import evaluate_models_task
 from tasks.model import load_quantized_model_task, pick_device, wrap_lora_task
 from tasks.preflight import preflight_task
+from tasks.prepare import open_prepared_dataset_task, prepare_dataset_task
 from tasks.registry import default_model_name, register_adapter_task
 from tasks.report import publish_summary_task
 from tasks.save import save_adapter_task
@@ -45,9 +46,11 @@ def finetune(
     cfg = validate_config_task(config_path, overrides)
     device = pick_device(cfg.training.device)
     with tracking_run(cfg) as run:
-        data = load_dataset_task(cfg.data)
+        # The tokenizer comes first: it is part of the prepared dataset's cache key. The preflight then checks
+        # that chat data has a chat template.
+        tokenizer = setup_tokenizer_task(cfg.model, cfg.tokenizer, needs_chat_template=False)
+        data = open_prepared_dataset_task(prepare_dataset_task(cfg.data, tokenizer, cfg.training), cfg.data)
         log_dataset_task(data)
-        tokenizer = setup_tokenizer_task(cfg.model, cfg.tokenizer, data.is_conversational)
         preflight_task(cfg, data, tokenizer, device)
         model = load_quantized_model_task(cfg.model, cfg.quantization, device)
         model, lora_config = wrap_lora_task(model, cfg.lora, cfg.training)

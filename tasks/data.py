@@ -14,12 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from pipeline_config.schema import DataConfig
 from tasks.bundled_data import generate_orders
-from tasks.errors import DataError, retry_unless_input_error
+from tasks.errors import DataError
 
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 BUNDLED_PREFIX = "bundled:"
@@ -237,17 +235,3 @@ def eval_prompt_and_reference(row: dict, kind: str, response_template: str | Non
         return None, None
     head, _, tail = text.partition(response_template)
     return head + response_template, tail
-
-
-@task(
-    name="load-dataset",
-    timeout_seconds=3600,  # a hung hub download fails and is retried instead of blocking the run
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_unless_input_error,
-)
-def load_dataset_task(cfg: DataConfig) -> DatasetSplits:
-    """Prefect wrapper: retried because hub downloads can fail transiently."""
-    return load_dataset_splits(cfg)

@@ -59,13 +59,13 @@ def setup_tokenizer(
         raise PipelineInputError(f"the tokenizer of {model_cfg.name_or_path} has no EOS token; set one in the model")
     tokenizer.pad_token = choose_pad_token(tokenizer, tok_cfg.pad_token)
     tokenizer.padding_side = "right"
-    if needs_chat_template and not tokenizer.chat_template:
-        if not tok_cfg.chat_template_file:
-            raise PipelineInputError(
-                f"the data is chat (messages) but the tokenizer of {model_cfg.name_or_path} has no chat template: "
-                "set tokenizer.chat_template_file to a Jinja template"
-            )
+    if tok_cfg.chat_template_file and not tokenizer.chat_template:
         tokenizer.chat_template = Path(tok_cfg.chat_template_file).read_text()
+    if needs_chat_template and not tokenizer.chat_template:
+        raise PipelineInputError(
+            f"the data is chat (messages) but the tokenizer of {model_cfg.name_or_path} has no chat template: "
+            "set tokenizer.chat_template_file to a Jinja template"
+        )
     return tokenizer
 
 

@@ -1,0 +1,145 @@
+"""Step 1 as the flow runs it: load + format the dataset, cached across flow runs.
+
+Cache key (Prefect `cache_key_fn`): the source data's content digest, the tokenizer (name and vocabulary digest),
+its chat template, the formatting settings (`data` section and `training.max_seq_length`) and the source code of
+the loading/formatting functions; a change to any of them is a cache miss. The prepared splits are saved as Arrow
+files under `.cache/datasets/<key>/`; the cached Prefect result is only a small reference to that folder
+(`PreparedDataset`), opened by `open-prepared-dataset`, which rebuilds the folder if it was deleted. Because the rows
+are file-backed, the tokenization SFTTrainer runs on them is itself cached by `datasets` (its fingerprint covers
+the rows, the tokenizer and TRL's tokenize function). Models are never cached or persisted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from pipeline_config.schema import DataConfig, TrainingConfig
+from tasks import bundled_data
+from tasks import data as data_module
+from tasks.data import BUNDLED_PREFIX, DatasetSplits, load_dataset_splits
+from tasks.errors import retry_unless_input_error
+
+CACHE_DIR = Path(".cache/datasets")
+# Functions whose source decides what the prepared rows look like.
+SOURCE_FUNCTIONS = ("load_dataset_splits", "_read_source", "format_rows", "detect_format", "digest_rows")
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def source_content_digest(cfg: DataConfig) -> str:
+    """Digest of the raw data without parsing it: file bytes, bundled generator settings, or hub id."""
+    parts = []
+    for source in filter(None, (cfg.source, cfg.eval_source)):
+        path = Path(source)
+        if source.startswith(BUNDLED_PREFIX):
+            parts.append(f"{source}|{cfg.bundled_train_rows}|{cfg.bundled_eval_rows}|{cfg.seed}")
+            parts.append(inspect.getsource(bundled_data))
+        elif path.is_file():
+            h = hashlib.sha256()
+            with path.open("rb") as fh:
+                while block := fh.read(1 << 20):
+                    h.update(block)
+            parts.append(h.hexdigest())
+        else:  # hub dataset: its id (a revision pin would go here); retries fetch the same files
+            parts.append(f"hub:{source}")
+    return _sha("\n".join(parts))
+
+
+def task_source_digest() -> str:
+    return _sha("\n".join(inspect.getsource(getattr(data_module, name)) for name in SOURCE_FUNCTIONS))
+
+
+def tokenizer_digest(tokenizer) -> str:
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return _sha(
+        f"{tokenizer.name_or_path}|{type(tokenizer).__name__}|{vocab}|{tokenizer.eos_token}|{tokenizer.pad_token}"
+    )
+
+
+def dataset_cache_key(context, parameters: dict) -> str:
+    cfg: DataConfig = parameters["cfg"]
+    tokenizer = parameters["tokenizer"]
+    train_cfg: TrainingConfig = parameters["train_cfg"]
+    parts = {
+        "data": source_content_digest(cfg),
+        "tokenizer": tokenizer_digest(tokenizer),
+        "chat_template": tokenizer.chat_template or "",
+        "formatting": json.dumps(cfg.model_dump(mode="json"), sort_keys=True) + f"|{train_cfg.max_seq_length}",
+        "task_source": task_source_digest(),
+    }
+    return "prepared-dataset-" + _sha(json.dumps(parts, sort_keys=True))[:32]
+
+
+@dataclass
+class PreparedDataset:
+    """What the cache stores: where the prepared Arrow splits are, and their metadata (no rows, no models)."""
+
+    folder: str
+    kind: str
+    digest: str
+    source: str
+    response_template: str | None
+
+
+def prepare_dataset(cfg: DataConfig, cache_key: str) -> PreparedDataset:
+    """Load + format, then save both splits as Arrow under the cache folder (atomically)."""
+    splits = load_dataset_splits(cfg)
+    target = CACHE_DIR.resolve() / cache_key
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=cache_key + ".tmp-", dir=target.parent))
+        try:
+            splits.train.save_to_disk(str(tmp / "train"))
+            splits.eval.save_to_disk(str(tmp / "eval"))
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return PreparedDataset(str(target), splits.kind, splits.digest, splits.source, splits.response_template)
+
+
+def open_prepared(ref: PreparedDataset, cfg: DataConfig) -> DatasetSplits:
+    """The prepared splits, memory-mapped from the cache folder (rebuilt first if someone deleted it)."""
+    folder = Path(ref.folder)
+    if not folder.is_dir():
+        ref = prepare_dataset(cfg, folder.name)
+    return DatasetSplits(
+        train=datasets.load_from_disk(str(folder / "train")),
+        eval=datasets.load_from_disk(str(folder / "eval")),
+        kind=ref.kind,
+        digest=ref.digest,
+        source=ref.source,
+        response_template=ref.response_template,
+    )
+
+
+@task(
+    name="prepare-dataset",
+    cache_key_fn=dataset_cache_key,
+    persist_result=True,
+    timeout_seconds=3600,  # a hung hub download fails and is retried instead of blocking the run
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_unless_input_error,
+)
+def prepare_dataset_task(cfg: DataConfig, tokenizer, train_cfg: TrainingConfig) -> PreparedDataset:
+    """Cached across flow runs (see module docstring); returns a reference to Arrow files, never rows or models."""
+    return prepare_dataset(cfg, dataset_cache_key(None, {"cfg": cfg, "tokenizer": tokenizer, "train_cfg": train_cfg}))
+
+
+@task(name="open-prepared-dataset", cache_policy=NO_CACHE, persist_result=False)
+def open_prepared_dataset_task(ref: PreparedDataset, cfg: DataConfig) -> DatasetSplits:
+    return open_prepared(ref, cfg)
