@@ -3,10 +3,11 @@ and the `dataset.updated` event that triggers re-training."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import yaml
+
+from tasks.model_source import file_digest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PREFECT_YAML = REPO_ROOT / "prefect.yaml"
@@ -58,7 +59,7 @@ def emit_dataset_updated(path: str, config_path: str = "pipeline_config/default.
         from tasks.errors import DataError
 
         raise DataError(f"{path}: no such data file")
-    digest = hashlib.sha256(data_path.read_bytes()).hexdigest()[:16]
+    digest = file_digest(data_path)[:16]
     event = emit_event(
         event=DATASET_EVENT,
         resource={

@@ -29,6 +29,7 @@ from tasks import bundled_data
 from tasks import data as data_module
 from tasks.data import BUNDLED_PREFIX, DatasetSplits, load_dataset_splits
 from tasks.errors import retry_unless_input_error
+from tasks.model_source import file_digest
 
 CACHE_DIR = Path(".cache/datasets")
 # Functions whose source decides what the prepared rows look like.
@@ -48,11 +49,7 @@ def source_content_digest(cfg: DataConfig) -> str:
             parts.append(f"{source}|{cfg.bundled_train_rows}|{cfg.bundled_eval_rows}|{cfg.seed}")
             parts.append(inspect.getsource(bundled_data))
         elif path.is_file():
-            h = hashlib.sha256()
-            with path.open("rb") as fh:
-                while block := fh.read(1 << 20):
-                    h.update(block)
-            parts.append(h.hexdigest())
+            parts.append(file_digest(path))
         else:  # hub dataset: its id (a revision pin would go here); retries fetch the same files
             parts.append(f"hub:{source}")
     return _sha("\n".join(parts))

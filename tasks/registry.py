@@ -98,13 +98,10 @@ def default_model_name(cfg: PipelineConfig) -> str:
 
 def weights_digest(folder: Path) -> str:
     """sha256 over the safetensors files of a local base model (names and bytes)."""
-    h = hashlib.sha256()
-    for path in sorted(folder.glob("*.safetensors")):
-        h.update(path.name.encode())
-        with path.open("rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
-    return h.hexdigest()[:16]
+    from tasks.model_source import file_digest
+
+    files = sorted(folder.glob("*.safetensors"))
+    return hashlib.sha256("".join(f"{p.name}:{file_digest(p)}\n" for p in files).encode()).hexdigest()[:16]
 
 
 @dataclass

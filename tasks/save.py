@@ -7,7 +7,6 @@ never leaves a half-written adapter where a reader (or the registry) would pick 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline_config.schema import PipelineConfig, dump_pipeline_config
 from tasks.errors import PipelineInputError
+from tasks.model_source import file_digest
 
 ADAPTER_DIRNAME = "adapter"
 RESOLVED_CONFIG_NAME = "pipeline_config.yaml"
@@ -26,22 +26,14 @@ CHECKSUMS_NAME = "SHA256SUMS.json"
 FINISHED_MARKER = "RUN_FINISHED"  # in output_dir once the run's adapter is in place: a re-run trains anew
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_checksums(folder: Path) -> None:
-    sums = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS_NAME}
+    sums = {p.name: file_digest(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS_NAME}
     (folder / CHECKSUMS_NAME).write_text(json.dumps(sums, indent=1))
 
 
 def adapter_checksum(folder: Path) -> str:
     """One digest for the whole adapter folder: the sha256 of its checksum file."""
-    return _sha256(folder / CHECKSUMS_NAME)
+    return file_digest(folder / CHECKSUMS_NAME)
 
 
 def verify_adapter_dir(folder: Path, expected_checksum: str | None = None) -> None:
@@ -52,7 +44,7 @@ def verify_adapter_dir(folder: Path, expected_checksum: str | None = None) -> No
     if expected_checksum and adapter_checksum(folder) != expected_checksum:
         raise PipelineInputError(f"{folder}: checksum file differs from the one logged with the run")
     for name, digest in json.loads(sums_path.read_text()).items():
-        if not (folder / name).is_file() or _sha256(folder / name) != digest:
+        if not (folder / name).is_file() or file_digest(folder / name) != digest:
             raise PipelineInputError(f"{folder}/{name}: missing or corrupted (sha256 mismatch); download it again")
 
 
