@@ -29,15 +29,12 @@ class EvalResult:
     references: list[str] = field(default_factory=list)
 
 
-def _ids(tokenizer, prompt, text=None) -> list[int]:
-    """Token ids of a chat (list of turns) or a plain string."""
-    if isinstance(prompt, list):
-        return list(
-            tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=text is None, return_dict=True)[
-                "input_ids"
-            ]
-        )
-    return tokenizer(prompt)["input_ids"]
+def chat_token_ids(tokenizer, turns: list[dict], add_generation_prompt: bool) -> list[int]:
+    """Token ids of chat turns rendered with the tokenizer's chat template."""
+    rendered = tokenizer.apply_chat_template(
+        turns, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True
+    )
+    return list(rendered["input_ids"])
 
 
 def scored_examples(data: DatasetSplits, tokenizer: PreTrainedTokenizerBase, max_rows: int, max_len: int):
@@ -45,8 +42,8 @@ def scored_examples(data: DatasetSplits, tokenizer: PreTrainedTokenizerBase, max
     examples = []
     for row in data.eval.select(range(min(max_rows, len(data.eval)))):
         if data.kind == "messages":
-            full = _ids(tokenizer, row["messages"], text=True)
-            prompt = _ids(tokenizer, row["messages"][:-1])
+            full = chat_token_ids(tokenizer, row["messages"], add_generation_prompt=False)
+            prompt = chat_token_ids(tokenizer, row["messages"][:-1], add_generation_prompt=True)
         else:
             prompt_text, answer = eval_prompt_and_reference(row, data.kind, data.response_template)
             if prompt_text is None:  # plain text: score everything

@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from pipeline_config.schema import PipelineConfig, cuda_only_problems
 from tasks.data import DatasetSplits
 from tasks.errors import PipelineInputError
+from tasks.evaluate import chat_token_ids
 
 
 class PreflightError(PipelineInputError):
@@ -50,10 +51,7 @@ def rendered_ids(data: DatasetSplits, tokenizer: PreTrainedTokenizerBase) -> lis
     """Token ids of each training row as the trainer sees it (chat template, or text + EOS as TRL appends it)."""
     eos = tokenizer.eos_token
     if data.kind == "messages":
-        return [
-            list(tokenizer.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"])
-            for m in data.train["messages"]
-        ]
+        return [chat_token_ids(tokenizer, m, add_generation_prompt=False) for m in data.train["messages"]]
     if data.kind == "text":
         texts = [t if t.endswith(eos) else t + eos for t in data.train["text"]]
     else:
