@@ -9,6 +9,7 @@ Training loss per logging step reaches MLflow through transformers' own MLflowCa
 from __future__ import annotations
 
 import errno
+import json
 import os
 import resource
 import shutil
@@ -135,6 +136,49 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+RUN_CONFIG_NAME = "run_config.json"  # settings of the run whose checkpoints live in output_dir
+# Settings that may change between an interrupted run and its resumption without changing what is trained.
+RESUME_NEUTRAL = {"training.resume", "training.task_retries", "training.logging_steps", "training.save_total_limit"}
+
+
+def _resume_relevant(cfg: PipelineConfig) -> dict:
+    flat = cfg.to_flat_dict()
+    return {
+        k: v
+        for k, v in flat.items()
+        if k.split(".")[0] not in ("evaluation", "tracking", "registry") and k not in RESUME_NEUTRAL
+    }
+
+
+def write_run_config(cfg: PipelineConfig) -> None:
+    out = Path(cfg.training.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{RUN_CONFIG_NAME}.tmp"
+    tmp.write_text(json.dumps(_resume_relevant(cfg), indent=1, sort_keys=True))
+    os.replace(tmp, out / RUN_CONFIG_NAME)
+
+
+def resume_problem(cfg: PipelineConfig) -> str | None:
+    """Why resuming from output_dir's checkpoints would mix two different runs, or None if it would not."""
+    out = Path(cfg.training.output_dir)
+    if cfg.training.resume != "auto" or not (out / RUN_CONFIG_NAME).is_file() or (out / FINISHED_MARKER).exists():
+        return None
+    if not list(out.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+        return None
+    before, now = json.loads((out / RUN_CONFIG_NAME).read_text()), _resume_relevant(cfg)
+    changed = [
+        f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
+        for k in sorted(set(before) | set(now))
+        if before.get(k) != now.get(k)
+    ]
+    if not changed:
+        return None
+    return (
+        f"training.output_dir {out} holds checkpoints of a run with other settings ({'; '.join(changed[:4])}): "
+        "use a new output_dir, or training.resume: never to start over there"
+    )
 
 
 def latest_complete_checkpoint(output_dir: str) -> str | None:

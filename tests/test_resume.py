@@ -101,3 +101,24 @@ def test_resume_picks_newest_complete_checkpoint_unless_run_finished(tmp_path):
     (tmp_path / FINISHED_MARKER).write_text("")
     assert latest_complete_checkpoint(str(tmp_path)) is None
     assert not list(tmp_path.glob("checkpoint-*")) and not (tmp_path / FINISHED_MARKER).exists()
+
+
+def test_resume_refuses_checkpoints_of_a_run_with_other_settings(tiny_llama_dir, tmp_path):
+    from pipeline_config.schema import PipelineConfig
+    from tasks.train import resume_problem, write_run_config
+
+    raw = tiny_config_dict(tiny_llama_dir, tmp_path)
+    first = PipelineConfig.model_validate(raw)
+    write_run_config(first)
+    out = tmp_path / "out"
+    (out / "checkpoint-2").mkdir()
+    assert resume_problem(first) is None
+    assert (
+        resume_problem(first.model_copy(update={"training": first.training.model_copy(update={"logging_steps": 1})}))
+        is None
+    )
+    raw["lora"]["r"] = 16
+    problem = resume_problem(PipelineConfig.model_validate(raw))
+    assert "lora.r: 8 -> 16" in problem and "use a new output_dir" in problem
+    raw["training"]["resume"] = "never"
+    assert resume_problem(PipelineConfig.model_validate(raw)) is None
