@@ -92,12 +92,12 @@ def generate_command(model_uri: str, prompts: list[str], max_new_tokens: int | N
 
 
 def validate_command(config: str, overrides: list[str]) -> int:
-    from tasks.model_source import check_model_source
     from tasks.preflight import preflight_from_config
 
-    cfg, data, device, report = preflight_from_config(config, overrides)
+    cfg, data, device, report = preflight_from_config(config, overrides)  # includes the model-source check
+    gguf = f" ({cfg.model.gguf_file})" if cfg.model.gguf_file else ""
     print(f"config ok: {config}")
-    print(f"model: {check_model_source(cfg.model)}; device: {device}")
+    print(f"model: {cfg.model.name_or_path}{gguf}; device: {device}")
     print(f"data: {data.source} format={data.kind} train={len(data.train)} eval={len(data.eval)} digest={data.digest}")
     print(report.render())
     return 0
