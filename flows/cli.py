@@ -6,6 +6,7 @@
     qlora-flow generate --model models:/NAME@champion --prompt TEXT     answer prompts with a registered model
     qlora-flow serve                                                    serve prefect.yaml's deployments here
     qlora-flow emit-dataset-updated PATH [--config FILE]                trigger re-training on a data file
+    qlora-flow bench [--model llama2-7b] [--device auto] [--steps 10]   training speed: recipe vs TRL vs this
 
 Bad input exits with code 2 and one short message (add --debug for the traceback).
 """
@@ -62,7 +63,73 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--config", default="pipeline_config/default.yaml", help="config the triggered run uses")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    _add_bench_parser(sub)
     return parser
+
+
+def _add_bench_parser(sub) -> None:
+    from tasks.bench import ARCHITECTURES, DEFAULT_VARIANTS, VARIANTS, BenchConfig
+
+    d = BenchConfig()
+    p = sub.add_parser("bench", help="training speed of the original recipe, TRL's best settings and this project")
+    p.add_argument("--model", choices=sorted(ARCHITECTURES), default=d.model, help="architecture (random weights)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default=d.device)
+    p.add_argument("--steps", type=int, default=d.steps, help="timed optimizer steps per variant")
+    geometry = "default per --model: 2048 / 16384 / 8192 / 2 (tiny: 1024 / 2048 / 1024 / 1)"
+    p.add_argument("--warmup-steps", type=int, default=None, help=f"untimed steps first ({geometry}, last)")
+    p.add_argument(
+        "--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}"
+    )
+    p.add_argument("--data", choices=["synthetic", "bundled"], default=d.data, help="rows to train on")
+    p.add_argument("--tokenizer-dir", default=None, help="tokenizer for --data bundled (default: the default model's)")
+    p.add_argument("--seq-len", type=int, default=None, help=f"packed row length ({geometry}, first)")
+    p.add_argument("--tokens-per-step", type=int, default=None, help="packed tokens per optimizer step")
+    p.add_argument("--micro-batch-tokens", type=int, default=None, help="the project variants' micro-batch tokens")
+    p.add_argument("--check-packing", action="store_true", help="first compare packed vs per-document loss")
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    p.add_argument(
+        "--project-set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a project setting"
+    )
+    p.add_argument("--profile-steps", type=int, default=0, help="profile this many steps of the project variant")
+    p.add_argument("--model-dir", default=d.model_dir, help="where random-weight models are built and reused")
+    p.add_argument("--out-dir", default=d.out_dir, help="bench.json and bench.md go here")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def bench_command(args) -> int:
+    from tasks.bench import GEOMETRY, BenchConfig, run_bench
+
+    geometry = {**{k: getattr(BenchConfig(), k) for k in GEOMETRY["tiny"]}, **GEOMETRY.get(args.model, {})}
+    given = {
+        "seq_len": args.seq_len,
+        "tokens_per_step": args.tokens_per_step,
+        "project_micro_batch_tokens": args.micro_batch_tokens,
+        "warmup_steps": args.warmup_steps,
+    }
+    geometry.update({k: v for k, v in given.items() if v is not None})
+    if args.steps < 1 or geometry["warmup_steps"] < 1:
+        raise PipelineInputError("bench: --steps and --warmup-steps must be at least 1")
+    cfg = BenchConfig(
+        model=args.model,
+        device=args.device,
+        steps=args.steps,
+        check_packing=args.check_packing,
+        **geometry,
+        variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
+        data=args.data,
+        tokenizer_dir=args.tokenizer_dir,
+        learning_rate=args.learning_rate,
+        project_overrides=tuple(args.project_set),
+        profile_steps=args.profile_steps,
+        model_dir=args.model_dir,
+        out_dir=args.out_dir,
+    )
+    report = run_bench(cfg)
+    from tasks.bench import markdown_table
+
+    print(markdown_table(report), end="")
+    print(f"written: {args.out_dir}/bench.json, {args.out_dir}/bench.md")
+    return 0 if not any(v["error"] for v in report["variants"]) else 1
 
 
 def _tracking_uri(explicit: str | None) -> str:
@@ -159,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
 
             serve_deployments(include_gpu=args.include_gpu)
             return 0
+        if args.command == "bench":
+            return bench_command(args)
         if args.command == "emit-dataset-updated":
             from flows.deployments import emit_dataset_updated
 

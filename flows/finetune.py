@@ -52,7 +52,7 @@ def finetune(
         data = open_prepared_dataset_task(prepare_dataset_task(cfg.data, tokenizer, cfg.training), cfg.data)
         log_dataset_task(data)
         preflight_task(cfg, data, tokenizer, device)
-        model = load_quantized_model_task(cfg.model, cfg.quantization, device)
+        model = load_quantized_model_task(cfg.model, cfg.quantization, device, cfg.training.attention)
         model, lora_config = wrap_lora_task(model, cfg.lora, cfg.training)
         train = train_adapter_task.with_options(retries=cfg.training.task_retries)
         trained = train(model, data, lora_config, tokenizer, cfg, device, report_to_mlflow=True)

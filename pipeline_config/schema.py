@@ -104,6 +104,12 @@ class LoraAdapterConfig(_Section):
         "output head.",
     )
     bias: Literal["none", "all", "lora_only"] = Field(default="none", description="Which biases to train.")
+    upcast_base_to_fp32: bool = Field(
+        default=False,
+        description="Run peft's prepare_model_for_kbit_training: fp32 copies of every non-4-bit weight (norms, "
+        "embeddings, LM head). The original recipe did (TRL <= 0.7 called it inside SFTTrainer); off, they stay in "
+        "the compute dtype, which is much faster on a GPU and trains the same (docs/benchmarks.md).",
+    )
 
 
 class DataColumnsConfig(_Section):
@@ -175,7 +181,17 @@ class TrainingConfig(_Section):
     max_steps: int = Field(default=-1, ge=-1, description="Optimizer steps to run (-1 = run `num_train_epochs`).")
     per_device_train_batch_size: int = Field(default=4, gt=0, description="Rows per micro-batch.")
     gradient_accumulation_steps: int = Field(default=1, gt=0, description="Micro-batches per optimizer step.")
-    gradient_checkpointing: bool = Field(default=True, description="Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute decoder-layer activations in backward: the lean setting (about a third of the peak "
+        "memory for ~25% more step time). Off is the fast setting.",
+    )
+    gradient_checkpointing_layers: int | None = Field(
+        default=None,
+        gt=0,
+        description="With gradient_checkpointing: recompute only the first N decoder layers (as many as memory "
+        "needs); unset = all layers.",
+    )
     max_grad_norm: float = Field(default=0.3, gt=0, description="Gradient clipping norm.")
     learning_rate: float = Field(default=2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(default=0.001, ge=0, description="AdamW weight decay.")
@@ -188,7 +204,11 @@ class TrainingConfig(_Section):
     group_by_length: bool = Field(default=False, description="Batch rows of similar length together (less padding).")
     logging_steps: int = Field(default=25, gt=0, description="Log training loss every this many optimizer steps.")
     max_seq_length: int = Field(default=1024, gt=0, description="Tokens per row; longer rows are truncated.")
-    packing: bool = Field(default=False, description="Pack several rows into one sequence (TRL packing).")
+    packing: bool = Field(
+        default=True,
+        description="Pack rows into sequences of max_seq_length (TRL packing). With 'bfd' packing the batch is "
+        "padding-free: no pad tokens are computed and packed rows never attend to each other (see `attention`).",
+    )
     packing_strategy: Literal["bfd", "wrapped"] = Field(
         default="bfd",
         description="TRL packing: 'bfd' keeps rows whole (best-fit decreasing), 'wrapped' cuts rows mid-sequence.",
@@ -213,6 +233,18 @@ class TrainingConfig(_Section):
         default="auto",
         description="'auto': continue from the newest complete checkpoint in output_dir, if any; 'never': start over.",
     )
+    attention: Literal["auto", "varlen_flash", "sdpa", "eager"] = Field(
+        default="auto",
+        description="Attention kernel. 'varlen_flash': torch's variable-length flash attention over the packed "
+        "documents' boundaries (CUDA; falls back to SDPA for padded batches); 'sdpa' / 'eager': transformers' "
+        "kernels, with a block-diagonal mask for packed rows. 'auto': varlen_flash on CUDA when torch has it, else "
+        "sdpa.",
+    )
+    liger_kernels: bool | Literal["auto"] = Field(
+        default="auto",
+        description="Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (CUDA; the LM-head loss is TRL's own "
+        "chunked one). 'auto': on when running on CUDA with liger-kernel installed.",
+    )
     bf16: bool = Field(default=False, description="bfloat16 mixed precision.")
     fp16: bool = Field(default=False, description="float16 mixed precision.")
     seed: int = Field(default=42, description="Training seed.")
@@ -224,6 +256,11 @@ class TrainingConfig(_Section):
     def _one_precision(self) -> TrainingConfig:
         if self.bf16 and self.fp16:
             raise ValueError("training.bf16 and training.fp16 are both true: choose one")
+        if self.gradient_checkpointing_layers is not None and not self.gradient_checkpointing:
+            raise ValueError(
+                "training.gradient_checkpointing_layers is set but gradient_checkpointing is false: set "
+                "gradient_checkpointing: true, or drop gradient_checkpointing_layers"
+            )
         if self.packing and self.packing_strategy == "wrapped" and self.completion_only_loss:
             raise ValueError(
                 "training.packing_strategy 'wrapped' cuts rows mid-sequence, so completion_only_loss cannot be kept: "
@@ -333,6 +370,10 @@ def cuda_only_problems(t: TrainingConfig) -> list[str]:
         problems.append(f"training.optim {t.optim!r} needs CUDA, and this run is on the CPU: use adamw_torch")
     if t.fp16:
         problems.append("training.fp16 needs CUDA, and this run is on the CPU: use bf16 or neither")
+    if t.attention == "varlen_flash":
+        problems.append("training.attention 'varlen_flash' needs CUDA, and this run is on the CPU: use auto or sdpa")
+    if t.liger_kernels is True:
+        problems.append("training.liger_kernels needs CUDA (Triton), and this run is on the CPU: use auto or false")
     return problems
 
 

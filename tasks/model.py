@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from pipeline_config.schema import LoraAdapterConfig, ModelConfig, QuantizationConfig, TrainingConfig
+from tasks.attention import resolve_attention
 from tasks.errors import PipelineInputError, retry_unless_input_error
 from tasks.model_source import hub_token, resolve_model_path
 
@@ -38,8 +39,10 @@ def build_bnb_config(cfg: QuantizationConfig) -> BitsAndBytesConfig:
     )
 
 
-def load_quantized_model(model_cfg: ModelConfig, quant_cfg: QuantizationConfig, device: str) -> PreTrainedModel:
-    """The base model with its linear layers in 4-bit, on `device`."""
+def load_quantized_model(
+    model_cfg: ModelConfig, quant_cfg: QuantizationConfig, device: str, attention: str = "auto"
+) -> PreTrainedModel:
+    """The base model with its linear layers in 4-bit, on `device`; `attention` is `training.attention`."""
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(model_cfg),
         revision=model_cfg.revision,
@@ -48,6 +51,7 @@ def load_quantized_model(model_cfg: ModelConfig, quant_cfg: QuantizationConfig, 
         quantization_config=build_bnb_config(quant_cfg),
         dtype=DTYPES[quant_cfg.compute_dtype],
         device_map={"": device},
+        attn_implementation=resolve_attention(attention, device),
         use_safetensors=True,
     )
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
@@ -68,8 +72,16 @@ def build_lora_config(cfg: LoraAdapterConfig) -> LoraConfig:
 def wrap_lora(
     model: PreTrainedModel, lora_cfg: LoraAdapterConfig, train_cfg: TrainingConfig
 ) -> tuple[PreTrainedModel, LoraConfig]:
-    """`prepare_model_for_kbit_training` + the `LoraConfig` that SFTTrainer applies with `get_peft_model`."""
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train_cfg.gradient_checkpointing)
+    """The model ready for LoRA + the `LoraConfig` that SFTTrainer applies with `get_peft_model`.
+
+    With `lora.upcast_base_to_fp32` (the original recipe: TRL <= 0.7 called it inside SFTTrainer),
+    `prepare_model_for_kbit_training` keeps fp32 copies of every non-4-bit weight (norms, embeddings, LM head), so
+    activations run in fp32 between the 4-bit matmuls and the LM head is an fp32 matmul. Off (the default), they
+    stay in the compute dtype: measured on an H100 (docs/benchmarks.md) that is most of the speed gap to TRL, and
+    the loss curve is unchanged. SFTTrainer enables input gradients for checkpointing either way.
+    """
+    if lora_cfg.upcast_base_to_fp32:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train_cfg.gradient_checkpointing)
     return model, build_lora_config(lora_cfg)
 
 
@@ -82,9 +94,9 @@ def wrap_lora(
     retry_delay_seconds=[10, 60],
     retry_condition_fn=retry_unless_input_error,
 )
-def load_quantized_model_task(model_cfg: ModelConfig, quant_cfg: QuantizationConfig, device: str):
+def load_quantized_model_task(model_cfg: ModelConfig, quant_cfg: QuantizationConfig, device: str, attention: str):
     """Prefect wrapper: retried because the weight download can fail transiently. Never persisted or cached."""
-    return load_quantized_model(model_cfg, quant_cfg, device)
+    return load_quantized_model(model_cfg, quant_cfg, device, attention)
 
 
 @task(name="wrap-lora", cache_policy=NO_CACHE, persist_result=False)

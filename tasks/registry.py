@@ -59,8 +59,10 @@ class QLoRAChatModel(mlflow.pyfunc.PythonModel):
             device_map={"": device},
             use_safetensors=True,
         )
-        # The same numerics the run evaluated: kbit preparation (norms in fp32) and adapters in the trained dtype.
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        # The same numerics the run evaluated: kbit preparation (norms in fp32) if the run used it, and adapters in
+        # the trained dtype.
+        if cfg.get("upcast_base_to_fp32", True):
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         self.model = PeftModel.from_pretrained(base, adapter).eval()
         dtype = getattr(torch, cfg["adapter_dtype"])
         for name, param in self.model.named_parameters():
@@ -172,6 +174,7 @@ def register_adapter(
             "base_revision": None if base_is_local else cfg.model.revision,
             "quantization": cfg.quantization.model_dump(mode="json"),
             "adapter_dtype": adapter_dtype,
+            "upcast_base_to_fp32": cfg.lora.upcast_base_to_fp32,
             "adapter_sha256": adapter_sha,
             "max_new_tokens": cfg.registry.max_new_tokens,
         },

@@ -1,0 +1,96 @@
+"""Attention for padding-free packed batches: each packed document attends only to itself.
+
+TRL's padding-free collator (packing with the 'bfd' strategy) concatenates the documents of a micro-batch into one
+row and passes `position_ids` (restarting at 0 per document) and the document boundaries `cu_seq_lens_q/k`
+without an attention mask. What then keeps documents apart depends on the attention implementation:
+
+- 'sdpa' / 'eager': transformers detects the packing from `position_ids` and builds a dense block-diagonal
+  causal mask. Correct, but the kernel still visits every (query, key) pair of the whole row: with 8,192-token rows
+  of ~350-token documents that is ~20x the attention work, and SDPA cannot use its flash kernel with a mask.
+- 'qlora_varlen' (registered here): torch's own variable-length flash attention
+  (`torch.nn.attention.varlen.varlen_attn`, CUDA only) over the boundaries the collator already computed. No mask,
+  no wasted pairs, no device-to-host sync. Batches without boundaries (evaluation, generation: padded rows with an
+  attention mask) fall back to transformers' SDPA path, so one model serves training and evaluation.
+
+`resolve_attention` picks the implementation for a run ('auto': varlen on CUDA when torch has it, else SDPA).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+VARLEN_ATTENTION = "qlora_varlen"
+
+
+def varlen_available() -> bool:
+    """True when this torch has the variable-length flash attention op and a CUDA device to run it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def _causal_kwargs() -> dict:
+    """torch 2.10 spelled causality `is_causal=True`; later releases use a (left, right) window."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    return {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: query/key/value are [batch, heads, seq, head_dim]; returns
+    [batch, seq, heads, head_dim]. Uses varlen flash attention for padding-free packed rows, SDPA otherwise."""
+    cu_seq_lens = kwargs.get("cu_seq_lens_q")
+    if cu_seq_lens is None or query.shape[0] != 1 or not query.is_cuda or dropout > 0.0:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu_seq_lens = cu_seq_lens.to(query.device, torch.int32, non_blocking=True)
+    max_len = int(kwargs.get("max_length_q") or query.shape[2])
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, head_dim]
+    out = varlen_attn(
+        q,
+        k,
+        v,
+        cu_seq_lens,
+        cu_seq_lens,
+        max_len,
+        max_len,
+        scale=scaling,
+        enable_gqa=k.shape[1] != q.shape[1],
+        **_causal_kwargs(),
+    )
+    return out.unsqueeze(0), None
+
+
+def register_varlen_attention() -> None:
+    """Register 'qlora_varlen' with transformers (idempotent). The mask function is SDPA's, used only by the
+    fallback path: packed training batches carry boundaries, so their (unused) mask is never the deciding input."""
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, sdpa_mask)
+
+
+def resolve_attention(requested: str, device: str) -> str:
+    """The attn_implementation to load the model with for `training.attention`."""
+    if requested == "auto":
+        requested = "varlen_flash" if device == "cuda" and varlen_available() else "sdpa"
+    if requested == "varlen_flash":
+        register_varlen_attention()
+        return VARLEN_ATTENTION
+    return requested

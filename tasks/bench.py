@@ -1,0 +1,782 @@
+"""`qlora-flow bench`: training speed of three QLoRA set-ups side by side, in one process on one device.
+
+    qlora-flow bench --model llama2-7b --steps 10            (GPU; results in bench-results/)
+    qlora-flow bench --model tiny --device cpu --steps 3     (CI smoke run)
+    qlora-flow bench --model small --data bundled --steps 300 --variants trl_best,project  (loss curves)
+
+Variants (run in this order, each on a freshly 4-bit-loaded random-weight model):
+  recipe       the original recipe's settings through plain TRL SFTTrainer (pipeline_config/llama2-7b-chat-guanaco.yaml)
+  trl_best     TRL's best-known QLoRA settings: bf16, all-linear r=16, bfd packing (padding-free), Liger kernels,
+               gradient checkpointing, batch 8 x 2048
+  project      this project's training path as the flow runs it (tasks.model + tasks.train), fast defaults
+  project_lean the same with the one lean switch: training.gradient_checkpointing=true
+  project_fp32 the same with lora.upcast_base_to_fp32=true (for the loss-curve check of skipping the up-casts)
+
+Models are built locally from a named architecture (no hub access) with random weights, saved once in bf16.
+Data: synthetic token rows with lengths log-uniform in [64, 1024] (speed does not depend on the token values),
+or the bundled order data rendered with a real chat tokenizer (for loss curves; random 7B weights learn nothing).
+
+Reported per variant: real tokens/s (non-pad input tokens over the timed steps' wall time, after warm-up steps),
+peak GPU memory (torch.cuda.max_memory_allocated), MFU, the first steps' losses.
+MFU = tokens/s x FLOPs per token / peak FLOP/s, with FLOPs per token
+  = 4 x P_frozen + 6 x P_lora + 12 x n_layers x d_model x (sum_i L_i(L_i+1)/2) / (sum_i L_i)
+(frozen weights: forward + input-gradient matmuls, 2 FLOPs per weight each; LoRA weights also get weight
+gradients; attention: QK^T and PV over each document's causal pairs, forward 4 d FLOPs per pair per layer,
+backward twice that). Recomputation is not counted (model FLOPs, not hardware FLOPs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+ARCHITECTURES: dict[str, dict] = {
+    # Llama-2-7B / 13B shapes (meta-llama/Llama-2-*-hf config.json)
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+    # learns in a few hundred steps on one GPU: the loss-curve comparison
+    "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
+    # CPU smoke test
+    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
+}
+# Batch geometry per architecture where the defaults (16k tokens/step in 2048-token rows) do not fit: the tiny
+# model is a CPU smoke test, where a 16k-token step through a 32k-vocabulary head takes ~25 s on two cores.
+GEOMETRY = {"tiny": dict(seq_len=1024, tokens_per_step=2048, project_micro_batch_tokens=1024, warmup_steps=1)}
+VARIANTS = ("recipe", "trl_best", "project", "project_lean", "project_fp32")
+DEFAULT_VARIANTS = ("recipe", "trl_best", "project", "project_lean")
+# Dense bf16 tensor-core peaks from the datasheets (no sparsity), by device-name fragment.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+@dataclass
+class BenchConfig:
+    """What one `qlora-flow bench` invocation measures."""
+
+    model: str = "llama2-7b"
+    device: str = "auto"
+    steps: int = 10  # timed optimizer steps per variant
+    warmup_steps: int = 2  # untimed steps first (allocator, kernel autotuning, Liger's Triton compiles)
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
+    data: str = "synthetic"  # or 'bundled'
+    tokenizer_dir: str | None = None  # bundled data: a saved tokenizer folder (default: the default config's)
+    seq_len: int = 2048  # packed row length for trl_best / project
+    tokens_per_step: int = 16384  # packed tokens per optimizer step for trl_best / project
+    project_micro_batch_tokens: int = 8192  # project's micro-batch (gradient accumulation makes up the rest)
+    check_packing: bool = False  # first compare the project model's packed vs per-document loss
+    learning_rate: float = 2e-4
+    project_overrides: tuple[str, ...] = ()  # `section.key=value` for the project variants
+    model_dir: str = ".cache/bench-models"
+    out_dir: str = "bench-results"
+    profile_steps: int = 0  # profile this many steps of the project variant after timing
+    seed: int = 0
+
+
+@dataclass
+class VariantResult:
+    name: str
+    settings: dict
+    tokens_per_s: float = 0.0
+    step_time_s: float = 0.0
+    tokens_per_step: float = 0.0
+    peak_memory_gib: float | None = 0.0  # None on the CPU (no per-variant peak there)
+    peak_reserved_gib: float = 0.0
+    mfu: float | None = None
+    mfu_of_measured_matmul: float | None = None
+    first_losses: list[float] = field(default_factory=list)
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+    final_loss: float | None = None  # mean of the last 10% of logged losses
+    profile: dict | None = None
+    error: str | None = None
+
+
+class StepTimer(TrainerCallback):
+    """Times optimizer steps warmup+1 .. warmup+timed with device syncs; optionally profiles the steps after."""
+
+    def __init__(self, warmup: int, timed: int, device: str, profile_steps: int = 0) -> None:
+        self.warmup, self.timed, self.device, self.profile_steps = warmup, timed, device, profile_steps
+        self.t0 = self.t1 = 0.0
+        self.tokens0 = self.tokens1 = 0
+        self.peak = self.reserved = 0
+        self.profiler = None
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.profile_steps and state.global_step == self.warmup + self.timed:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device == "cuda" else [])
+            self.profiler = profile(activities=activities)
+            self.profiler.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        if step == self.warmup:
+            self._sync()
+            self.t0, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
+        elif step == self.warmup + self.timed:
+            self._sync()
+            self.t1, self.tokens1 = time.perf_counter(), state.num_input_tokens_seen
+            if self.device == "cuda":
+                self.peak, self.reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+        elif self.profiler is not None and step == self.warmup + self.timed + self.profile_steps:
+            self._sync()
+            self.profiler.__exit__(None, None, None)
+
+
+# --------------------------------------------------------------------------------------------------- model, data
+
+
+def build_model_dir(cfg: BenchConfig, vocab_size: int, bos: int, eos: int, device: str) -> Path:
+    """A random-weight Llama of the named architecture, saved once (bf16 safetensors) and reused."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    arch = ARCHITECTURES[cfg.model]
+    out = Path(cfg.model_dir) / f"{cfg.model}-v{vocab_size}-s{cfg.seed}"
+    if (out / "config.json").is_file():
+        return out
+    config = LlamaConfig(
+        **arch,
+        num_key_value_heads=arch["num_attention_heads"],
+        vocab_size=vocab_size,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(cfg.seed)
+    with torch.device(device):  # initialising 7B on the GPU takes seconds, on the CPU minutes
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    del model
+    os.replace(tmp, out)  # complete or absent
+    return out
+
+
+def synthetic_tokenizer(vocab_size: int):
+    """A word-level tokenizer over ids 0..vocab_size-1 (<unk>=0 doubles as pad, <s>=1, </s>=2): offline, exact size."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab_size)}}
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")),
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<unk>",
+    )
+    return tok
+
+
+def synthetic_rows(n_tokens: int, vocab_size: int, seed: int, low: int = 64, high: int = 1024) -> list[list[int]]:
+    """Rows with lengths log-uniform in [low, high] until n_tokens are covered; token ids never equal pad/bos/eos."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows, total = [], 0
+    while total < n_tokens:
+        length = int(round(math.exp(rng.uniform(math.log(low), math.log(high)))))
+        rows.append(rng.integers(3, vocab_size, size=length).tolist())
+        total += length
+    return rows
+
+
+def bundled_rows(tokenizer, n_rows: int, seed: int, max_len: int = 1024) -> list[list[int]]:
+    """The bundled order-extraction chats, rendered with the tokenizer's chat template."""
+    import random
+
+    from tasks.bundled_data import make_order_row
+
+    rng, rows = random.Random(seed), []
+    for _ in range(n_rows):
+        example = make_order_row(rng)
+        ids = tokenizer.apply_chat_template(example["messages"], tokenize=True, return_dict=False)
+        rows.append(list(ids)[:max_len])
+    return rows
+
+
+# -------------------------------------------------------------------------------------------------------- FLOPs
+
+
+def linear_params(model) -> tuple[int, int]:
+    """(frozen linear weights incl. the LM head, trainable LoRA weights) of a PEFT-wrapped 4-bit model."""
+    frozen = lora = 0
+    for name, module in model.named_modules():
+        if hasattr(module, "in_features") and hasattr(module, "out_features") and "lora_" not in name:
+            if not hasattr(module, "base_layer"):
+                frozen += module.in_features * module.out_features
+    for name, p in model.named_parameters():
+        if p.requires_grad and "lora_" in name:
+            lora += p.numel()
+    return frozen, lora
+
+
+def flops_per_token(frozen: int, lora: int, n_layers: int, d_model: int, lengths: list[int]) -> float:
+    pairs = sum(n * (n + 1) / 2 for n in lengths) / sum(lengths)
+    return 4.0 * frozen + 6.0 * lora + 12.0 * n_layers * d_model * pairs
+
+
+def peak_tflops(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    for fragment, tflops in PEAK_BF16_TFLOPS.items():
+        if fragment in name:
+            return tflops
+    return None
+
+
+def measured_matmul_tflops(device: str) -> float | None:
+    """A large bf16 matmul's rate on this device: the practical ceiling."""
+    if device != "cuda":
+        return None
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1000 / 20
+    del a, b
+    return 2 * n**3 / seconds / 1e12
+
+
+# ------------------------------------------------------------------------------------------------ packing check
+
+
+def packed_vs_unpacked_loss(model, docs: list[list[int]], pad_token_id: int, device: str) -> dict:
+    """Mean next-token loss of `docs` packed padding-free into one row (the collator SFTTrainer uses with bfd
+    packing) and of each document on its own; equal when documents cannot see each other."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    collator = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=True)
+    packed = {
+        k: v.to(device) if torch.is_tensor(v) else v for k, v in collator([{"input_ids": d} for d in docs]).items()
+    }
+    model.train()  # the training path (bitsandbytes' CPU eval mode repacks weights); no dropout in these layers
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in packed.items() if k != "labels"}).logits.float()
+        labels = packed["labels"]
+        packed_sum = torch.nn.functional.cross_entropy(
+            logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum"
+        ).item()
+        count = int((labels[0, 1:] != -100).sum())
+        single_sum = 0.0
+        for doc in docs:
+            ids = torch.tensor([doc], device=device)
+            out = model(input_ids=ids).logits.float()
+            single_sum += torch.nn.functional.cross_entropy(out[0, :-1], ids[0, 1:], reduction="sum").item()
+    packed_loss, single_loss = packed_sum / count, single_sum / sum(len(d) - 1 for d in docs)
+    return {"packed": packed_loss, "per_document": single_loss, "abs_diff": abs(packed_loss - single_loss)}
+
+
+def packing_check(cfg: BenchConfig, model_dir: Path, tokenizer, rows, device: str) -> dict:
+    """The packed-vs-unpacked loss of the project's model set-up (its attention kernel), LoRA weights random."""
+    from peft import get_peft_model
+
+    from tasks.model import load_quantized_model, wrap_lora
+
+    pcfg = project_config(cfg, model_dir, tempfile.mkdtemp(prefix="qlora-bench-check-"), device)
+    model = load_quantized_model(pcfg.model, pcfg.quantization, device, pcfg.training.attention)
+    model, lora = wrap_lora(model, pcfg.lora, pcfg.training)
+    lora.init_lora_weights = False  # random B too, so the adapter path changes the output
+    model = get_peft_model(model, lora)
+    docs = rows[:8]
+    result = packed_vs_unpacked_loss(model, docs, tokenizer.pad_token_id, device)
+    result["attention"] = model.config._attn_implementation
+    result["documents"] = [len(d) for d in docs]
+    del model
+    _free()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- variants
+
+
+def _sft_config(cfg: BenchConfig, out: str, device: str, **settings):
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=out,
+        max_steps=cfg.warmup_steps + cfg.steps + cfg.profile_steps,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=device == "cpu",
+        dataloader_pin_memory=device != "cpu",
+        disable_tqdm=True,
+        seed=cfg.seed,
+        learning_rate=cfg.learning_rate,
+        **settings,
+    )
+
+
+def recipe_settings(device: str) -> dict:
+    """The original recipe (pipeline_config/llama2-7b-chat-guanaco.yaml; a test keeps the two equal)."""
+    return {
+        "bnb": dict(quant_type="nf4", compute_dtype="float16", double_quant=False),
+        "lora": dict(r=64, alpha=16, dropout=0.1, target_modules=None),  # peft's default for Llama: q_proj, v_proj
+        "upcast_base_to_fp32": True,  # TRL <= 0.7 ran prepare_model_for_kbit_training inside SFTTrainer
+        "args": dict(
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=1,
+            gradient_checkpointing=True,
+            max_grad_norm=0.3,
+            weight_decay=0.001,
+            optim="paged_adamw_32bit" if device == "cuda" else "adamw_torch",  # paged optimizers need CUDA
+            lr_scheduler_type="cosine",
+            warmup_steps=0.03,
+            train_sampling_strategy="group_by_length",
+            max_length=1024,
+            packing=False,
+            fp16=False,
+            bf16=False,
+        ),
+    }
+
+
+def trl_best_settings(cfg: BenchConfig, device: str) -> dict:
+    """TRL's documented best QLoRA settings (SFT docs: packing + padding-free, Liger, bf16, checkpointing)."""
+    from tasks.train import use_liger_kernels
+
+    return {
+        "bnb": dict(quant_type="nf4", compute_dtype="bfloat16", double_quant=True, quant_storage_dtype="bfloat16"),
+        "lora": dict(r=16, alpha=32, dropout=0.05, target_modules="all-linear"),
+        "upcast_base_to_fp32": False,
+        "attn_implementation": "sdpa",  # flash-attn is not installable offline; the Hub kernels need network
+        "args": dict(
+            per_device_train_batch_size=max(1, cfg.tokens_per_step // cfg.seq_len),
+            gradient_accumulation_steps=1,
+            gradient_checkpointing=True,
+            max_length=cfg.seq_len,
+            packing=True,
+            packing_strategy="bfd",
+            bf16=device == "cuda" or torch.cpu._is_avx512_bf16_supported(),
+            use_liger_kernel=use_liger_kernels("auto", device),
+            optim="adamw_torch",
+            lr_scheduler_type="cosine",
+            warmup_steps=0.03,
+        ),
+    }
+
+
+def _load_plain(model_dir: Path, settings: dict, device: str):
+    from peft import LoraConfig, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    from pipeline_config.schema import QuantizationConfig
+    from tasks.model import DTYPES, build_bnb_config
+
+    quant = QuantizationConfig(**settings["bnb"])
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        quantization_config=build_bnb_config(quant),
+        dtype=DTYPES[quant.compute_dtype],
+        device_map={"": device},
+        attn_implementation=settings.get("attn_implementation", "sdpa"),
+    )
+    model.config.use_cache = False
+    if settings["upcast_base_to_fp32"]:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=settings["args"].get("gradient_checkpointing", False)
+        )
+    lora = settings["lora"]
+    peft_config = LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return model, peft_config
+
+
+def run_plain_trl(cfg, settings, model_dir, tokenizer, dataset, device, timer, out_dir):
+    """Variants (1) and (2): plain trl.SFTTrainer, nothing of this project's training code."""
+    from trl import SFTTrainer
+
+    model, peft_config = _load_plain(model_dir, settings, device)
+    trainer = SFTTrainer(
+        model=model,
+        args=_sft_config(cfg, out_dir, device, **settings["args"]),
+        train_dataset=dataset,
+        peft_config=peft_config,
+        processing_class=tokenizer,
+        callbacks=[timer],
+    )
+    trainer.train()
+    losses = [(h["step"], float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
+    return trainer.model, losses, trainer
+
+
+def project_config(cfg: BenchConfig, model_dir: Path, out_dir: str, device: str, extra: tuple[str, ...] = ()):
+    """The PipelineConfig the project variants train with: the schema's fast defaults plus the bench's batch
+    geometry, validated exactly like a flow run's config (so `--project-set` typos fail the same way)."""
+    import yaml
+
+    from pipeline_config.schema import load_pipeline_config
+
+    micro_rows = max(1, cfg.project_micro_batch_tokens // cfg.seq_len)
+    accumulation = max(1, cfg.tokens_per_step // (micro_rows * cfg.seq_len))
+    raw = {
+        "model": {"name_or_path": str(model_dir)},
+        "quantization": {"compute_dtype": "bfloat16", "double_quant": True},
+        "data": {"source": "bench:synthetic"},
+        "training": {
+            "output_dir": out_dir,
+            "max_steps": cfg.warmup_steps + cfg.steps + cfg.profile_steps,
+            "per_device_train_batch_size": micro_rows,
+            "gradient_accumulation_steps": accumulation,
+            "max_seq_length": cfg.seq_len,
+            "learning_rate": cfg.learning_rate,
+            "warmup_ratio": 0.03,
+            "logging_steps": 1,
+            "save_steps": 0,
+            "resume": "never",
+            "seed": cfg.seed,
+            "device": device,
+        },
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(raw, f)
+    try:
+        return load_pipeline_config(f.name, [*extra, *cfg.project_overrides])
+    finally:
+        os.unlink(f.name)
+
+
+def run_project(cfg, pipeline_cfg, tokenizer, dataset, device, timer):
+    """Variant (3): exactly the flow's load-quantized-model -> wrap-lora -> train-adapter functions."""
+    from tasks.data import DatasetSplits
+    from tasks.model import load_quantized_model, wrap_lora
+    from tasks.train import train_adapter
+
+    model = load_quantized_model(pipeline_cfg.model, pipeline_cfg.quantization, device, pipeline_cfg.training.attention)
+    model, lora_config = wrap_lora(model, pipeline_cfg.lora, pipeline_cfg.training)
+    splits = DatasetSplits(train=dataset, eval=dataset.select(range(1)), kind="text", digest="bench", source="bench")
+    result = train_adapter(
+        model, splits, lora_config, tokenizer, pipeline_cfg.training, device, extra_callbacks=[timer]
+    )
+    return result.model, result.loss_history, None
+
+
+PROJECT_EXTRA = {
+    "project": (),
+    "project_lean": ("training.gradient_checkpointing=true",),
+    "project_fp32": ("lora.upcast_base_to_fp32=true",),
+}
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+@contextlib.contextmanager
+def _restore_llama_rope():
+    """Liger patches modeling_llama.apply_rotary_pos_emb module-wide; keep that from leaking into later variants."""
+    from transformers.models.llama import modeling_llama
+
+    saved = modeling_llama.apply_rotary_pos_emb
+    try:
+        yield
+    finally:
+        modeling_llama.apply_rotary_pos_emb = saved
+
+
+def summarize_profile(prof, top: int = 25) -> dict:
+    """CUDA (or CPU) self time by kernel, grouped into categories."""
+    use_cuda = any(getattr(e, "device_type", None) is not None and "CUDA" in str(e.device_type) for e in prof.events())
+    rows = []
+    for evt in prof.key_averages():
+        t = evt.self_device_time_total if use_cuda else evt.self_cpu_time_total
+        if t > 0:
+            rows.append((evt.key, t, evt.count))
+    rows.sort(key=lambda r: -r[1])
+    total = sum(t for _, t, _ in rows) or 1.0
+    categories = {
+        "matmul (bf16 GEMM)": ("gemm", "gemv", "cutlass", "nvjet", "xmma", "matmul", "mm_", "addmm", "bmm"),
+        "4-bit dequantize": ("dequant", "kdequant"),
+        "attention": ("flash", "fmha", "attention", "attn", "sdpa"),
+        "Liger / Triton": ("triton", "_rms", "swiglu", "rope", "liger"),
+        "optimizer": ("adam", "multi_tensor", "foreach"),
+        "loss / LM head": ("cross_entropy", "log_softmax", "logsumexp", "nll"),
+        "copies / casts": ("copy", "cast", "to_copy", "convert", "cat"),
+    }
+    by_cat: dict[str, float] = {}
+    for key, t, _ in rows:
+        low = key.lower()
+        cat = next((c for c, pats in categories.items() if any(p in low for p in pats)), "other elementwise")
+        by_cat[cat] = by_cat.get(cat, 0.0) + t
+    return {
+        "clock": "device" if use_cuda else "cpu",
+        "total_ms": total / 1000,
+        "categories_pct": {k: round(100 * v / total, 1) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [
+            {"name": k[:120], "ms": round(t / 1000, 2), "pct": round(100 * t / total, 1), "calls": n}
+            for k, t, n in rows[:top]
+        ],
+    }
+
+
+def run_variant(
+    name: str, cfg: BenchConfig, model_dir: Path, tokenizer, dataset, device: str, lengths, arch, matmul_tflops
+):
+    profile = cfg.profile_steps if name == "project" else 0
+    timer = StepTimer(cfg.warmup_steps, cfg.steps, device, profile)
+    bench_cfg = BenchConfig(**{**asdict(cfg), "profile_steps": profile})
+    out_dir = tempfile.mkdtemp(prefix=f"qlora-bench-{name}-")
+    _free()
+    try:
+        with _restore_llama_rope():
+            if name in ("recipe", "trl_best"):
+                settings = recipe_settings(device) if name == "recipe" else trl_best_settings(bench_cfg, device)
+                model, losses, trainer = run_plain_trl(
+                    bench_cfg, settings, model_dir, tokenizer, dataset, device, timer, out_dir
+                )
+                shown = {k: v for k, v in settings.items() if k != "args"} | settings["args"]
+            else:
+                pcfg = project_config(bench_cfg, model_dir, out_dir, device, PROJECT_EXTRA[name])
+                model, losses, trainer = run_project(bench_cfg, pcfg, tokenizer, dataset, device, timer)
+                t = pcfg.training
+                shown = {
+                    "lora": pcfg.lora.model_dump(mode="json"),
+                    "quantization": pcfg.quantization.model_dump(mode="json"),
+                    "training": {
+                        k: getattr(t, k)
+                        for k in (
+                            "per_device_train_batch_size",
+                            "gradient_accumulation_steps",
+                            "max_seq_length",
+                            "packing",
+                            "packing_strategy",
+                            "attention",
+                            "liger_kernels",
+                            "gradient_checkpointing",
+                            "gradient_checkpointing_layers",
+                            "bf16",
+                            "optim",
+                        )
+                    },
+                }
+        result = VariantResult(name=name, settings=shown)
+        timed = timer.t1 - timer.t0
+        tokens = timer.tokens1 - timer.tokens0
+        result.tokens_per_s = tokens / timed if timed > 0 else 0.0
+        result.step_time_s = timed / cfg.steps
+        result.tokens_per_step = tokens / cfg.steps
+        result.peak_memory_gib = timer.peak / 2**30 if device == "cuda" else None
+        result.peak_reserved_gib = timer.reserved / 2**30
+        frozen, lora = linear_params(model)
+        fpt = flops_per_token(frozen, lora, arch["num_hidden_layers"], arch["hidden_size"], lengths)
+        peak = peak_tflops(device)
+        if peak:
+            result.mfu = result.tokens_per_s * fpt / (peak * 1e12)
+        if matmul_tflops:
+            result.mfu_of_measured_matmul = result.tokens_per_s * fpt / (matmul_tflops * 1e12)
+        result.settings["flops_per_token"] = fpt
+        result.loss_history = losses
+        result.first_losses = [round(loss, 4) for _, loss in losses[:5]]
+        tail = [loss for _, loss in losses[-max(1, len(losses) // 10) :]]
+        result.final_loss = sum(tail) / len(tail)
+        if timer.profiler is not None:
+            result.profile = summarize_profile(timer.profiler)
+        del model, trainer
+    except torch.cuda.OutOfMemoryError as exc:
+        result = VariantResult(name=name, settings={}, error=f"CUDA out of memory: {str(exc).splitlines()[0]}")
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        _free()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------ report
+
+
+def environment(device: str) -> dict:
+    import bitsandbytes
+    import peft
+    import transformers
+    import trl
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "peft": peft.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        from importlib.metadata import version
+
+        import liger_kernel  # noqa: F401
+
+        env["liger_kernel"] = version("liger-kernel")
+    except ImportError:
+        env["liger_kernel"] = None
+    if device == "cuda":
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+    return env
+
+
+def ratio(a: VariantResult | None, b: VariantResult | None) -> float | None:
+    if not a or not b or not a.tokens_per_s or not b.tokens_per_s:
+        return None
+    return a.tokens_per_s / b.tokens_per_s
+
+
+def markdown_table(report: dict) -> str:
+    lines = [
+        f"Model {report['model']} (random weights), data {report['data']}, device {report['environment']['device']}; "
+        f"{report['timed_steps']} timed steps after {report['warmup_steps']} warm-up steps.",
+        "",
+        "| variant | real tokens/s | tokens/step | step s | peak mem GiB | MFU | first losses "
+        "| vs recipe | vs trl_best |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
+    by_name = {v["name"]: v for v in report["variants"]}
+    for v in report["variants"]:
+        if v["error"]:
+            lines.append(f"| {v['name']} | {v['error']} | | | | | | | |")
+            continue
+        mfu = f"{100 * v['mfu']:.1f}%" if v["mfu"] is not None else "n/a"
+        peak = "n/a" if v["peak_memory_gib"] is None else f"{v['peak_memory_gib']:.2f}"
+        ratios = []
+        for base in ("recipe", "trl_best"):
+            b = by_name.get(base)
+            r = v["tokens_per_s"] / b["tokens_per_s"] if b and not b["error"] and b["tokens_per_s"] else None
+            ratios.append(f"{r:.2f}x" if r and v["name"] != base else "")
+        lines.append(
+            f"| {v['name']} | {v['tokens_per_s']:,.0f} | {v['tokens_per_step']:,.0f} | {v['step_time_s']:.3f} | "
+            f"{peak} | {mfu} | {', '.join(f'{x:.3f}' for x in v['first_losses'])} | "
+            f"{ratios[0]} | {ratios[1]} |"
+        )
+    finals = {v["name"]: v["final_loss"] for v in report["variants"] if v["final_loss"] is not None}
+    if report["data"] == "bundled" and finals:
+        shown = ", ".join(f"{k} {x:.4f}" for k, x in finals.items())
+        lines += ["", f"Final loss (mean of the last 10% of steps): {shown}"]
+        if "trl_best" in finals and "project" in finals:
+            rel = (finals["project"] - finals["trl_best"]) / finals["trl_best"]
+            lines.append(f"project vs trl_best final loss: {100 * rel:+.2f}%")
+    return "\n".join(lines) + "\n"
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    """Build model and data, run each variant, write bench.json + bench.md under cfg.out_dir; return the report."""
+    from datasets import Dataset
+
+    from tasks.model import pick_device
+
+    unknown = [v for v in cfg.variants if v not in VARIANTS]
+    if unknown:
+        from tasks.errors import PipelineInputError
+
+        raise PipelineInputError(f"unknown bench variant(s) {unknown}: choose from {', '.join(VARIANTS)}")
+    device = pick_device(cfg.device)
+    arch = ARCHITECTURES[cfg.model]
+    needed_tokens = (cfg.warmup_steps + cfg.steps + cfg.profile_steps + 2) * max(cfg.tokens_per_step, 8 * 1024)
+    if cfg.data == "bundled":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_dir or default_tokenizer_dir())
+        rows = bundled_rows(tokenizer, n_rows=max(1000, needed_tokens // 90), seed=cfg.seed)
+    else:
+        tokenizer = synthetic_tokenizer(32000)
+        rows = synthetic_rows(needed_tokens, 32000, cfg.seed)
+    dataset = Dataset.from_dict({"input_ids": rows})
+    lengths = [len(r) for r in rows]
+    model_dir = build_model_dir(cfg, len(tokenizer), tokenizer.bos_token_id or 1, tokenizer.eos_token_id, device)
+    matmul_tflops = measured_matmul_tflops(device)
+    check = packing_check(cfg, model_dir, tokenizer, rows, device) if cfg.check_packing else None
+    if check:
+        print(f"[bench] packed vs per-document loss: {check}", file=sys.stderr, flush=True)
+    results = []
+    for name in cfg.variants:
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        result = run_variant(name, cfg, model_dir, tokenizer, dataset, device, lengths, arch, matmul_tflops)
+        print(
+            f"[bench] {name}: {result.tokens_per_s:,.0f} tokens/s, peak {result.peak_memory_gib} GiB"
+            + (f" ({result.error})" if result.error else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+        results.append(result)
+    by_name = {r.name: r for r in results}
+    report = {
+        "command": "qlora-flow " + " ".join(sys.argv[1:]) if sys.argv and "bench" in sys.argv else None,
+        "model": cfg.model,
+        "architecture": arch,
+        "data": cfg.data,
+        "rows": len(rows),
+        "mean_row_tokens": sum(lengths) / len(lengths),
+        "timed_steps": cfg.steps,
+        "warmup_steps": cfg.warmup_steps,
+        "tokens_per_step_target": cfg.tokens_per_step,
+        "environment": environment(device),
+        "peak_bf16_tflops": peak_tflops(device),
+        "measured_matmul_tflops": matmul_tflops,
+        "flops_formula": "4*P_frozen + 6*P_lora + 12*n_layers*d_model*sum(L(L+1)/2)/sum(L) per real token",
+        "packing_check": check,
+        "variants": [asdict(r) for r in results],
+        "ratios": {
+            f"{a}/{b}": ratio(by_name.get(a), by_name.get(b))
+            for a in ("project", "project_lean")
+            for b in ("recipe", "trl_best")
+            if a in by_name and b in by_name
+        },
+    }
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for fname, text in (("bench.json", json.dumps(report, indent=1)), ("bench.md", markdown_table(report))):
+        tmp = out / f".{fname}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / fname)
+    return report
+
+
+def default_tokenizer_dir() -> str:
+    """The embedded default model's tokenizer (SmolLM2, converted from the GGUF once), for bundled-data runs."""
+    from pipeline_config.schema import load_pipeline_config
+    from tasks.model_source import resolve_model_path
+
+    return str(resolve_model_path(load_pipeline_config().model))
