@@ -36,12 +36,10 @@ def varlen_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _causal_kwargs() -> dict:
-    """torch 2.10 spelled causality `is_causal=True`; later releases use a (left, right) window."""
+def _varlen_params() -> set[str]:
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
-    return {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    return set(inspect.signature(varlen_attn).parameters)
 
 
 def varlen_attention_forward(
@@ -64,18 +62,16 @@ def varlen_attention_forward(
     cu_seq_lens = cu_seq_lens.to(query.device, torch.int32, non_blocking=True)
     max_len = int(kwargs.get("max_length_q") or query.shape[2])
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, head_dim]
-    out = varlen_attn(
-        q,
-        k,
-        v,
-        cu_seq_lens,
-        cu_seq_lens,
-        max_len,
-        max_len,
-        scale=scaling,
-        enable_gqa=k.shape[1] != q.shape[1],
-        **_causal_kwargs(),
-    )
+    params = _varlen_params()
+    # torch 2.10 spelled causality `is_causal=True`; 2.11+ takes a (left, right) window.
+    extra = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if k.shape[1] != q.shape[1]:  # grouped-query attention
+        if "enable_gqa" in params:
+            extra["enable_gqa"] = True
+        else:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    out = varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_len, max_len, scale=scaling, **extra)
     return out.unsqueeze(0), None
 
 

@@ -614,6 +614,11 @@ def run_variant(
         del model, trainer
     except torch.cuda.OutOfMemoryError as exc:
         result = VariantResult(name=name, settings={}, error=f"CUDA out of memory: {str(exc).splitlines()[0]}")
+    except Exception as exc:  # one broken variant must not cost the others' measurements
+        import traceback
+
+        traceback.print_exc()
+        result = VariantResult(name=name, settings={}, error=f"{type(exc).__name__}: {exc}"[:300])
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
         _free()
@@ -727,7 +732,15 @@ def run_bench(cfg: BenchConfig) -> dict:
     lengths = [len(r) for r in rows]
     model_dir = build_model_dir(cfg, len(tokenizer), tokenizer.bos_token_id or 1, tokenizer.eos_token_id, device)
     matmul_tflops = measured_matmul_tflops(device)
-    check = packing_check(cfg, model_dir, tokenizer, rows, device) if cfg.check_packing else None
+    check = None
+    if cfg.check_packing:
+        try:
+            check = packing_check(cfg, model_dir, tokenizer, rows, device)
+        except Exception as exc:  # reported, and the speed runs still happen
+            import traceback
+
+            traceback.print_exc()
+            check = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     if check:
         print(f"[bench] packed vs per-document loss: {check}", file=sys.stderr, flush=True)
     results = []
