@@ -245,6 +245,12 @@ class TrainingConfig(_Section):
         description="Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (CUDA; the LM-head loss is TRL's own "
         "chunked one). 'auto': on when running on CUDA with liger-kernel installed.",
     )
+    fused_lora: bool = Field(
+        default=True,
+        description="One GEMM per LoRA layer for base + scaled adapter output (add and scaling in the GEMM "
+        "epilogue, no defensive copy) instead of peft's three extra passes over each layer's output; peft's own "
+        "forward still runs wherever the fused one does not apply (tasks/fused_lora.py).",
+    )
     bf16: bool = Field(default=False, description="bfloat16 mixed precision.")
     fp16: bool = Field(default=False, description="float16 mixed precision.")
     seed: int = Field(default=42, description="Training seed.")

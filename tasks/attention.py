@@ -61,6 +61,12 @@ def varlen_attention_forward(
 
     cu_seq_lens = cu_seq_lens.to(query.device, torch.int32, non_blocking=True)
     max_len = int(kwargs.get("max_length_q") or query.shape[2])
+    in_dtype = query.dtype
+    if in_dtype not in (torch.float16, torch.bfloat16):
+        # fp32 activations (lora.upcast_base_to_fp32): flash kernels take half precision, as in transformers' own
+        # flash-attention path, which casts to the autocast or weight dtype the same way.
+        half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+        query, key, value = query.to(half), key.to(half), value.to(half)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, head_dim]
     params = _varlen_params()
     # torch 2.10 spelled causality `is_causal=True`; 2.11+ takes a (left, right) window.
@@ -72,7 +78,7 @@ def varlen_attention_forward(
             groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     out = varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_len, max_len, scale=scaling, **extra)
-    return out.unsqueeze(0), None
+    return out.unsqueeze(0).to(in_dtype), None
 
 
 def register_varlen_attention() -> None:

@@ -516,18 +516,24 @@ def _restore_llama_rope():
 
 def summarize_profile(prof, top: int = 25) -> dict:
     """CUDA (or CPU) self time by kernel, grouped into categories."""
-    use_cuda = any(getattr(e, "device_type", None) is not None and "CUDA" in str(e.device_type) for e in prof.events())
+    from torch.autograd import DeviceType
+
+    averages = prof.key_averages()
+    # Kernels only (operator rows would count their kernels' time a second time).
+    use_cuda = any(evt.device_type == DeviceType.CUDA for evt in averages)
     rows = []
-    for evt in prof.key_averages():
+    for evt in averages:
+        if use_cuda and evt.device_type != DeviceType.CUDA:
+            continue
         t = evt.self_device_time_total if use_cuda else evt.self_cpu_time_total
         if t > 0:
             rows.append((evt.key, t, evt.count))
     rows.sort(key=lambda r: -r[1])
     total = sum(t for _, t, _ in rows) or 1.0
     categories = {
-        "matmul (bf16 GEMM)": ("gemm", "gemv", "cutlass", "nvjet", "xmma", "matmul", "mm_", "addmm", "bmm"),
         "4-bit dequantize": ("dequant", "kdequant"),
         "attention": ("flash", "fmha", "attention", "attn", "sdpa"),
+        "matmul (bf16 GEMM)": ("gemm", "gemv", "cutlass", "nvjet", "xmma", "matmul", "mm_", "addmm", "bmm"),
         "Liger / Triton": ("triton", "_rms", "swiglu", "rope", "liger"),
         "optimizer": ("adam", "multi_tensor", "foreach"),
         "loss / LM head": ("cross_entropy", "log_softmax", "logsumexp", "nll"),
@@ -582,6 +588,7 @@ def run_variant(
                             "packing_strategy",
                             "attention",
                             "liger_kernels",
+                            "fused_lora",
                             "gradient_checkpointing",
                             "gradient_checkpointing_layers",
                             "bf16",

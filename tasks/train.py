@@ -298,6 +298,10 @@ def train_adapter(
         processing_class=tokenizer,
         callbacks=[RunLoggerProgress(), *_layer_callbacks(cfg), *(extra_callbacks or [])],
     )
+    if cfg.fused_lora:
+        from tasks.fused_lora import fuse_lora_layers
+
+        fuse_lora_layers(trainer.model)
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume_from)
     wall_s = time.perf_counter() - started
