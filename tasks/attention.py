@@ -8,21 +8,22 @@ without an attention mask. What then keeps documents apart depends on the attent
   causal mask. Correct, but the kernel still visits every (query, key) pair of the whole row: with 8,192-token rows
   of ~350-token documents that is ~20x the attention work, and SDPA cannot use its flash kernel with a mask.
 - 'qlora_varlen' (registered here): torch's own variable-length flash attention
-  (`torch.nn.attention.varlen.varlen_attn`, CUDA only) over the boundaries the collator already computed. No mask,
-  no wasted pairs, no device-to-host sync. Batches without boundaries (evaluation, generation: padded rows with an
-  attention mask) fall back to transformers' SDPA path, so one model serves training and evaluation.
+  (`torch.nn.attention.varlen.varlen_attn`, CUDA only) over the boundaries the collator already computed. No mask
+  is built (transformers skips mask creation for it), no wasted pairs, no device-to-host sync per forward.
 
-`resolve_attention` picks the implementation for a run ('auto': varlen on CUDA when torch has it, else SDPA).
+The model is loaded with SDPA, which evaluation and generation (padded rows with an attention mask) need;
+`packed_training_attention` switches it to 'qlora_varlen' only while SFTTrainer trains on padding-free batches.
+`resolve_attention` picks the training implementation ('auto': varlen on CUDA when torch has it, else SDPA).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 VARLEN_ATTENTION = "qlora_varlen"
 
@@ -53,10 +54,13 @@ def varlen_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: query/key/value are [batch, heads, seq, head_dim]; returns
-    [batch, seq, heads, head_dim]. Uses varlen flash attention for padding-free packed rows, SDPA otherwise."""
+    [batch, seq, heads, head_dim]. Padding-free packed rows only (see `packed_training_attention`)."""
     cu_seq_lens = kwargs.get("cu_seq_lens_q")
     if cu_seq_lens is None or query.shape[0] != 1 or not query.is_cuda or dropout > 0.0:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        if attention_mask is not None or query.shape[0] != 1:
+            raise RuntimeError("qlora_varlen attention needs padding-free packed batches (training.packing, bfd)")
+        # One unpadded row (e.g. a single document): plain causal attention is exact.
+        return sdpa_attention_forward(module, query, key, value, None, dropout, scaling, is_causal=True, **kwargs)
     from torch.nn.attention.varlen import varlen_attn
 
     cu_seq_lens = cu_seq_lens.to(query.device, torch.int32, non_blocking=True)
@@ -82,17 +86,36 @@ def varlen_attention_forward(
 
 
 def register_varlen_attention() -> None:
-    """Register 'qlora_varlen' with transformers (idempotent). The mask function is SDPA's, used only by the
-    fallback path: packed training batches carry boundaries, so their (unused) mask is never the deciding input."""
+    """Register 'qlora_varlen' with transformers (idempotent). No mask function on purpose: transformers then
+    builds no mask (and runs no packed-sequence detection with its device sync) for it."""
     AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
-    AttentionMaskInterface.register(VARLEN_ATTENTION, sdpa_mask)
 
 
 def resolve_attention(requested: str, device: str) -> str:
-    """The attn_implementation to load the model with for `training.attention`."""
+    """The attention implementation training uses for `training.attention` ('qlora_varlen', 'sdpa' or 'eager')."""
     if requested == "auto":
         requested = "varlen_flash" if device == "cuda" and varlen_available() else "sdpa"
     if requested == "varlen_flash":
         register_varlen_attention()
         return VARLEN_ATTENTION
     return requested
+
+
+def load_attention(training_attention: str) -> str:
+    """What the model is loaded with: SDPA in place of varlen, which only suits padding-free training batches."""
+    return "sdpa" if training_attention == VARLEN_ATTENTION else training_attention
+
+
+@contextlib.contextmanager
+def packed_training_attention(model: torch.nn.Module, training_attention: str, padding_free: bool):
+    """Use `training_attention` while training on padding-free batches; restore the loaded implementation after."""
+    config = model.config
+    loaded = config._attn_implementation
+    if training_attention != VARLEN_ATTENTION or not padding_free:
+        yield
+        return
+    config._attn_implementation = VARLEN_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = loaded

@@ -299,6 +299,7 @@ def packing_check(cfg: BenchConfig, model_dir: Path, tokenizer, rows, device: st
     """The packed-vs-unpacked loss of the project's model set-up (its attention kernel), LoRA weights random."""
     from peft import get_peft_model
 
+    from tasks.attention import packed_training_attention, resolve_attention
     from tasks.model import load_quantized_model, wrap_lora
 
     pcfg = project_config(cfg, model_dir, tempfile.mkdtemp(prefix="qlora-bench-check-"), device)
@@ -307,8 +308,9 @@ def packing_check(cfg: BenchConfig, model_dir: Path, tokenizer, rows, device: st
     lora.init_lora_weights = False  # random B too, so the adapter path changes the output
     model = get_peft_model(model, lora)
     docs = rows[:8]
-    result = packed_vs_unpacked_loss(model, docs, tokenizer.pad_token_id, device)
-    result["attention"] = model.config._attn_implementation
+    with packed_training_attention(model, resolve_attention(pcfg.training.attention, device), padding_free=True):
+        result = packed_vs_unpacked_loss(model, docs, tokenizer.pad_token_id, device)
+        result["attention"] = model.config._attn_implementation
     result["documents"] = [len(d) for d in docs]
     del model
     _free()

@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from pipeline_config.schema import LoraAdapterConfig, ModelConfig, QuantizationConfig, TrainingConfig
-from tasks.attention import resolve_attention
+from tasks.attention import load_attention, resolve_attention
 from tasks.errors import PipelineInputError, retry_unless_input_error
 from tasks.model_source import hub_token, resolve_model_path
 
@@ -51,7 +51,7 @@ def load_quantized_model(
         quantization_config=build_bnb_config(quant_cfg),
         dtype=DTYPES[quant_cfg.compute_dtype],
         device_map={"": device},
-        attn_implementation=resolve_attention(attention, device),
+        attn_implementation=load_attention(resolve_attention(attention, device)),
         use_safetensors=True,
     )
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing

@@ -27,6 +27,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from trl import SFTConfig, SFTTrainer
 
 from pipeline_config.schema import PipelineConfig, TrainingConfig
+from tasks.attention import packed_training_attention, resolve_attention
 from tasks.data import DatasetSplits
 from tasks.errors import PipelineInputError, retry_unless_input_error
 from tasks.save import FINISHED_MARKER
@@ -303,7 +304,9 @@ def train_adapter(
 
         fuse_lora_layers(trainer.model)
     started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resume_from)
+    padding_free = bool(getattr(trainer, "padding_free", False))
+    with packed_training_attention(trainer.model, resolve_attention(cfg.attention, device), padding_free):
+        output = trainer.train(resume_from_checkpoint=resume_from)
     wall_s = time.perf_counter() - started
     tokens = float(trainer.state.num_input_tokens_seen)  # restored from the checkpoint when resuming
     metrics = {
