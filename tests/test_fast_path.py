@@ -1,0 +1,195 @@
+"""The fast training path: packed documents never see each other, the fused LoRA forward computes what peft's
+does, the schema's switches are checked, and the benchmark's recipe variant is the shipped recipe config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline_config.schema import CONFIG_DIR, ConfigError, load_pipeline_config
+from tasks.model import build_bnb_config, load_quantized_model, wrap_lora
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _peft_model(model_dir: Path, tmp_path: Path, device: str = "cpu", compute_dtype: str = "float32"):
+    from peft import get_peft_model
+
+    from tests.conftest import tiny_config_dict
+
+    raw = tiny_config_dict(model_dir, tmp_path)
+    raw["quantization"]["compute_dtype"] = compute_dtype
+    raw["training"]["device"] = device
+    path = tmp_path / "c.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_pipeline_config(path)
+    model = load_quantized_model(cfg.model, cfg.quantization, device, cfg.training.attention)
+    model, lora = wrap_lora(model, cfg.lora, cfg.training)
+    lora.init_lora_weights = False  # random B: the adapter changes the output
+    torch.manual_seed(3)
+    return get_peft_model(model, lora), cfg
+
+
+def _documents(tokenizer, n: int = 6) -> list[list[int]]:
+    import random
+
+    from tasks.bundled_data import make_order_row
+
+    rng = random.Random(7)
+    return [
+        list(tokenizer.apply_chat_template(make_order_row(rng)["messages"], tokenize=True, return_dict=False))
+        for _ in range(n)
+    ]
+
+
+def test_packed_loss_equals_per_document_loss(tiny_llama_dir, tmp_path):
+    """Padding-free packing (the collator SFTTrainer uses with bfd packing) gives each document the loss it has
+    alone; the same row with positions that run on (documents attending to each other) does not."""
+    from tasks.bench import packed_vs_unpacked_loss
+
+    model, _ = _peft_model(tiny_llama_dir, tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    docs = _documents(tokenizer)
+    check = packed_vs_unpacked_loss(model, docs, tokenizer.pad_token_id, "cpu")
+    assert check["abs_diff"] < 1e-3, check
+
+    # Control: the same concatenation as one ordinary sequence leaks context across documents.
+    ids = torch.tensor([sum(docs, [])])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    starts = set(torch.tensor([len(d) for d in docs]).cumsum(0).tolist())
+    keep = torch.tensor([i + 1 not in starts for i in range(ids.shape[1] - 1)])
+    leaky = torch.nn.functional.cross_entropy(logits[0, :-1][keep], ids[0, 1:][keep]).item()
+    assert abs(leaky - check["per_document"]) > 1e-2, (leaky, check)
+
+
+def test_fused_lora_forward_matches_peft(tiny_llama_dir, tmp_path):
+    from tasks.fused_lora import fuse_lora_layers
+
+    ids = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
+    results = []
+    for fuse in (False, True):
+        model, _ = _peft_model(tiny_llama_dir, tmp_path)
+        model.train()
+        if fuse:
+            assert fuse_lora_layers(model) == 14  # 7 linears x 2 layers
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((out.loss.detach(), grads))
+        if fuse:  # the base model (adapter disabled) still runs peft's own path
+            with model.disable_adapter(), torch.no_grad():
+                base_fused = model(input_ids=ids).logits
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=1e-5)
+    assert results[0][1].keys() == results[1][1].keys()
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6)
+    model, _ = _peft_model(tiny_llama_dir, tmp_path)
+    model.train()  # same mode: bitsandbytes' CPU eval mode repacks the 4-bit weights for another kernel
+    with model.disable_adapter(), torch.no_grad():
+        torch.testing.assert_close(base_fused, model(input_ids=ids).logits)
+
+
+def test_checkpoint_first_layers_only(tiny_llama_dir, tmp_path):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from tasks.train import CheckpointFirstLayers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    model.gradient_checkpointing_enable()
+    CheckpointFirstLayers(1).on_train_begin(None, None, None, model=model)
+    flags = [m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert flags == [True, False]
+
+
+def test_fast_switches_are_validated(tiny_config_file):
+    with pytest.raises(ConfigError, match="gradient_checkpointing_layers is set but gradient_checkpointing is false"):
+        load_pipeline_config(tiny_config_file, ["training.gradient_checkpointing_layers=4"])
+    # CUDA-only kernels asked for explicitly on a CPU run
+    with pytest.raises(ConfigError) as err:
+        load_pipeline_config(tiny_config_file, ["training.attention=varlen_flash", "training.liger_kernels=true"])
+    assert "varlen_flash' needs CUDA" in str(err.value) and "liger_kernels needs CUDA" in str(err.value)
+    cfg = load_pipeline_config(tiny_config_file)
+    assert cfg.training.packing and cfg.training.fused_lora and not cfg.lora.upcast_base_to_fp32
+
+
+def test_bench_recipe_variant_is_the_shipped_recipe():
+    """The benchmark's 'original recipe' settings and pipeline_config/llama2-7b-chat-guanaco.yaml cannot drift."""
+    from tasks.bench import recipe_settings
+
+    cfg = load_pipeline_config(CONFIG_DIR / "llama2-7b-chat-guanaco.yaml")
+    bench = recipe_settings("cuda")
+    args = bench["args"]
+    t, q, lo = cfg.training, cfg.quantization, cfg.lora
+    assert (q.quant_type, q.compute_dtype, q.double_quant) == (
+        bench["bnb"]["quant_type"],
+        bench["bnb"]["compute_dtype"],
+        bench["bnb"]["double_quant"],
+    )
+    assert (lo.r, lo.alpha, lo.dropout, lo.upcast_base_to_fp32) == (64, 16, 0.1, bench["upcast_base_to_fp32"])
+    assert (bench["lora"]["r"], bench["lora"]["alpha"], bench["lora"]["dropout"]) == (lo.r, lo.alpha, lo.dropout)
+    assert lo.target_modules == ["q_proj", "v_proj"] and bench["lora"]["target_modules"] is None  # peft's default
+    assert t.per_device_train_batch_size == args["per_device_train_batch_size"]
+    assert t.gradient_accumulation_steps == args["gradient_accumulation_steps"]
+    assert t.gradient_checkpointing == args["gradient_checkpointing"]
+    assert t.max_grad_norm == args["max_grad_norm"] and t.weight_decay == args["weight_decay"]
+    assert t.optim == args["optim"] and t.lr_scheduler_type == args["lr_scheduler_type"]
+    assert t.warmup_ratio == args["warmup_steps"] and t.max_seq_length == args["max_length"]
+    assert t.group_by_length and args["train_sampling_strategy"] == "group_by_length"
+    assert t.packing is args["packing"] is False
+    assert (t.fp16, t.bf16) == (args["fp16"], args["bf16"]) == (False, False)
+    # the recipe predates the fast path: none of its levers
+    assert (t.attention, t.liger_kernels, t.fused_lora) == ("sdpa", False, False)
+
+
+@pytest.mark.slow
+def test_bench_smoke_cpu(tmp_path):
+    """What CI runs: `qlora-flow bench --model tiny --device cpu --steps 3` writes a full report."""
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "bench", "--model", "tiny", "--device", "cpu", "--steps", "3"]
+        + ["--model-dir", str(tmp_path / "models"), "--out-dir", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    names = [v["name"] for v in report["variants"]]
+    assert names == ["recipe", "trl_best", "project", "project_lean"]
+    for v in report["variants"]:
+        assert v["error"] is None and v["tokens_per_s"] > 0 and v["tokens_per_step"] > 0, v
+        assert len(v["first_losses"]) >= 3 and all(9 < x < 12 for x in v["first_losses"])  # ~ln(32000) = 10.4
+    # packed variants train on full rows; the recipe pads batches of 4 rows up to 1024 tokens
+    assert report["variants"][2]["tokens_per_step"] > 1800
+    expected = {f"{a}/{b}" for a in ("project", "project_lean") for b in ("recipe", "trl_best")}
+    assert set(report["ratios"]) == expected
+    table = (out / "bench.md").read_text()
+    assert table.count("\n| ") == 5 and "| project |" in table
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_varlen_attention_matches_sdpa_per_document(tiny_llama_dir, tmp_path):
+    """On the GPU, the varlen flash path on a packed row equals each document run alone (bf16 tolerance)."""
+    from tasks.attention import VARLEN_ATTENTION, packed_training_attention, varlen_available
+    from tasks.bench import packed_vs_unpacked_loss
+
+    assert varlen_available()
+    model, cfg = _peft_model(tiny_llama_dir, tmp_path, device="cuda", compute_dtype="bfloat16")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    with packed_training_attention(model, VARLEN_ATTENTION, padding_free=True):
+        assert model.config._attn_implementation == VARLEN_ATTENTION
+        check = packed_vs_unpacked_loss(model, _documents(tokenizer), tokenizer.pad_token_id, "cuda")
+    assert model.config._attn_implementation == "sdpa"
+    assert check["abs_diff"] < 1e-2, check  # bf16 activations
+    assert build_bnb_config(cfg.quantization).bnb_4bit_compute_dtype == torch.bfloat16
