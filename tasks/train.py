@@ -133,17 +133,21 @@ class RunLoggerProgress(TrainerCallback):
 
 class CheckpointFirstLayers(TrainerCallback):
     """Keep activation checkpointing only on the first N decoder layers (`training.gradient_checkpointing_layers`):
-    each layer left out trades its recompute (~1/3 of its step time) for its activations' memory."""
+    each layer left out trades its recompute (~1/3 of its step time) for its activations' memory.
 
-    def __init__(self, layers: int) -> None:
+    N unset = all but the last layer: the last layer's recompute would run right after the forward, when the
+    peak (every checkpoint + one layer's full activations) is the same either way, so it buys no memory."""
+
+    def __init__(self, layers: int | None) -> None:
         self.layers = layers
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         from transformers.modeling_layers import GradientCheckpointingLayer
 
         blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        layers = self.layers if self.layers is not None else len(blocks) - 1
         for index, block in enumerate(blocks):
-            block.gradient_checkpointing = index < self.layers
+            block.gradient_checkpointing = index < layers
 
 
 def use_liger_kernels(requested: bool | str, device: str) -> bool:
@@ -265,7 +269,7 @@ def build_sft_config(cfg: TrainingConfig, device: str, report_to_mlflow: bool) -
 
 
 def _layer_callbacks(cfg: TrainingConfig) -> list[TrainerCallback]:
-    if cfg.gradient_checkpointing and cfg.gradient_checkpointing_layers:
+    if cfg.gradient_checkpointing:
         return [CheckpointFirstLayers(cfg.gradient_checkpointing_layers)]
     return []
 

@@ -105,9 +105,14 @@ def test_checkpoint_first_layers_only(tiny_llama_dir, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     model.gradient_checkpointing_enable()
-    CheckpointFirstLayers(1).on_train_begin(None, None, None, model=model)
-    flags = [m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    assert flags == [True, False]
+
+    def flags():
+        return [m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+    CheckpointFirstLayers(2).on_train_begin(None, None, None, model=model)
+    assert flags() == [True, True]
+    CheckpointFirstLayers(None).on_train_begin(None, None, None, model=model)  # default: all but the last
+    assert flags() == [True, False]
 
 
 def test_fast_switches_are_validated(tiny_config_file):
