@@ -4,6 +4,9 @@
     qlora-flow validate [--config FILE] [--set ...]                     check config + data, load no weights
     qlora-flow promote NAME VERSION --reason TEXT                       move the `champion` alias by hand
     qlora-flow generate --model models:/NAME@champion --prompt TEXT     answer prompts with a registered model
+    qlora-flow run --resume RUN_DIR | --no-resume                       continue a given run folder / always a new one
+    qlora-flow runs [--config FILE]                                     run folders: finished / unfinished / locked
+    qlora-flow gc --keep N [--config FILE] [--dry-run]                  remove checkpoints of older finished runs
     qlora-flow serve                                                    serve prefect.yaml's deployments here
     qlora-flow emit-dataset-updated PATH [--config FILE]                trigger re-training on a data file
     qlora-flow bench [--model llama2-7b] [--device auto] [--steps 10]   training speed: recipe vs TRL vs this
@@ -43,6 +46,23 @@ def _parser() -> argparse.ArgumentParser:
             help="override one config value; repeatable",
         )
         p.add_argument("--debug", action="store_true", help="show tracebacks")
+        if name == "run":
+            resume = p.add_mutually_exclusive_group()
+            resume.add_argument(
+                "--resume", dest="resume_dir", metavar="RUN_DIR", help="continue this run folder (see `runs`)"
+            )
+            resume.add_argument("--no-resume", action="store_true", help="start in a new run folder")
+    for name, help_text in (
+        ("runs", "list the run folders under training.output_dir: status and size"),
+        ("gc", "remove checkpoints of finished runs (never of unfinished or locked ones)"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), help="config whose output_dir to look in")
+        p.add_argument("--output-dir", default=None, help="look here instead of the config's training.output_dir")
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+        if name == "gc":
+            p.add_argument("--keep", type=int, required=True, help="keep the checkpoints of the N newest finished runs")
+            p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     uri_help = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
     p = sub.add_parser("promote", help="move the champion alias of a registered model to VERSION by hand")
     p.add_argument("name")
@@ -170,7 +190,7 @@ def validate_command(config: str, overrides: list[str]) -> int:
     return 0
 
 
-def run_command(config: str, overrides: list[str]) -> int:
+def run_command(config: str, overrides: list[str], resume_dir: str | None = None, no_resume: bool = False) -> int:
     from tasks.preflight import preflight_from_config
 
     cfg, _, _, report = preflight_from_config(config, overrides)  # fail fast, before Prefect or any weights start
@@ -179,7 +199,8 @@ def run_command(config: str, overrides: list[str]) -> int:
     from tasks.tracking import resolve_tracking_uri
 
     started = time.perf_counter()
-    summary = finetune(config_path=config, overrides=overrides)
+    resume = "never" if no_resume else None
+    summary = finetune(config_path=config, overrides=overrides, resume=resume, resume_dir=resume_dir)
     print(format_summary(summary, resolve_tracking_uri(cfg.tracking), time.perf_counter() - started))
     return 0
 
@@ -196,6 +217,7 @@ def format_summary(summary: dict, tracking_uri: str, wall_s: float) -> str:
         f"training: {t['train_steps']:.0f} steps, {t['train_tokens_per_s']:.0f} tokens/s, "
         f"peak memory {t['train_peak_memory_mib']:.0f} MiB on {summary['device']}"
     )
+    lines.append(f"run folder: {summary['run_dir']} ({summary['run_dir_reason']})")
     lines.append(f"adapter: {summary['adapter_dir']}")
     lines.append(
         f"MLflow run: {summary['mlflow_run_id']} (experiment {summary['mlflow_experiment_id']}) in {tracking_uri}"
@@ -210,6 +232,48 @@ def format_summary(summary: dict, tracking_uri: str, wall_s: float) -> str:
         )
     lines.append(f"flow wall time: {wall_s:.0f} s")
     return "\n".join(lines)
+
+
+def _runs_root(config: str, output_dir: str | None) -> str:
+    if output_dir:
+        return output_dir
+    from pipeline_config.schema import load_pipeline_config
+
+    return load_pipeline_config(config).training.output_dir
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def runs_command(config: str, output_dir: str | None) -> int:
+    from tasks.run_folder import list_run_folders
+
+    root = _runs_root(config, output_dir)
+    folders = list_run_folders(root)
+    if not folders:
+        print(f"no run folders in {root}")
+        return 0
+    print(f"{'run folder':<48}{'status':<12}{'size':>11}{'ckpts':>7}  started")
+    for f in folders:
+        holder = f"  held by {f.holder}" if f.holder else ""
+        print(f"{f.path.name:<48}{f.status:<12}{_size(f.size_bytes):>11}{f.checkpoints:>7}  {f.started_at}{holder}")
+    return 0
+
+
+def gc_command(config: str, output_dir: str | None, keep: int, dry_run: bool) -> int:
+    from tasks.run_folder import remove_old_checkpoints
+
+    result = remove_old_checkpoints(_runs_root(config, output_dir), keep, dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for path in result.removed:
+        print(f"{verb} {path}")
+    print(f"{verb} {len(result.removed)} checkpoint folder(s), {_size(result.freed_bytes)}; kept {len(result.kept)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,7 +297,11 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"emitted dataset.updated {emit_dataset_updated(args.path, args.config)}")
             return 0
-        return run_command(args.config, args.overrides)
+        if args.command == "runs":
+            return runs_command(args.config, args.output_dir)
+        if args.command == "gc":
+            return gc_command(args.config, args.output_dir, args.keep, args.dry_run)
+        return run_command(args.config, args.overrides, args.resume_dir, args.no_resume)
     except (ConfigError, PipelineInputError, MlflowException) as exc:
         if args.debug:
             traceback.print_exc()

@@ -5,23 +5,28 @@
 
 Steps, in order (each a task in tasks/):
   validate-config -> setup-tokenizer -> prepare-dataset (cached) -> open-prepared-dataset -> log-dataset -> preflight
-  -> load-quantized-model -> wrap-lora -> train-adapter -> evaluate-models (base vs fine-tuned) -> save-adapter
-  -> log-results -> register-adapter -> publish-summary
+  -> claim-run-folder (this run's own folder, locked) -> [GPU slot] load-quantized-model -> wrap-lora
+  -> train-adapter -> evaluate-models (base vs fine-tuned) -> save-adapter -> log-results -> register-adapter
+  -> publish-summary
 Models travel between tasks in memory only; no task caches or persists them (prepare-dataset caches a reference
 to prepared Arrow files, nothing else).
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 from prefect import flow
 
 from tasks.config import validate_config_task
 from tasks.evaluate import evaluate_models_task
+from tasks.gpu_slots import gpu_slots
 from tasks.model import load_quantized_model_task, pick_device, wrap_lora_task
 from tasks.preflight import preflight_task
 from tasks.prepare import open_prepared_dataset_task, prepare_dataset_task
 from tasks.registry import default_model_name, register_adapter_task
 from tasks.report import publish_summary_task
+from tasks.run_folder import claimed_run_folder
 from tasks.save import save_adapter_task
 from tasks.tokenizer import setup_tokenizer_task
 from tasks.tracking import log_dataset_task, log_results_task, tracking_run
@@ -33,6 +38,8 @@ def finetune(
     config_path: str = "pipeline_config/default.yaml",
     overrides: list[str] | None = None,
     data_source: str | None = None,
+    resume: Literal["auto", "never"] | None = None,
+    resume_dir: str | None = None,
 ) -> dict:
     """Fine-tune the configured base model with QLoRA; returns a summary (metrics, adapter dir, MLflow run).
 
@@ -40,6 +47,8 @@ def finetune(
         config_path: YAML config, relative to the working folder (the repository for deployments).
         overrides: `section.key=value` overrides, validated with the file.
         data_source: replaces `data.source` (what a `dataset.updated` event passes in).
+        resume: replaces `training.resume` ('never' = always a new run folder).
+        resume_dir: continue this run folder (refused if it would mix two runs).
     """
     if data_source:
         overrides = [*(overrides or []), f"data.source={data_source}"]
@@ -52,22 +61,29 @@ def finetune(
         data = open_prepared_dataset_task(prepare_dataset_task(cfg.data, tokenizer, cfg.training), cfg.data)
         log_dataset_task(data)
         preflight_task(cfg, data, tokenizer, device)
-        model = load_quantized_model_task(cfg.model, cfg.quantization, device, cfg.training.attention)
-        model, lora_config = wrap_lora_task(model, cfg.lora, cfg.training)
-        train = train_adapter_task.with_options(retries=cfg.training.task_retries)
-        trained = train(model, data, lora_config, tokenizer, cfg, device, report_to_mlflow=True)
-        comparison = evaluate_models_task(trained.model, tokenizer, data, cfg.evaluation, cfg.training.max_seq_length)
-        adapter_dir = save_adapter_task(trained.model, tokenizer, cfg)
-        metrics = log_results_task(cfg, trained, comparison, adapter_dir)
-        decision = None
-        if cfg.registry.enabled:
-            decision = register_adapter_task(cfg, adapter_dir, metrics, data.digest, trained.adapter_dtype)
-        publish_summary_task(cfg, comparison, adapter_dir, data.digest, run, decision)
+        # This flow run's own folder, locked until the flow ends; then its share of the GPU, until the flow ends.
+        with claimed_run_folder(cfg, data.digest, resume, resume_dir) as run_folder, gpu_slots(cfg.training):
+            model = load_quantized_model_task(cfg.model, cfg.quantization, device, cfg.training.attention)
+            model, lora_config = wrap_lora_task(model, cfg.lora, cfg.training)
+            train = train_adapter_task.with_options(retries=cfg.training.task_retries)
+            trained = train(model, data, lora_config, tokenizer, cfg, device, True, run_folder)
+            comparison = evaluate_models_task(
+                trained.model, tokenizer, data, cfg.evaluation, cfg.training.max_seq_length
+            )
+            adapter_dir = save_adapter_task(trained.model, tokenizer, cfg, run_folder)
+            metrics = log_results_task(cfg, trained, comparison, adapter_dir)
+            decision = None
+            if cfg.registry.enabled:
+                decision = register_adapter_task(cfg, adapter_dir, metrics, data.digest, trained.adapter_dtype)
+            publish_summary_task(cfg, comparison, adapter_dir, data.digest, run, decision)
     return {
         "base": comparison.base.metrics,
         "finetuned": comparison.finetuned.metrics,
         "train": trained.metrics,
         "adapter_dir": adapter_dir,
+        "run_dir": str(run_folder.path),
+        "run_dir_reason": run_folder.reason,
+        "resumed_from": trained.resumed_from,
         "mlflow_run_id": run.info.run_id,
         "mlflow_experiment_id": run.info.experiment_id,
         "device": device,

@@ -176,7 +176,11 @@ class TokenizerConfig(_Section):
 class TrainingConfig(_Section):
     """Training arguments. Names follow the original recipe; they are mapped onto the installed transformers."""
 
-    output_dir: str = Field(default="outputs/run", description="Folder for checkpoints and the saved adapter.")
+    output_dir: str = Field(
+        default="outputs/run",
+        description="Parent folder of the run folders: each flow run writes its checkpoints and adapter in "
+        "`<output_dir>/<UTC time>-<flow run name>`.",
+    )
     num_train_epochs: float = Field(default=1.0, gt=0, description="Epochs over the training rows.")
     max_steps: int = Field(default=-1, ge=-1, description="Optimizer steps to run (-1 = run `num_train_epochs`).")
     per_device_train_batch_size: int = Field(default=4, gt=0, description="Rows per micro-batch.")
@@ -231,7 +235,20 @@ class TrainingConfig(_Section):
     )
     resume: Literal["auto", "never"] = Field(
         default="auto",
-        description="'auto': continue from the newest complete checkpoint in output_dir, if any; 'never': start over.",
+        description="Each flow run trains in its own folder under output_dir. 'auto': continue the newest unfinished "
+        "run folder when no live process holds it and its fingerprint (settings, data, base model, library versions) "
+        "equals this run's, else start a new folder; 'never': always a new folder.",
+    )
+    gpu_concurrency_limit: str = Field(
+        default="gpu",
+        description="Prefect global concurrency limit that runs on one machine queue on for the accelerator "
+        "(`make deploy` creates it with one slot). Without such a limit on the server, runs do not queue.",
+    )
+    gpu_slots: int = Field(
+        default=1,
+        ge=0,
+        description="Slots of `gpu_concurrency_limit` this run holds from loading the base model to the end of the "
+        "flow; 0 = take none.",
     )
     attention: Literal["auto", "varlen_flash", "sdpa", "eager"] = Field(
         default="auto",
@@ -425,15 +442,41 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
+def _read_config_text(source: str) -> str:
+    """The config file's text (UTF-8). Raises ConfigError naming the file when it is missing, a folder or binary."""
+    path = Path(source)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError([f"config file {source} not found: pass an existing --config path"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"config file {source} is a folder: pass the path of a YAML config file in it"]) from None
+    except OSError as exc:
+        raise ConfigError([f"config file {source} cannot be read ({exc.strerror or exc})"]) from None
+    try:
+        return data.decode("utf-8-sig")  # -sig: tolerate the byte-order mark some Windows editors write
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [
+                f"config file {source} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}): "
+                "pass a YAML config file"
+            ]
+        ) from None
+
+
 def load_pipeline_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Read, override and validate a config. Raises ConfigError listing every problem."""
     source = str(path) if path is not None else str(DEFAULT_CONFIG_PATH)
-    try:
-        text = Path(source).read_text()
-    except FileNotFoundError:
-        raise ConfigError([f"config file {source} not found: pass an existing --config path"]) from None
+    text = _read_config_text(source)
     try:
         raw = yaml.safe_load(text) or {}
+    except yaml.reader.ReaderError as exc:  # a control character: most likely a binary file that happens to decode
+        raise ConfigError(
+            [
+                f"config file {source} is not YAML text (character #x{exc.character:04x} at position {exc.position}):"
+                " pass a YAML config file"
+            ]
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

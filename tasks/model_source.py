@@ -7,6 +7,7 @@ written atomically, so an interrupted conversion never leaves a half-written che
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -128,11 +129,52 @@ def resolve_model_path(cfg: ModelConfig) -> str:
         )
     folder = package_dir(cfg.name_or_path) if cfg.name_or_path.startswith(PACKAGE_PREFIX) else Path(cfg.name_or_path)
     gguf_path = folder / cfg.gguf_file
-    target = Path(cfg.cache_dir).expanduser() / f"{gguf_path.stem}-{file_digest(gguf_path)[:12]}"
+    target = Path(cfg.cache_dir).expanduser() / f"{gguf_path.stem}-{_file_digest_cached(gguf_path)[:12]}"
     if (target / "config.json").is_file():
         return str(target)
-    convert_gguf(folder, cfg.gguf_file, target)
+    from filelock import FileLock
+
+    # Two runs starting together would both convert (minutes, GBs of RAM): the second waits for the first's result.
+    # The lock is an OS file lock, so a crashed converter never blocks the next run.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "config.json").is_file():
+            convert_gguf(folder, cfg.gguf_file, target)
     return str(target)
+
+
+def _stat_key(path: Path) -> tuple:
+    st = path.stat()
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _file_digest_cached(path: Path) -> str:
+    """file_digest, computed once per process for an unchanged file (same path, size and mtime)."""
+    return _digest_by_stat(_stat_key(path))
+
+
+@functools.lru_cache(maxsize=64)
+def _digest_by_stat(key: tuple) -> str:
+    return file_digest(Path(key[0]))
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 over the safetensors files of a local model folder (names and bytes), 16 hex digits."""
+    files = sorted(folder.glob("*.safetensors"))
+    return hashlib.sha256("".join(f"{p.name}:{_file_digest_cached(p)}\n" for p in files).encode()).hexdigest()[:16]
+
+
+def base_model_digest(cfg: ModelConfig) -> str:
+    """Identity of the base weights: a local (or converted GGUF) folder's weights digest, else hub id + revision
+    (the cached snapshot's commit when there is one)."""
+    path = resolve_model_path(cfg)
+    if Path(path).is_dir():
+        return weights_digest(Path(path))
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(path, "config.json", revision=cfg.revision)
+    commit = Path(found).parent.name if isinstance(found, str) else (cfg.revision or "main")
+    return f"hub:{path}@{commit}"
 
 
 def convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
@@ -151,7 +193,11 @@ def convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     try:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():  # not another process's complete conversion
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -19,7 +19,6 @@ from pipeline_config.schema import PipelineConfig, cuda_only_problems
 from tasks.data import DatasetSplits
 from tasks.errors import PipelineInputError
 from tasks.evaluate import chat_token_ids
-from tasks.train import resume_problem
 
 
 class PreflightError(PipelineInputError):
@@ -92,8 +91,6 @@ def run_preflight(
     if device == "cpu":
         report.fatal += cuda_only_problems(t)
     if problem := writable_problem(t.output_dir):
-        report.fatal.append(problem)
-    if problem := resume_problem(cfg):
         report.fatal.append(problem)
     if data.is_conversational and not tokenizer.chat_template:
         report.fatal.append("chat data but the tokenizer has no chat template: set tokenizer.chat_template_file")

@@ -93,18 +93,23 @@ class PreparedDataset:
 
 def prepare_dataset(cfg: DataConfig, cache_key: str) -> PreparedDataset:
     """Load + format, then save both splits as Arrow under the cache folder (atomically)."""
+    from filelock import FileLock
+
     splits = load_dataset_splits(cfg)
     target = CACHE_DIR.resolve() / cache_key
-    if not target.is_dir():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=cache_key + ".tmp-", dir=target.parent))
-        try:
-            splits.train.save_to_disk(str(tmp / "train"))
-            splits.eval.save_to_disk(str(tmp / "eval"))
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Runs that start together prepare the same key at once: one builds, the others wait and reuse its folder. An
+    # OS file lock, so a crashed builder never blocks; the folder itself still appears only complete (rename).
+    with FileLock(str(target) + ".lock"):
+        if not target.is_dir():
+            tmp = Path(tempfile.mkdtemp(prefix=cache_key + ".tmp-", dir=target.parent))
+            try:
+                splits.train.save_to_disk(str(tmp / "train"))
+                splits.eval.save_to_disk(str(tmp / "eval"))
+                os.replace(tmp, target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
     return PreparedDataset(str(target), splits.kind, splits.digest, splits.source, splits.response_template)
 
 

@@ -19,11 +19,11 @@ from prefect.cache_policies import NO_CACHE
 from pipeline_config.schema import PipelineConfig, dump_pipeline_config
 from tasks.errors import PipelineInputError
 from tasks.model_source import file_digest
+from tasks.run_folder import mark_finished
 
 ADAPTER_DIRNAME = "adapter"
 RESOLVED_CONFIG_NAME = "pipeline_config.yaml"
 CHECKSUMS_NAME = "SHA256SUMS.json"
-FINISHED_MARKER = "RUN_FINISHED"  # in output_dir once the run's adapter is in place: a re-run trains anew
 
 
 def write_checksums(folder: Path) -> None:
@@ -48,9 +48,10 @@ def verify_adapter_dir(folder: Path, expected_checksum: str | None = None) -> No
             raise PipelineInputError(f"{folder}/{name}: missing or corrupted (sha256 mismatch); download it again")
 
 
-def save_adapter(peft_model, tokenizer, cfg: PipelineConfig) -> Path:
-    """Write adapter weights, tokenizer and resolved config to `<output_dir>/adapter`; returns that folder."""
-    out_dir = Path(cfg.training.output_dir)
+def save_adapter(peft_model, tokenizer, cfg: PipelineConfig, run_dir: str | os.PathLike | None = None) -> Path:
+    """Write adapter weights, tokenizer and resolved config to `<run folder>/adapter` (default: `<output_dir>`),
+    then mark the run folder finished; returns the adapter folder."""
+    out_dir = Path(run_dir or cfg.training.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / ADAPTER_DIRNAME
     tmp = Path(tempfile.mkdtemp(prefix=f".{ADAPTER_DIRNAME}.tmp-", dir=out_dir))
@@ -67,7 +68,7 @@ def save_adapter(peft_model, tokenizer, cfg: PipelineConfig) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        (out_dir / FINISHED_MARKER).write_text("adapter saved; a re-run of this output_dir trains anew\n")
+        mark_finished(out_dir)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno == errno.ENOSPC:
@@ -83,5 +84,5 @@ def save_adapter(peft_model, tokenizer, cfg: PipelineConfig) -> Path:
 
 
 @task(name="save-adapter", cache_policy=NO_CACHE, persist_result=False)
-def save_adapter_task(peft_model, tokenizer, cfg: PipelineConfig) -> str:
-    return str(save_adapter(peft_model, tokenizer, cfg))
+def save_adapter_task(peft_model, tokenizer, cfg: PipelineConfig, run_folder) -> str:
+    return str(save_adapter(peft_model, tokenizer, cfg, run_folder.path))

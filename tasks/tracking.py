@@ -17,10 +17,12 @@ from pathlib import Path
 import mlflow
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline_config.schema import PipelineConfig, TrackingConfig, dump_pipeline_config
+from tasks.run_folder import process_alive, process_identity
 from tasks.save import adapter_checksum
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -66,10 +68,15 @@ def tracking_run(cfg: PipelineConfig) -> Iterator[mlflow.ActiveRun]:
         location = cfg.tracking.artifact_location
         if location and "://" not in location:
             location = Path(location).resolve().as_uri()
-        mlflow.create_experiment(cfg.tracking.experiment_name, artifact_location=location)
+        try:
+            mlflow.create_experiment(cfg.tracking.experiment_name, artifact_location=location)
+        except MlflowException as exc:  # another run created it a moment ago
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
     experiment = mlflow.set_experiment(cfg.tracking.experiment_name)
     output_dir = str(Path(cfg.training.output_dir).resolve())
-    interrupted = close_interrupted_runs(experiment.experiment_id, output_dir)
+    close_interrupted_runs(experiment.experiment_id)
+    me = process_identity()
     tags = {
         # MLflow would put $MLFLOW_TRACKING_USERNAME here: a credential, so name the OS user instead.
         "mlflow.user": getpass.getuser(),
@@ -78,9 +85,11 @@ def tracking_run(cfg: PipelineConfig) -> Iterator[mlflow.ActiveRun]:
         "git_commit": git_commit(),
         "base_model": cfg.model.name_or_path,
         **{f"version.{k}": v for k, v in library_versions().items()},
+        # Who writes this run: the closer below leaves a run alone while this process lives.
+        "process.pid": str(me["pid"]),
+        "process.host": me["host"],
+        "process.start_time": repr(me["start_time"]),
     }
-    if interrupted:
-        tags["continues_run_id"] = interrupted[0]
     mlflow.set_system_metrics_sampling_interval(cfg.tracking.system_metrics_interval_s)
     run = mlflow.start_run(run_name=cfg.tracking.run_name, tags=tags, log_system_metrics=cfg.tracking.system_metrics)
     try:
@@ -96,18 +105,28 @@ def tracking_run(cfg: PipelineConfig) -> Iterator[mlflow.ActiveRun]:
         mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
 
 
-def close_interrupted_runs(experiment_id: str, output_dir: str) -> list[str]:
-    """Mark runs of the same output folder that a kill left RUNNING as KILLED; returns their ids, newest first."""
+def close_interrupted_runs(experiment_id: str) -> list[str]:
+    """Mark RUNNING runs whose process is gone as KILLED; returns their ids, newest first.
+
+    A run is closed only when its writer (tags process.pid / process.host / process.start_time) ran on this host
+    and no longer lives. A run of a live process, of another host, or without those tags is left alone: it may
+    still be writing."""
     client = mlflow.MlflowClient()
-    stale = client.search_runs(
-        [experiment_id],
-        filter_string=f"attributes.status = 'RUNNING' and tags.output_dir = '{output_dir}'",
-        order_by=["attributes.start_time DESC"],
+    running = client.search_runs(
+        [experiment_id], filter_string="attributes.status = 'RUNNING'", order_by=["attributes.start_time DESC"]
     )
-    for run in stale:
+    closed = []
+    for run in running:
+        tags = run.data.tags
+        if "process.pid" not in tags:
+            continue
+        writer = {k: tags.get(f"process.{k}") for k in ("pid", "host", "start_time")}
+        if process_alive(writer) is not False:
+            continue
         client.set_terminated(run.info.run_id, status="KILLED")
-        client.set_tag(run.info.run_id, "killed_reason", "process ended without closing the run (found on re-run)")
-    return [run.info.run_id for run in stale]
+        client.set_tag(run.info.run_id, "killed_reason", "its process ended without closing the run (found later)")
+        closed.append(run.info.run_id)
+    return closed
 
 
 def log_dataset(data) -> None:

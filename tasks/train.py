@@ -9,7 +9,6 @@ Training loss per logging step reaches MLflow through transformers' own MLflowCa
 from __future__ import annotations
 
 import errno
-import json
 import os
 import resource
 import shutil
@@ -30,7 +29,8 @@ from pipeline_config.schema import PipelineConfig, TrainingConfig
 from tasks.attention import packed_training_attention, resolve_attention
 from tasks.data import DatasetSplits
 from tasks.errors import PipelineInputError, retry_unless_input_error
-from tasks.save import FINISHED_MARKER
+from tasks.files import fsync_dir
+from tasks.run_folder import STAGING_DIRNAME, write_fingerprint
 
 
 @dataclass
@@ -43,9 +43,6 @@ class TrainResult:
     train_dataset: object = None  # the tokenized rows SFTTrainer trained on
     resumed_from: str | None = None  # checkpoint folder training continued from, if any
     adapter_dtype: str = "float32"  # dtype the trained LoRA weights are kept in (SFTTrainer: bf16 for QLoRA)
-
-
-STAGING_DIRNAME = ".checkpoint-staging"
 
 
 class AtomicCheckpointSFTTrainer(SFTTrainer):
@@ -87,7 +84,7 @@ class AtomicCheckpointSFTTrainer(SFTTrainer):
         target = os.path.join(run_dir, name)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(os.path.join(staging, name), target)
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
         shutil.rmtree(staging, ignore_errors=True)
         if self.args.should_save:
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
@@ -162,77 +159,15 @@ def use_liger_kernels(requested: bool | str, device: str) -> bool:
     return bool(requested)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def latest_complete_checkpoint(run_dir: str) -> str | None:
+    """Newest `checkpoint-N` folder of a run folder (only complete ones exist, see AtomicCheckpointSFTTrainer)."""
+    return get_last_checkpoint(run_dir) if Path(run_dir).is_dir() else None
 
 
-RUN_CONFIG_NAME = "run_config.json"  # settings of the run whose checkpoints live in output_dir
-# Settings that may change between an interrupted run and its resumption without changing what is trained.
-RESUME_NEUTRAL = {"training.resume", "training.task_retries", "training.logging_steps", "training.save_total_limit"}
-
-
-def _resume_relevant(cfg: PipelineConfig) -> dict:
-    flat = cfg.to_flat_dict()
-    return {
-        k: v
-        for k, v in flat.items()
-        if k.split(".")[0] not in ("evaluation", "tracking", "registry") and k not in RESUME_NEUTRAL
-    }
-
-
-def write_run_config(cfg: PipelineConfig) -> None:
-    out = Path(cfg.training.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{RUN_CONFIG_NAME}.tmp"
-    tmp.write_text(json.dumps(_resume_relevant(cfg), indent=1, sort_keys=True))
-    os.replace(tmp, out / RUN_CONFIG_NAME)
-
-
-def resume_problem(cfg: PipelineConfig) -> str | None:
-    """Why resuming from output_dir's checkpoints would mix two different runs, or None if it would not."""
-    out = Path(cfg.training.output_dir)
-    if cfg.training.resume != "auto" or not (out / RUN_CONFIG_NAME).is_file() or (out / FINISHED_MARKER).exists():
-        return None
-    if not list(out.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
-        return None
-    before, now = json.loads((out / RUN_CONFIG_NAME).read_text()), _resume_relevant(cfg)
-    changed = [
-        f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
-        for k in sorted(set(before) | set(now))
-        if before.get(k) != now.get(k)
-    ]
-    if not changed:
-        return None
-    return (
-        f"training.output_dir {out} holds checkpoints of a run with other settings ({'; '.join(changed[:4])}): "
-        "use a new output_dir, or training.resume: never to start over there"
-    )
-
-
-def latest_complete_checkpoint(output_dir: str) -> str | None:
-    """Newest `checkpoint-N` folder of an unfinished run (only complete ones exist, see AtomicCheckpointSFTTrainer).
-
-    After a finished run (adapter saved) a re-run trains anew: its old checkpoints are removed, the adapter stays.
-    """
-    out = Path(output_dir)
-    if not out.is_dir():
-        return None
-    if (out / FINISHED_MARKER).exists():
-        for old in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-            shutil.rmtree(old)
-        (out / FINISHED_MARKER).unlink()
-        return None
-    return get_last_checkpoint(output_dir)
-
-
-def build_sft_config(cfg: TrainingConfig, device: str, report_to_mlflow: bool) -> SFTConfig:
-    """SFTConfig from the recipe-named TrainingConfig."""
+def build_sft_config(cfg: TrainingConfig, device: str, report_to_mlflow: bool, output_dir: str) -> SFTConfig:
+    """SFTConfig from the recipe-named TrainingConfig; checkpoints go to `output_dir` (the run folder)."""
     return SFTConfig(
-        output_dir=cfg.output_dir,
+        output_dir=output_dir,
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
@@ -290,14 +225,23 @@ def train_adapter(
     device: str,
     report_to_mlflow: bool = False,
     extra_callbacks: list[TrainerCallback] | None = None,
+    run_dir: str | None = None,
+    fingerprint: dict | None = None,
 ) -> TrainResult:
-    """Run SFTTrainer and return the PEFT model with its training metrics."""
+    """Run SFTTrainer and return the PEFT model with its training metrics.
+
+    With `run_dir` (the flow's run folder, which this process holds): checkpoints go there, training continues from
+    its newest complete checkpoint if it has one (a resumed run, or a retry of this task), and a fresh start writes
+    `fingerprint` there first. Without it (bench, tests): `training.output_dir`, always from step 0.
+    """
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    resume_from = latest_complete_checkpoint(cfg.output_dir) if cfg.resume == "auto" else None
+    resume_from = latest_complete_checkpoint(run_dir) if run_dir else None
+    if run_dir and resume_from is None and fingerprint is not None:
+        write_fingerprint(run_dir, fingerprint)
     trainer = AtomicCheckpointSFTTrainer(
         model=model,
-        args=build_sft_config(cfg, device, report_to_mlflow),
+        args=build_sft_config(cfg, device, report_to_mlflow, run_dir or cfg.output_dir),
         train_dataset=data.train,
         peft_config=lora_config,
         processing_class=tokenizer,
@@ -342,9 +286,11 @@ def train_adapter(
     retry_delay_seconds=10,
     retry_condition_fn=retry_unless_input_error,
 )
-def train_adapter_task(model, data, lora_config, tokenizer, cfg: PipelineConfig, device: str, report_to_mlflow: bool):
+def train_adapter_task(
+    model, data, lora_config, tokenizer, cfg: PipelineConfig, device: str, report_to_mlflow: bool, run_folder
+):
     """Prefect wrapper. On a retry the in-memory model may be half-updated, so it is rebuilt from the config and
-    training resumes from the newest complete checkpoint (`training.resume: auto`), never from step 0."""
+    training continues from the newest complete checkpoint of this flow run's own folder, never from step 0."""
     from prefect.runtime import task_run
 
     from tasks.model import load_quantized_model, wrap_lora
@@ -353,4 +299,14 @@ def train_adapter_task(model, data, lora_config, tokenizer, cfg: PipelineConfig,
         model, lora_config = wrap_lora(
             load_quantized_model(cfg.model, cfg.quantization, device, cfg.training.attention), cfg.lora, cfg.training
         )
-    return train_adapter(model, data, lora_config, tokenizer, cfg.training, device, report_to_mlflow)
+    return train_adapter(
+        model,
+        data,
+        lora_config,
+        tokenizer,
+        cfg.training,
+        device,
+        report_to_mlflow,
+        run_dir=str(run_folder.path),
+        fingerprint=run_folder.fingerprint,
+    )

@@ -98,9 +98,9 @@ def test_disk_full_while_saving_fails_cleanly(prefect_server, tiny_config_file, 
 
     err = capsys.readouterr().err
     assert code == 2 and "disk full while saving the adapter" in err and "Traceback" not in err
-    out = tmp_path / "out"
-    assert not (out / "adapter").exists()
-    assert not [p for p in out.iterdir() if p.name.startswith(".adapter")]  # no half-written temp folder left
+    (run_dir,) = [p for p in (tmp_path / "out").iterdir() if (p / "run.json").is_file()]
+    assert not (run_dir / "adapter").exists() and not (run_dir / "RUN_FINISHED").exists()
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".adapter")]  # no half-written temp folder left
     cfg = load_pipeline_config(tiny_config_file)
     client = MlflowClient(cfg.tracking.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id])
