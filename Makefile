@@ -50,8 +50,13 @@ server: install
 worker: install
 	$(PREFECT_ENV) $(VENV)/bin/prefect worker start --pool qlora-process --type process
 
+# GPU slots: runs on this machine queue on the global concurrency limit `gpu` (one slot per GPU; README).
+GPU_SLOTS ?= 1
+
 deploy: install
 	$(PREFECT_ENV) $(VENV)/bin/prefect work-pool create qlora-process --type process --overwrite
+	$(PREFECT_ENV) $(VENV)/bin/prefect gcl inspect gpu >/dev/null 2>&1 \
+		|| $(PREFECT_ENV) $(VENV)/bin/prefect gcl create gpu --limit $(GPU_SLOTS)
 	$(PREFECT_ENV) PWD=$(CURDIR) $(VENV)/bin/prefect --no-prompt deploy --all
 
 serve: install

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,24 +40,55 @@ class DatasetSplits:
         return self.kind == "messages"
 
 
+def _not_text(path: Path, data: bytes, error: UnicodeDecodeError, offset: int = 0) -> DataError:
+    return DataError(
+        f"data file {path} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {offset + error.start}): "
+        f"a {path.suffix} file must be UTF-8 text; check data.source or convert the file"
+    )
+
+
+def _text_lines(path: Path) -> Iterator[str]:
+    """The file's lines, decoded as UTF-8. Raises DataError naming the file and the first byte that is not UTF-8."""
+    offset = 0
+    with path.open("rb") as fh:
+        for raw in fh:
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _not_text(path, raw, exc, offset) from None
+            offset += len(raw)
+
+
 def _row_count(path: Path) -> int | None:
-    """Rows in a local file, read cheaply, so an empty file gets a clear message (datasets fails obscurely)."""
+    """Rows in a local file, read cheaply, so an empty or unreadable file gets a clear message (datasets fails
+    obscurely). Raises DataError when the file is not UTF-8 text (.jsonl/.json/.csv) or not Parquet (.parquet)."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with path.open() as fh:
-            return sum(1 for line in fh if line.strip())
+        return sum(1 for line in _text_lines(path) if line.strip())
     if suffix == ".json":
+        data = path.read_bytes()
         try:
-            obj = json.loads(path.read_text() or "[]")
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _not_text(path, data, exc) from None
+        try:
+            obj = json.loads(text or "[]")
         except json.JSONDecodeError:
             return None
         return len(obj) if isinstance(obj, list) else None
     if suffix == ".csv":
-        with path.open() as fh:
-            return max(sum(1 for line in fh if line.strip()) - 1, 0)
+        return max(sum(1 for line in _text_lines(path) if line.strip()) - 1, 0)
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_metadata(path).num_rows
+    try:
+        return pq.read_metadata(path).num_rows
+    except (pa.ArrowException, OSError) as exc:
+        reason = str(exc).split(". ")[0].rstrip(".")  # arrow's first sentence says what is wrong; the rest guesses
+        raise DataError(
+            f"data file {path} is not a valid Parquet file ({reason}): pass a Parquet file, or name the file after "
+            "its real type (.jsonl, .json, .csv)"
+        ) from None
 
 
 def _read_source(source: str, cfg: DataConfig, role: str = "training") -> datasets.DatasetDict:
@@ -92,18 +124,15 @@ def _read_source(source: str, cfg: DataConfig, role: str = "training") -> datase
 
 def _check_jsonl(path: Path) -> None:
     """Name the first malformed line, which the json builder does not."""
-    with path.open() as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path}: line {lineno} is not valid JSON ({exc.msg}): fix or remove that line"
-                ) from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}: line {lineno} is not a JSON object")
+    for lineno, line in enumerate(_text_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: line {lineno} is not valid JSON ({exc.msg}): fix or remove that line") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}: line {lineno} is not a JSON object")
 
 
 def detect_format(columns: list[str], cfg: DataConfig) -> str:

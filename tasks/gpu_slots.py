@@ -34,6 +34,7 @@ def gpu_slots(cfg: TrainingConfig) -> Iterator[float]:
     if not cfg.gpu_slots:
         yield 0.0
         return
+    import mlflow
     from prefect.concurrency.sync import concurrency
 
     log = _logger()
@@ -46,4 +47,6 @@ def gpu_slots(cfg: TrainingConfig) -> Iterator[float]:
     with concurrency(cfg.gpu_concurrency_limit, occupy=cfg.gpu_slots):
         waited_s = time.monotonic() - started
         log.info("holding %d slot(s) of %r after %.0f s", cfg.gpu_slots, cfg.gpu_concurrency_limit, waited_s)
+        if mlflow.active_run() is not None:
+            mlflow.log_metric("gpu_slot_wait_s", waited_s)
         yield waited_s

@@ -83,6 +83,21 @@ def writable_problem(folder: str) -> str | None:
     return None
 
 
+def lora_target_problems(cfg: PipelineConfig) -> list[str]:
+    """`lora.target_modules` checked against the architecture built on the meta device (no weights read).
+    peft would silently adapt only the names that match."""
+    from tasks.architecture import target_module_problems
+    from tasks.model_source import PACKAGE_PREFIX, package_dir
+
+    m = cfg.model
+    if cfg.lora.target_modules == "all-linear":
+        return []
+    if m.gguf_file:  # the GGUF header holds the config: no conversion needed
+        folder = package_dir(m.name_or_path) if m.name_or_path.startswith(PACKAGE_PREFIX) else m.name_or_path
+        return target_module_problems(m, cfg.lora, str(folder), m.gguf_file)
+    return target_module_problems(m, cfg.lora, m.name_or_path)
+
+
 def run_preflight(
     cfg: PipelineConfig, data: DatasetSplits, tokenizer: PreTrainedTokenizerBase, device: str
 ) -> PreflightReport:
@@ -92,6 +107,7 @@ def run_preflight(
         report.fatal += cuda_only_problems(t)
     if problem := writable_problem(t.output_dir):
         report.fatal.append(problem)
+    report.fatal += lora_target_problems(cfg)
     if data.is_conversational and not tokenizer.chat_template:
         report.fatal.append("chat data but the tokenizer has no chat template: set tokenizer.chat_template_file")
     if t.completion_only_loss and data.kind != "prompt_completion":

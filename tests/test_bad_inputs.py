@@ -4,6 +4,7 @@ no MLflow run (so nothing RUNNING, nothing registered) and no adapter folder."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,34 @@ def _empty_split(c, tmp):
     c["data"] = {"source": _jsonl(tmp, "train.jsonl", rows), "eval_source": str(tmp / "eval.parquet")}
 
 
+def _random_bytes(tmp: Path, name: str) -> str:
+    path = tmp / name
+    path.write_bytes(random.Random(0).randbytes(4096))  # seeded: the same "binary file" every run
+    return str(path)
+
+
+def _parquet_of_random_bytes(c, tmp):
+    c["data"] = {"source": _random_bytes(tmp, "noise.parquet")}
+
+
+def _text_named_parquet(c, tmp):
+    c["data"] = {"source": _jsonl(tmp, "rows.parquet", [json.dumps({"text": f"row {i}"}) for i in range(6)])}
+
+
+def _jsonl_of_random_bytes(c, tmp):
+    c["data"] = {"source": _random_bytes(tmp, "noise.jsonl")}
+
+
+def _csv_not_utf8(c, tmp):
+    path = tmp / "latin1.csv"
+    path.write_bytes("text\ncaf\u00e9 au lait\n".encode("latin-1"))
+    c["data"] = {"source": str(path)}
+
+
+def _json_of_random_bytes(c, tmp):
+    c["data"] = {"source": _random_bytes(tmp, "noise.json")}
+
+
 def _all_rows_too_long(c, tmp):
     c["training"]["max_seq_length"] = 8
 
@@ -101,11 +130,20 @@ CASES = {
     "missing column": (_missing_column, "available columns: question, reply"),
     "empty dataset": (_empty_dataset, "empty.jsonl has no rows: the training split is empty"),
     "empty split": (_empty_split, "eval.parquet has no rows: the held-out split is empty"),
+    "parquet of random bytes": (_parquet_of_random_bytes, "noise.parquet is not a valid Parquet file"),
+    "text file named .parquet": (_text_named_parquet, "rows.parquet is not a valid Parquet file"),
+    "jsonl of random bytes": (_jsonl_of_random_bytes, "noise.jsonl is not UTF-8 text (byte 0x"),
+    "json of random bytes": (_json_of_random_bytes, "noise.json is not UTF-8 text (byte 0x"),
+    "csv not utf-8": (_csv_not_utf8, "latin1.csv is not UTF-8 text (byte 0xe9 at offset 8)"),
     "every row too long": (_all_rows_too_long, "every training row is longer than training.max_seq_length 8"),
     "model path missing": (_model_path_missing, "folder not found"),
     "hub id without network": (_hub_without_network, "hub cannot be reached"),
     "cuda-only option on cpu": (_cuda_only_on_cpu, "needs CUDA, and this run is on the CPU"),
     "output folder not writable": (_output_not_writable, "is not writable"),
+    "lora target that names no module": (
+        _set("lora", "target_modules", ["q_proj", "not_a_module"]),
+        "lora.target_modules: 'not_a_module' matches no module of LlamaForCausalLM",
+    ),
 }
 
 
@@ -124,7 +162,43 @@ def test_bad_input_exits_2_with_one_message(case, tiny_llama_dir, tmp_path, caps
     assert expected in err
     assert "Traceback" not in err and len(err.splitlines()) <= 8
     assert not (tmp_path / "mlflow.db").exists()  # no MLflow run was opened, so none is RUNNING or registered
-    assert not (tmp_path / "out" / "adapter").exists()
+    assert not list((tmp_path / "out").rglob("adapter"))  # in no run folder either
+
+
+def _config_of_random_bytes(tmp: Path) -> Path:
+    return Path(_random_bytes(tmp, "noise.yaml"))
+
+
+def _config_is_a_folder(tmp: Path) -> Path:
+    (tmp / "configs").mkdir()
+    return tmp / "configs"
+
+
+def _config_with_nul(tmp: Path) -> Path:
+    path = tmp / "nul.yaml"
+    path.write_bytes(b"model:\x00\n")  # valid UTF-8, but YAML forbids control characters
+    return path
+
+
+CONFIG_FILE_CASES = {
+    "random bytes": (_config_of_random_bytes, "noise.yaml is not UTF-8 text (byte 0x"),
+    "a folder": (_config_is_a_folder, "configs is a folder: pass the path of a YAML config file"),
+    "control character": (_config_with_nul, "nul.yaml is not YAML text (character #x0000"),
+}
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+@pytest.mark.parametrize("case", list(CONFIG_FILE_CASES))
+def test_unreadable_config_file_exits_2_with_one_message(case, command, tmp_path, capsys):
+    make, expected = CONFIG_FILE_CASES[case]
+
+    code = main([command, "--config", str(make(tmp_path))])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert any(expected in line for line in err.splitlines())  # the file and what is wrong, on one line
+    assert "Traceback" not in err and len(err.splitlines()) <= 8
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_gated_model_without_token(monkeypatch, tmp_path):

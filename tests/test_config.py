@@ -42,7 +42,8 @@ def test_llama2_recipe_values_are_the_original_ones():
 
 def test_recipe_names_map_onto_installed_transformers(tmp_path):
     cfg = load_pipeline_config(CONFIG_DIR / "llama2-7b-chat-guanaco.yaml", [f"training.output_dir={tmp_path}"])
-    args = build_sft_config(cfg.training, device="cpu", report_to_mlflow=False)
+    args = build_sft_config(cfg.training, device="cpu", report_to_mlflow=False, output_dir=str(tmp_path / "run"))
+    assert args.output_dir == str(tmp_path / "run")
     assert args.warmup_steps == 0.03  # transformers 5: a fraction below 1 replaces warmup_ratio
     assert args.train_sampling_strategy == "group_by_length"
     assert args.max_length == 1024 and args.optim == "paged_adamw_32bit" and args.max_grad_norm == 0.3

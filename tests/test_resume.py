@@ -1,5 +1,6 @@
-"""Crash safety: SIGKILL the flow after its second checkpoint, re-run it, and it resumes (not from step 0) to the
-same adapter as an uninterrupted run; the killed attempt's MLflow run ends KILLED and the new one links to it."""
+"""Crash safety: SIGKILL the flow after its second checkpoint. A re-run with other data starts fresh in a new run
+folder and says why; a re-run with the same fingerprint resumes the killed folder (not from step 0) to the same
+adapter as an uninterrupted run; the killed attempt's MLflow run ends KILLED and the new one links to it."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from flows.cli import main
 from flows.finetune import finetune
 from tests.conftest import tiny_config_dict
 
@@ -36,10 +38,15 @@ def _checkpoints(out: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
 
 
+def _run_dir(root: Path) -> Path:
+    (folder,) = [p for p in root.iterdir() if (p / "run.json").is_file()]
+    return folder
+
+
 @pytest.mark.slow
-def test_kill_after_second_checkpoint_then_resume(prefect_server, tiny_llama_dir, tmp_path):
+def test_kill_after_second_checkpoint_then_resume(prefect_server, tiny_llama_dir, tmp_path, capsys):
     killed_cfg = _config(tiny_llama_dir, tmp_path, "killed")
-    out = tmp_path / "killed"
+    root = tmp_path / "killed"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONUNBUFFERED": "1"}
     env.pop("PREFECT_API_URL", None)  # the child starts its own temporary server
     proc = subprocess.Popen(
@@ -52,18 +59,20 @@ def test_kill_after_second_checkpoint_then_resume(prefect_server, tiny_llama_dir
     )
     try:
         deadline = time.monotonic() + 240
-        while not (out / "checkpoint-4").is_dir():
+        while not list(root.glob("*/checkpoint-4")):
             assert proc.poll() is None, "the flow ended before its second checkpoint"
             assert time.monotonic() < deadline, "no second checkpoint within 240 s"
             time.sleep(0.02)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+    out = _run_dir(root)
     at_kill = _checkpoints(out)
     assert at_kill and 4 <= at_kill[-1] < 24
     for step in at_kill:  # only complete checkpoints exist
         assert (out / f"checkpoint-{step}" / "trainer_state.json").is_file()
         assert (out / f"checkpoint-{step}" / "optimizer.pt").is_file()
+    assert (out / "fingerprint.json").is_file()  # written when training started
 
     cfg = yaml.safe_load(killed_cfg.read_text())
     client = MlflowClient(cfg["tracking"]["tracking_uri"])
@@ -71,54 +80,59 @@ def test_kill_after_second_checkpoint_then_resume(prefect_server, tiny_llama_dir
     (killed_run,) = client.search_runs([experiment_id])
     assert killed_run.info.status == "RUNNING"  # SIGKILL gave it no chance to close
 
+    # Other data (fewer rows): the killed run's checkpoints are not this run's, so it starts fresh and says why.
+    code = main(
+        ["run", "--config", str(killed_cfg), "--set", "data.max_train_rows=48", "--set", "training.max_steps=2"]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert f"newest unfinished run {out.name} trained something else (data.max_train_rows: 64 -> 48" in printed
+    assert client.get_run(killed_run.info.run_id).info.status == "KILLED"  # its process is gone: closed
+    assert _checkpoints(out) == at_kill  # untouched
+    # Asked to continue it explicitly with other settings: refused before any weights load, nothing trained.
+    code = main(["run", "--config", str(killed_cfg), "--set", "lora.r=16", "--resume", str(out)])
+    assert code == 2 and "lora.r: 8 -> 16" in capsys.readouterr().err
+
     resumed = finetune(config_path=str(killed_cfg))
+    assert resumed["run_dir"] == str(out) and f"from checkpoint-{at_kill[-1]}" in resumed["run_dir_reason"]
     run = client.get_run(resumed["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags["resumed_from_checkpoint"] == f"checkpoint-{at_kill[-1]}"
     assert run.data.tags["continues_run_id"] == killed_run.info.run_id
-    assert client.get_run(killed_run.info.run_id).info.status == "KILLED"
     assert run.data.metrics["train_steps"] == 24
     first_logged = min(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
     assert first_logged == at_kill[-1] + 1  # no step before the checkpoint was trained again
 
     straight = finetune(config_path=str(_config(tiny_llama_dir, tmp_path, "straight")))
     a = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(Path(straight["adapter_dir"]) / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-3, atol=1e-5)
     assert straight["finetuned"]["eval_loss"] == pytest.approx(resumed["finetuned"]["eval_loss"], rel=1e-3)
+    assert (out / "RUN_FINISHED").is_file()  # never resumed again (test_run_folders.py)
 
 
-def test_resume_picks_newest_complete_checkpoint_unless_run_finished(tmp_path):
-    from tasks.save import FINISHED_MARKER
+def test_resume_picks_newest_complete_checkpoint(tmp_path):
     from tasks.train import STAGING_DIRNAME, latest_complete_checkpoint
 
     for step in (2, 10, 4):
         (tmp_path / f"checkpoint-{step}").mkdir()
     (tmp_path / STAGING_DIRNAME / "checkpoint-12").mkdir(parents=True)  # a save the kill interrupted
     assert latest_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
-    (tmp_path / FINISHED_MARKER).write_text("")
-    assert latest_complete_checkpoint(str(tmp_path)) is None
-    assert not list(tmp_path.glob("checkpoint-*")) and not (tmp_path / FINISHED_MARKER).exists()
+    assert latest_complete_checkpoint(str(tmp_path / "missing")) is None
 
 
-def test_resume_refuses_checkpoints_of_a_run_with_other_settings(tiny_llama_dir, tmp_path):
+def test_fingerprint_ignores_neutral_settings(tiny_llama_dir, tmp_path):
     from pipeline_config.schema import PipelineConfig
-    from tasks.train import resume_problem, write_run_config
+    from tasks.run_folder import fingerprint_differences, run_fingerprint
 
     raw = tiny_config_dict(tiny_llama_dir, tmp_path)
-    first = PipelineConfig.model_validate(raw)
-    write_run_config(first)
-    out = tmp_path / "out"
-    (out / "checkpoint-2").mkdir()
-    assert resume_problem(first) is None
-    assert (
-        resume_problem(first.model_copy(update={"training": first.training.model_copy(update={"logging_steps": 1})}))
-        is None
-    )
+    first = run_fingerprint(PipelineConfig.model_validate(raw), "d1", "m1")
+    raw["training"].update(logging_steps=1, save_steps=3, output_dir=str(tmp_path / "elsewhere"))
+    raw["evaluation"]["max_generation_rows"] = 1
+    raw["tracking"]["experiment_name"] = "other"
+    assert fingerprint_differences(first, run_fingerprint(PipelineConfig.model_validate(raw), "d1", "m1")) == []
     raw["lora"]["r"] = 16
-    problem = resume_problem(PipelineConfig.model_validate(raw))
-    assert "lora.r: 8 -> 16" in problem and "use a new output_dir" in problem
-    raw["training"]["resume"] = "never"
-    assert resume_problem(PipelineConfig.model_validate(raw)) is None
+    changed = fingerprint_differences(first, run_fingerprint(PipelineConfig.model_validate(raw), "d2", "m1"))
+    assert changed == ["lora.r: 8 -> 16", "data digest d1 -> d2"]
