@@ -15,7 +15,6 @@ A champion of another dataset is never displaced.
 from __future__ import annotations
 
 import getpass
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,18 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 class QLoRAChatModel(mlflow.pyfunc.PythonModel):
     """Base model in 4-bit + the run's LoRA adapter; `predict` takes prompts and returns generated text."""
+
+    # Input contract. `predict`'s type hints are what MLflow 3 records as the signature (log_model infers it from
+    # them): MLflow supports list[...] of str/int/float/bool/bytes/datetime, dicts and lists of those, pydantic
+    # models, and unions, which it records as Any and does not check. A prompt is a string or a chat, so the
+    # hint is list[str | list[dict[str, str]]] (recorded: inputs [Any], outputs [string]). A list of strings
+    # alone would turn chats away; a pydantic model would change the request's JSON. MLflow's own check of the
+    # hint would refuse a bare string (not a list) and would read a DataFrame's first column whatever its name,
+    # so it is switched off (the flag MLflow's ChatModel uses) and `normalize_prompts` checks the input instead:
+    # a bad input raises MlflowException(INVALID_PARAMETER_VALUE), which the scoring server answers with a 400
+    # and a message. With a type-hint signature the server reads only {"inputs": ...} (its dataframe_* request
+    # formats are refused); a DataFrame with a `prompt` / `messages` column still works in-process.
+    _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
         import torch
@@ -71,7 +82,12 @@ class QLoRAChatModel(mlflow.pyfunc.PythonModel):
         self.tokenizer = AutoTokenizer.from_pretrained(adapter)
         self.max_new_tokens = int(cfg["max_new_tokens"])
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+    def predict(
+        self, context, model_input: list[str | list[dict[str, str]]], params: dict[str, Any] | None = None
+    ) -> list[str]:
+        """One greedy answer per prompt (`model_input`: any form `normalize_prompts` accepts).
+
+        Raises MlflowException (INVALID_PARAMETER_VALUE) for an input that is none of those forms."""
         from tasks.evaluate import greedy_answers
 
         prompts = normalize_prompts(model_input, has_chat_template=bool(self.tokenizer.chat_template))
@@ -80,15 +96,52 @@ class QLoRAChatModel(mlflow.pyfunc.PythonModel):
 
 
 def normalize_prompts(model_input, has_chat_template: bool) -> list:
-    """Accept a string, chat turns, a list of either, or a DataFrame with a `prompt` / `messages` column."""
-    if hasattr(model_input, "columns"):  # pandas DataFrame from a serving request
-        column = "messages" if "messages" in model_input.columns else "prompt"
-        model_input = list(model_input[column])
-    if isinstance(model_input, str) or (model_input and isinstance(model_input[0], dict)):
-        model_input = [model_input]
-    prompts = [list(p) if not isinstance(p, str) else p for p in model_input]
-    if has_chat_template:  # plain strings become a user turn, as a chat model expects
-        prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+    """A list of prompts, each a string or a chat (a list of {"role", "content"} turns), from: a string, one chat,
+    a list of strings and/or chats, or a DataFrame with a `prompt` or `messages` column. Strings become a user turn
+    when the tokenizer has a chat template.
+
+    Raises MlflowException (INVALID_PARAMETER_VALUE, a 400 when served) naming what was wrong with the input."""
+    forms = (
+        "a prompt string, a chat (a list of {'role': str, 'content': str} turns), a list of prompt strings "
+        "and/or chats, or a DataFrame with a 'prompt' or 'messages' column"
+    )
+    if hasattr(model_input, "columns"):  # pandas DataFrame (in-process predict, spark_udf)
+        column = next((c for c in ("messages", "prompt") if c in model_input.columns), None)
+        if column is None:
+            raise MlflowException.invalid_parameter_value(
+                f"Expected {forms}; got a DataFrame with columns {list(model_input.columns)}."
+            )
+        model_input = model_input[column].tolist()
+    elif hasattr(model_input, "tolist"):  # numpy array or pandas Series
+        model_input = model_input.tolist()
+    if isinstance(model_input, str) or (
+        isinstance(model_input, list) and model_input and isinstance(model_input[0], dict)
+    ):
+        model_input = [model_input]  # a single prompt
+    if not isinstance(model_input, list):
+        raise MlflowException.invalid_parameter_value(
+            f"Expected {forms}; got {type(model_input).__name__}: {repr(model_input)[:100]}."
+        )
+    prompts: list = []
+    for i, prompt in enumerate(model_input):
+        if hasattr(prompt, "tolist"):  # a `messages` cell of a DataFrame may hold a numpy array of turns
+            prompt = prompt.tolist()
+        if isinstance(prompt, str):
+            prompts.append([{"role": "user", "content": prompt}] if has_chat_template else prompt)
+            continue
+        is_chat = isinstance(prompt, list | tuple) and len(prompt) > 0
+        is_chat = is_chat and all(
+            isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str) for t in prompt
+        )
+        if not is_chat:
+            raise MlflowException.invalid_parameter_value(
+                f"Expected {forms}; prompt {i} is {type(prompt).__name__}: {repr(prompt)[:100]}."
+            )
+        if not has_chat_template:
+            raise MlflowException.invalid_parameter_value(
+                f"Prompt {i} is a chat, but this model's tokenizer has no chat template: send plain strings."
+            )
+        prompts.append([dict(t) for t in prompt])
     return prompts
 
 
@@ -96,14 +149,6 @@ def default_model_name(cfg: PipelineConfig) -> str:
     base = Path(cfg.model.gguf_file or cfg.model.name_or_path.rstrip("/")).stem.split("/")[-1]
     data = Path(cfg.data.source.split(":")[-1]).stem.split("/")[-1]
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{base}-{data}").strip("-")
-
-
-def weights_digest(folder: Path) -> str:
-    """sha256 over the safetensors files of a local base model (names and bytes)."""
-    from tasks.model_source import file_digest
-
-    files = sorted(folder.glob("*.safetensors"))
-    return hashlib.sha256("".join(f"{p.name}:{file_digest(p)}\n" for p in files).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -151,7 +196,17 @@ def register_adapter(
     cfg: PipelineConfig, adapter_dir: str, metrics: dict[str, float], dataset_digest: str, adapter_dtype: str
 ) -> PromotionDecision:
     """Log the pyfunc model into the active run, register a version, tag it, and move the aliases."""
-    from tasks.model_source import resolve_model_path
+    from tasks.tracking import store_lock
+
+    # Runs that finish together must not both see "no champion" and both take the alias (tracking.store_lock).
+    with store_lock(mlflow.get_tracking_uri()):
+        return _register_adapter(cfg, adapter_dir, metrics, dataset_digest, adapter_dtype)
+
+
+def _register_adapter(
+    cfg: PipelineConfig, adapter_dir: str, metrics: dict[str, float], dataset_digest: str, adapter_dtype: str
+) -> PromotionDecision:
+    from tasks.model_source import resolve_model_path, weights_digest
     from tasks.tracking import git_commit, library_versions
 
     name = cfg.registry.model_name or default_model_name(cfg)

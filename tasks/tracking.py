@@ -60,20 +60,43 @@ def prefect_flow_run_id() -> str:
 
 
 @contextlib.contextmanager
+def store_lock(tracking_uri: str) -> Iterator[None]:
+    """Serialize check-then-write steps (create the store, the experiment, a registered model version and its
+    aliases) among the runs of this host that share a local SQLite store: started together, two runs would both
+    create the tables, or both find no experiment and create it (a UNIQUE violation). An OS file lock, so a crashed
+    holder never blocks. A tracking server does this itself."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock
+
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".lock"):
+        yield
+
+
+def open_experiment(cfg: PipelineConfig):
+    """The configured experiment, created (with its artifact location) if missing."""
+    uri = resolve_tracking_uri(cfg.tracking)
+    mlflow.set_tracking_uri(uri)
+    with store_lock(uri):
+        if mlflow.get_experiment_by_name(cfg.tracking.experiment_name) is None:
+            location = cfg.tracking.artifact_location
+            if location and "://" not in location:
+                location = Path(location).resolve().as_uri()
+            try:
+                mlflow.create_experiment(cfg.tracking.experiment_name, artifact_location=location)
+            except MlflowException as exc:  # another run created it on the tracking server a moment ago
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+        return mlflow.set_experiment(cfg.tracking.experiment_name)
+
+
+@contextlib.contextmanager
 def tracking_run(cfg: PipelineConfig) -> Iterator[mlflow.ActiveRun]:
     """Open the MLflow run of this flow run: resolved config as params, provenance as tags."""
-    mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking))
-    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment_name)
-    if experiment is None:
-        location = cfg.tracking.artifact_location
-        if location and "://" not in location:
-            location = Path(location).resolve().as_uri()
-        try:
-            mlflow.create_experiment(cfg.tracking.experiment_name, artifact_location=location)
-        except MlflowException as exc:  # another run created it a moment ago
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-    experiment = mlflow.set_experiment(cfg.tracking.experiment_name)
+    experiment = open_experiment(cfg)
     output_dir = str(Path(cfg.training.output_dir).resolve())
     close_interrupted_runs(experiment.experiment_id)
     me = process_identity()

@@ -33,10 +33,10 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _write_config(tiny_llama_dir, tmp_path, **training) -> Path:
+def _write_config(tiny_llama_dir, tmp_path, registry: dict, **training) -> Path:
     raw = tiny_config_dict(tiny_llama_dir, tmp_path)
     raw["training"].update(max_steps=12, save_steps=2, logging_steps=2, **training)
-    raw["registry"] = {"enabled": False}
+    raw["registry"] = registry
     path = tmp_path / "shared.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -92,7 +92,8 @@ def _flow_run_state(flow_run_id: str) -> str:
 
 
 def test_two_overlapping_runs_each_train_and_log_their_own_adapter(prefect_server, tiny_llama_dir, tmp_path):
-    config = _write_config(tiny_llama_dir, tmp_path, gpu_slots=0)
+    registry = {"model_name": "tiny-overlap", "metric": "finetuned_eval_loss", "greater_is_better": False}
+    config = _write_config(tiny_llama_dir, tmp_path, registry, gpu_slots=0)
     other = _other_data(tmp_path)
     results = _start_together(config, [[], ["--set", f"data.source={other}"]])
     assert [r.returncode for r in results] == [0, 0], [r.stdout[-3000:] for r in results]
@@ -132,6 +133,14 @@ def test_two_overlapping_runs_each_train_and_log_their_own_adapter(prefect_serve
         assert loss == pytest.approx(run.data.metrics["finetuned_eval_loss"], rel=2e-3)
     assert runs[0].data.metrics["finetuned_eval_loss"] != runs[1].data.metrics["finetuned_eval_loss"]
 
+    # Both registered a version of their own run; different data, so each is champion of its own data only once.
+    versions = client.search_model_versions("name = 'tiny-overlap'")
+    assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs)
+    for version in versions:
+        assert version.tags["adapter_sha256"] == client.get_run(version.run_id).data.tags["adapter_sha256"]
+    champion = client.get_model_version_by_alias("tiny-overlap", "champion")
+    assert champion.version in {v.version for v in versions}
+
 
 def test_runs_queue_for_the_gpu_slot(prefect_server, tiny_llama_dir, tmp_path):
     from prefect import get_client
@@ -140,7 +149,7 @@ def test_runs_queue_for_the_gpu_slot(prefect_server, tiny_llama_dir, tmp_path):
     limit = f"gpu-{uuid.uuid4().hex[:8]}"
     with get_client(sync_client=True) as client:
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
-    config = _write_config(tiny_llama_dir, tmp_path, gpu_concurrency_limit=limit, gpu_slots=1)
+    config = _write_config(tiny_llama_dir, tmp_path, {"enabled": False}, gpu_concurrency_limit=limit, gpu_slots=1)
     results = _start_together(config, [[], ["--set", "data.max_train_rows=48"]])
     assert [r.returncode for r in results] == [0, 0], [r.stdout[-3000:] for r in results]
 

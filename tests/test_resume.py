@@ -136,3 +136,29 @@ def test_fingerprint_ignores_neutral_settings(tiny_llama_dir, tmp_path):
     raw["lora"]["r"] = 16
     changed = fingerprint_differences(first, run_fingerprint(PipelineConfig.model_validate(raw), "d2", "m1"))
     assert changed == ["lora.r: 8 -> 16", "data digest d1 -> d2"]
+
+
+@pytest.mark.slow
+def test_task_retry_continues_its_own_run_folder(prefect_server, tiny_llama_dir, tmp_path, monkeypatch):
+    """train-adapter fails once after checkpoint-4; Prefect's retry rebuilds the model and continues that folder."""
+    from tasks import train
+
+    original = train.RunLoggerProgress.on_step_end if hasattr(train.RunLoggerProgress, "on_step_end") else None
+    failed = []
+
+    def fail_once(self, args, state, control, **kwargs):
+        if state.global_step == 5 and not failed:
+            failed.append(state.global_step)
+            raise RuntimeError("transient failure (test)")
+        return original(self, args, state, control, **kwargs) if original else None
+
+    monkeypatch.setattr(train.RunLoggerProgress, "on_step_end", fail_once, raising=False)
+    config = _config(tiny_llama_dir, tmp_path, "retry")
+    summary = finetune(config_path=str(config), overrides=["training.max_steps=8", "training.task_retries=1"])
+
+    assert failed == [5]
+    assert Path(summary["resumed_from"]) == Path(summary["run_dir"]) / "checkpoint-4"
+    assert [p.name for p in (tmp_path / "retry").iterdir() if (p / "run.json").is_file()] == [
+        Path(summary["run_dir"]).name
+    ]
+    assert summary["train"]["train_steps"] == 8
