@@ -207,7 +207,7 @@ def _register_adapter(
     cfg: PipelineConfig, adapter_dir: str, metrics: dict[str, float], dataset_digest: str, adapter_dtype: str
 ) -> PromotionDecision:
     from tasks.model_source import resolve_model_path, weights_digest
-    from tasks.tracking import git_commit, library_versions
+    from tasks.provenance import git_commit, library_versions
 
     name = cfg.registry.model_name or default_model_name(cfg)
     base_path = resolve_model_path(cfg.model)

@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib.metadata
 import json
 import os
 import re
 import shutil
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -42,6 +40,7 @@ from prefect.cache_policies import NO_CACHE
 from pipeline_config.schema import PipelineConfig
 from tasks.errors import PipelineInputError
 from tasks.files import folder_size_bytes, write_text_atomic
+from tasks.provenance import NUMERICS_LIBRARIES, library_versions, process_identity
 
 LOCK_NAME = "run.lock"
 RECORD_NAME = "run.json"
@@ -70,32 +69,6 @@ NEUTRAL_FIELDS = {
     "data.source",
     "data.eval_source",
 }
-# Libraries whose version changes the numbers a resumed run would produce.
-NUMERICS_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "trl", "accelerate")
-
-
-# --- process identity --------------------------------------------------------------------------------------------
-
-
-def process_identity() -> dict[str, Any]:
-    """This process as other processes can check it: pid, host and the pid's start time (guards pid reuse)."""
-    import psutil
-
-    return {"pid": os.getpid(), "host": socket.gethostname(), "start_time": psutil.Process().create_time()}
-
-
-def process_alive(identity: dict[str, Any]) -> bool | None:
-    """True/False for a process on this host; None when it ran on another host (cannot be checked from here)."""
-    import psutil
-
-    if identity.get("host") != socket.gethostname():
-        return None
-    try:
-        proc = psutil.Process(int(identity["pid"]))
-        start = identity.get("start_time")
-        return start is None or abs(proc.create_time() - float(start)) < 1.0
-    except (psutil.NoSuchProcess, KeyError, TypeError, ValueError):
-        return False
 
 
 # --- the lock ----------------------------------------------------------------------------------------------------
@@ -161,16 +134,6 @@ def describe_holder(lock: RunLock) -> str:
 # --- fingerprint -------------------------------------------------------------------------------------------------
 
 
-def numerics_library_versions() -> dict[str, str]:
-    versions = {}
-    for name in NUMERICS_LIBRARIES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "missing"
-    return versions
-
-
 def run_fingerprint(cfg: PipelineConfig, data_digest: str, base_model_digest: str) -> dict[str, Any]:
     """What a run trains: the settings that change the result, the data, the base weights and the numerics."""
     settings = {
@@ -182,7 +145,7 @@ def run_fingerprint(cfg: PipelineConfig, data_digest: str, base_model_digest: st
         "config": settings,
         "data_digest": data_digest,
         "base_model_digest": base_model_digest,
-        "library_versions": numerics_library_versions(),
+        "library_versions": library_versions(NUMERICS_LIBRARIES),
     }
 
 

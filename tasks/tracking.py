@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import importlib.metadata
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,35 +20,15 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline_config.schema import PipelineConfig, TrackingConfig, dump_pipeline_config
-from tasks.run_folder import process_alive, process_identity
+from tasks.provenance import git_commit, library_versions, process_alive, process_identity
 from tasks.save import adapter_checksum
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "trl", "accelerate", "datasets", "prefect", "mlflow")
 
 
 def resolve_tracking_uri(cfg: TrackingConfig) -> str:
     """Config value, else $MLFLOW_TRACKING_URI, else a SQLite store in the working folder."""
     return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-def git_commit(repo_dir: Path | None = None) -> str:
-    here = repo_dir or Path(__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
-
-
-def library_versions() -> dict[str, str]:
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "missing"
-    return versions
 
 
 def prefect_flow_run_id() -> str:

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from flows.cli import main
 from flows.finetune import finetune
 from pipeline_config.schema import load_pipeline_config
 from tasks.data import load_dataset_splits
+from tests.conftest import free_port, wait_for_http
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -82,15 +80,9 @@ def test_champion_moves_only_for_better_runs_on_the_same_data(prefect_server, ti
     assert main(["promote", "tiny-orders", "99", "--reason", "x", "--tracking-uri", cfg.tracking.tracking_uri]) == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -114,16 +106,7 @@ def mlflow_server(tmp_path):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not come up"
-            time.sleep(0.5)
+        assert wait_for_http(url + "/health", proc, timeout_s=120), "mlflow server did not come up"
         yield url
     finally:
         os.killpg(proc.pid, 9)

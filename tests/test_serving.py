@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -20,17 +18,11 @@ import pytest
 import yaml
 
 from flows.finetune import finetune
-from tests.conftest import tiny_config_dict
+from tests.conftest import free_port, tiny_config_dict, wait_for_http
 
 pytestmark = pytest.mark.slow
 MODEL_NAME = "tiny-serve"
 MODEL_URI = f"models:/{MODEL_NAME}@champion"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, body: dict) -> tuple[int, str]:
@@ -61,7 +53,7 @@ def registered_tiny_model(prefect_server, tiny_llama_dir, tmp_path) -> str:
 @pytest.fixture
 def served_model(registered_tiny_model, tmp_path) -> str:
     """`mlflow models serve` on the champion, in its own process group; yields the /invocations URL."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["MLFLOW_TRACKING_URI"] = registered_tiny_model
     # The server is started as `uvicorn ...` through bash: the venv's bin must be on PATH even when it is not active.
@@ -78,17 +70,8 @@ def served_model(registered_tiny_model, tmp_path) -> str:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180  # the model is loaded before /ping answers
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("mlflow models serve did not come up:\n" + (tmp_path / "serve.log").read_text()[-3000:])
-            time.sleep(0.5)
+        if not wait_for_http(url + "/ping", proc, timeout_s=180):  # the model is loaded before /ping answers
+            pytest.fail("mlflow models serve did not come up:\n" + (tmp_path / "serve.log").read_text()[-3000:])
         yield url + "/invocations"
     finally:
         try:
