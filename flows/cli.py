@@ -17,14 +17,16 @@ Bad input exits with code 2 and one short message (add --debug for the traceback
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import time
 import traceback
 
-from mlflow.exceptions import MlflowException
-
+# Only light imports here: commands that load no model (--help, promote, emit-dataset-updated) start fast, and each
+# command imports what it uses.
 from pipeline_config.schema import DEFAULT_CONFIG_PATH, ConfigError
-from tasks.errors import PipelineInputError
+from qlora.errors import PipelineInputError
 
 EXIT_BAD_INPUT = 2
 
@@ -88,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_bench_parser(sub) -> None:
-    from tasks.bench import ARCHITECTURES, DEFAULT_VARIANTS, VARIANTS, BenchConfig
+    from bench.settings import ARCHITECTURES, DEFAULT_VARIANTS, VARIANTS, BenchConfig
 
     d = BenchConfig()
     p = sub.add_parser("bench", help="training speed of the original recipe, TRL's best settings and this project")
@@ -117,7 +119,8 @@ def _add_bench_parser(sub) -> None:
 
 
 def bench_command(args) -> int:
-    from tasks.bench import GEOMETRY, BenchConfig, run_bench
+    from bench.run import run_bench
+    from bench.settings import GEOMETRY, BenchConfig
 
     geometry = {**{k: getattr(BenchConfig(), k) for k in GEOMETRY["tiny"]}, **GEOMETRY.get(args.model, {})}
     given = {
@@ -145,7 +148,7 @@ def bench_command(args) -> int:
         out_dir=args.out_dir,
     )
     report = run_bench(cfg)
-    from tasks.bench import markdown_table
+    from bench.run import markdown_table
 
     print(markdown_table(report), end="")
     print(f"written: {args.out_dir}/bench.json, {args.out_dir}/bench.md")
@@ -154,13 +157,13 @@ def bench_command(args) -> int:
 
 def _tracking_uri(explicit: str | None) -> str:
     from pipeline_config.schema import TrackingConfig
-    from tasks.tracking import resolve_tracking_uri
+    from qlora.tracking import resolve_tracking_uri
 
     return resolve_tracking_uri(TrackingConfig(tracking_uri=explicit))
 
 
 def promote_command(name: str, version: str, reason: str, tracking_uri: str | None) -> int:
-    from tasks.registry import promote
+    from qlora.registry import promote
 
     promote(name, version, reason, _tracking_uri(tracking_uri))
     print(f"{name} v{version} is now champion ({reason})")
@@ -179,28 +182,49 @@ def generate_command(model_uri: str, prompts: list[str], max_new_tokens: int | N
 
 
 def validate_command(config: str, overrides: list[str]) -> int:
-    from tasks.preflight import preflight_from_config
+    from qlora.preflight import preflight_from_config
 
-    cfg, data, device, report = preflight_from_config(config, overrides)  # includes the model-source check
-    gguf = f" ({cfg.model.gguf_file})" if cfg.model.gguf_file else ""
+    cfg, source, data, device, report = preflight_from_config(config, overrides)  # no weights, no GGUF conversion
     print(f"config ok: {config}")
-    print(f"model: {cfg.model.name_or_path}{gguf}; device: {device}")
+    print(f"model: {source.description}; device: {device}")
     print(f"data: {data.source} format={data.kind} train={len(data.train)} eval={len(data.eval)} digest={data.digest}")
     print(report.render())
     return 0
 
 
-def run_command(config: str, overrides: list[str], resume_dir: str | None = None, no_resume: bool = False) -> int:
-    from tasks.preflight import preflight_from_config
+class _OneLineInputErrors(logging.Filter):
+    """Bad input is reported as one line: Prefect's log records of a failed step lose the traceback when the
+    exception is an input error (`--debug` keeps it)."""
 
-    cfg, _, _, report = preflight_from_config(config, overrides)  # fail fast, before Prefect or any weights start
-    print(report.render())
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], ConfigError | PipelineInputError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_input_error_tracebacks() -> None:
+    import prefect.logging  # noqa: F401  (Prefect sets up its handlers on import)
+
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(_OneLineInputErrors())
+
+
+def run_command(
+    config: str, overrides: list[str], resume_dir: str | None = None, no_resume: bool = False, debug: bool = False
+) -> int:
+    from pipeline_config.schema import load_pipeline_config
+
+    cfg = load_pipeline_config(config, overrides)  # a bad config fails here, before Prefect starts
     from flows.finetune import finetune
-    from tasks.tracking import resolve_tracking_uri
+    from qlora.tracking import resolve_tracking_uri
 
+    if not debug:
+        _quiet_input_error_tracebacks()
     started = time.perf_counter()
     resume = "never" if no_resume else None
-    summary = finetune(config_path=config, overrides=overrides, resume=resume, resume_dir=resume_dir)
+    # The flow gets the validated config itself; its preflight step checks data and tokenizer before any weights.
+    summary = finetune(config_path=config, config=cfg, resume=resume, resume_dir=resume_dir)
     print(format_summary(summary, resolve_tracking_uri(cfg.tracking), time.perf_counter() - started))
     return 0
 
@@ -251,7 +275,7 @@ def _size(n: int) -> str:
 
 
 def runs_command(config: str, output_dir: str | None) -> int:
-    from tasks.run_folder import list_run_folders
+    from qlora.run_folder import list_run_folders
 
     root = _runs_root(config, output_dir)
     folders = list_run_folders(root)
@@ -266,7 +290,7 @@ def runs_command(config: str, output_dir: str | None) -> int:
 
 
 def gc_command(config: str, output_dir: str | None, keep: int, dry_run: bool) -> int:
-    from tasks.run_folder import remove_old_checkpoints
+    from qlora.run_folder import remove_old_checkpoints
 
     result = remove_old_checkpoints(_runs_root(config, output_dir), keep, dry_run)
     verb = "would remove" if dry_run else "removed"
@@ -276,7 +300,21 @@ def gc_command(config: str, output_dir: str | None, keep: int, dry_run: bool) ->
     return 0
 
 
+def _is_input_error(exc: Exception) -> bool:
+    """Bad input: a config or input error, or an MLflow refusal (unknown model version...). MLflow is only looked
+    at if the command imported it."""
+    if isinstance(exc, ConfigError | PipelineInputError):
+        return True
+    if "mlflow" in sys.modules:
+        from mlflow.exceptions import MlflowException
+
+        return isinstance(exc, MlflowException)
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
+    # The temporary Prefect server `run` starts needs no usage analytics (they also log a spurious SQLite error).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = _parser().parse_args(argv)
     try:
         if args.command == "validate":
@@ -301,8 +339,10 @@ def main(argv: list[str] | None = None) -> int:
             return runs_command(args.config, args.output_dir)
         if args.command == "gc":
             return gc_command(args.config, args.output_dir, args.keep, args.dry_run)
-        return run_command(args.config, args.overrides, args.resume_dir, args.no_resume)
-    except (ConfigError, PipelineInputError, MlflowException) as exc:
+        return run_command(args.config, args.overrides, args.resume_dir, args.no_resume, args.debug)
+    except Exception as exc:
+        if not _is_input_error(exc):
+            raise
         if args.debug:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)

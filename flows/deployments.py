@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.model_source import file_digest
+from qlora.model_source import file_digest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PREFECT_YAML = REPO_ROOT / "prefect.yaml"
@@ -56,7 +56,7 @@ def emit_dataset_updated(path: str, config_path: str = "pipeline_config/default.
 
     data_path = Path(path).resolve()
     if not data_path.is_file():
-        from tasks.errors import DataError
+        from qlora.errors import DataError
 
         raise DataError(f"{path}: no such data file")
     digest = file_digest(data_path)[:16]

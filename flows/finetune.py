@@ -3,11 +3,11 @@
     qlora-flow run --config pipeline_config/default.yaml [--set training.max_steps=10 ...]
     python -m flows.finetune --config pipeline_config/default.yaml
 
-Steps, in order (each a task in tasks/):
-  validate-config -> setup-tokenizer -> prepare-dataset (cached) -> open-prepared-dataset -> log-dataset -> preflight
-  -> claim-run-folder (this run's own folder, locked) -> [GPU slot] load-quantized-model -> wrap-lora
-  -> train-adapter -> evaluate-models (base vs fine-tuned) -> save-adapter -> log-results -> register-adapter
-  -> publish-summary
+Steps, in order (each a task in tasks/, each over plain functions in qlora/):
+  validate-config -> resolve-model-source -> setup-tokenizer -> prepare-dataset (cached) -> open-prepared-dataset
+  -> preflight -> [MLflow run] log-dataset -> claim-run-folder (this run's own folder, locked)
+  -> [GPU slot] load-quantized-model -> train-adapter (SFTTrainer applies LoRA) -> evaluate-models (base vs
+  fine-tuned) -> save-adapter -> log-results -> register-adapter -> publish-summary
 Models travel between tasks in memory only; no task caches or persists them (prepare-dataset caches a reference
 to prepared Arrow files, nothing else).
 """
@@ -18,18 +18,21 @@ from typing import Literal
 
 from prefect import flow
 
-from tasks.config import validate_config_task
+from pipeline_config.schema import PipelineConfig
+from qlora.model import pick_device
+from qlora.registry import default_model_name
+from tasks.config import resolve_model_source_task, validate_config_task
+from tasks.dataset import open_prepared_dataset_task, prepare_dataset_task
 from tasks.evaluate import evaluate_models_task
 from tasks.gpu_slots import gpu_slots
-from tasks.model import load_quantized_model_task, pick_device, wrap_lora_task
+from tasks.model import load_quantized_model_task
 from tasks.preflight import preflight_task
-from tasks.prepare import open_prepared_dataset_task, prepare_dataset_task
-from tasks.registry import default_model_name, register_adapter_task
+from tasks.registry import register_adapter_task
 from tasks.report import publish_summary_task
 from tasks.run_folder import claimed_run_folder
 from tasks.save import save_adapter_task
 from tasks.tokenizer import setup_tokenizer_task
-from tasks.tracking import log_dataset_task, log_results_task, tracking_run
+from tasks.tracking import log_dataset_task, log_results_task, mlflow_run_of_flow_run
 from tasks.train import train_adapter_task
 
 
@@ -40,6 +43,7 @@ def finetune(
     data_source: str | None = None,
     resume: Literal["auto", "never"] | None = None,
     resume_dir: str | None = None,
+    config: PipelineConfig | None = None,
 ) -> dict:
     """Fine-tune the configured base model with QLoRA; returns a summary (metrics, adapter dir, MLflow run).
 
@@ -49,24 +53,23 @@ def finetune(
         data_source: replaces `data.source` (what a `dataset.updated` event passes in).
         resume: replaces `training.resume` ('never' = always a new run folder).
         resume_dir: continue this run folder (refused if it would mix two runs).
+        config: an already validated config; `config_path` and `overrides` are then not read.
     """
-    if data_source:
-        overrides = [*(overrides or []), f"data.source={data_source}"]
-    cfg = validate_config_task(config_path, overrides)
+    cfg = validate_config_task(config, config_path, overrides, data_source)
     device = pick_device(cfg.training.device)
-    with tracking_run(cfg) as run:
-        # The tokenizer comes first: it is part of the prepared dataset's cache key. The preflight then checks
-        # that chat data has a chat template.
-        tokenizer = setup_tokenizer_task(cfg.model, cfg.tokenizer, needs_chat_template=False)
-        data = open_prepared_dataset_task(prepare_dataset_task(cfg.data, tokenizer, cfg.training), cfg.data)
+    source = resolve_model_source_task(cfg.model)
+    # The tokenizer comes before the data: it is part of the prepared dataset's cache key.
+    tokenizer = setup_tokenizer_task(source, cfg.tokenizer, needs_chat_template=False)
+    data = open_prepared_dataset_task(prepare_dataset_task(cfg.data, tokenizer, cfg.training), cfg.data)
+    # Bad input stops the run here, before any weights load and before an MLflow run exists.
+    preflight_task(cfg, source, data, tokenizer, device)
+    with mlflow_run_of_flow_run(cfg) as run:
         log_dataset_task(data)
-        preflight_task(cfg, data, tokenizer, device)
         # This flow run's own folder, locked until the flow ends; then its share of the GPU, until the flow ends.
-        with claimed_run_folder(cfg, data.digest, resume, resume_dir) as run_folder, gpu_slots(cfg.training):
-            model = load_quantized_model_task(cfg.model, cfg.quantization, device, cfg.training.attention)
-            model, lora_config = wrap_lora_task(model, cfg.lora, cfg.training)
+        with claimed_run_folder(cfg, source, data.digest, resume, resume_dir) as run_folder, gpu_slots(cfg.training):
+            model = load_quantized_model_task(source, cfg, device)
             train = train_adapter_task.with_options(retries=cfg.training.task_retries)
-            trained = train(model, data, lora_config, tokenizer, cfg, device, True, run_folder)
+            trained = train(model, data, tokenizer, cfg, device, run_folder)
             comparison = evaluate_models_task(
                 trained.model, tokenizer, data, cfg.evaluation, cfg.training.max_seq_length
             )
@@ -74,7 +77,9 @@ def finetune(
             metrics = log_results_task(cfg, trained, comparison, adapter_dir)
             decision = None
             if cfg.registry.enabled:
-                decision = register_adapter_task(cfg, adapter_dir, metrics, data.digest, trained.adapter_dtype)
+                decision = register_adapter_task(
+                    cfg, source, adapter_dir, metrics, data.digest, trained.adapter_dtype
+                )
             publish_summary_task(cfg, comparison, adapter_dir, data.digest, run, decision)
     return {
         "base": comparison.base.metrics,

@@ -7,8 +7,12 @@ validated `PipelineConfig`, collecting every problem into one `ConfigError`.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
+import types
+import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -435,11 +439,43 @@ def _describe(err: dict[str, Any]) -> str:
     return msg
 
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
+def _field_annotation(keys: list[str]) -> Any:
+    """The schema's type for a dotted key (None if the key names no field)."""
+    model: type[BaseModel] = PipelineConfig
+    for i, key in enumerate(keys):
+        field = model.model_fields.get(key)
+        if field is None:
+            return None
+        if i == len(keys) - 1:
+            return field.annotation
+        if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return None
+
+
+def _takes_text_verbatim(annotation: Any) -> bool:
+    """True for a field whose values are only strings (str, str | None, a Literal of strings)."""
+    if annotation is str:
+        return True
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Literal:
+        return all(isinstance(a, str) for a in args)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return all(a is type(None) or _takes_text_verbatim(a) for a in args)
+    return False
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`section.key=value`, the value typed against the schema: a string field takes the text as it is
+    (`data.response_template=[/INST]` stays a string); other fields read it as YAML (numbers, booleans, lists)."""
     if "=" not in item:
         raise ValueError(f"--set {item!r}: expected section.key=value")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    keys = key.strip().split(".")
+    if _takes_text_verbatim(_field_annotation(keys)):
+        return keys, raw
+    return keys, yaml.safe_load(raw) if raw.strip() else ""
 
 
 def _read_config_text(source: str) -> str:
@@ -464,10 +500,50 @@ def _read_config_text(source: str) -> str:
         ) from None
 
 
-def load_pipeline_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read, override and validate a config. Raises ConfigError listing every problem."""
-    source = str(path) if path is not None else str(DEFAULT_CONFIG_PATH)
-    text = _read_config_text(source)
+def load_pipeline_config(
+    source: str | os.PathLike | Mapping[str, Any] | None = None,
+    overrides: list[str] | Mapping[str, Any] | None = None,
+) -> PipelineConfig:
+    """Read, override and validate a config. Raises ConfigError listing every problem.
+
+    `source`: a YAML file, or the config as a mapping (sections of keys); default: the embedded default config.
+    `overrides`: `section.key=value` strings (typed against the schema, see `parse_override`) or a mapping of
+    `section.key` to already-typed values."""
+    if isinstance(source, Mapping):
+        name, raw = "<mapping>", copy.deepcopy(dict(source))
+    else:
+        name = str(source) if source is not None else str(DEFAULT_CONFIG_PATH)
+        raw = _parse_yaml(_read_config_text(name), name)
+    problems: list[str] = []
+    if isinstance(overrides, Mapping):
+        items = [(str(k).split("."), v, f"{k}={v}") for k, v in overrides.items()]
+    else:
+        items = []
+        for item in overrides or []:
+            try:
+                items.append((*parse_override(item), item))
+            except ValueError as exc:
+                problems.append(str(exc))
+    for keys, value, text in items:
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                problems.append(f"--set {text}: {k} is not a section")
+                break
+        else:
+            node[keys[-1]] = value
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems.extend(_describe(e) for e in exc.errors())
+        raise ConfigError(problems, name) from None
+    if problems:
+        raise ConfigError(problems, name)
+    return cfg
+
+
+def _parse_yaml(text: str, source: str) -> dict:
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.reader.ReaderError as exc:  # a control character: most likely a binary file that happens to decode
@@ -483,29 +559,7 @@ def load_pipeline_config(path: str | os.PathLike | None = None, overrides: list[
         raise ConfigError([f"YAML syntax error at{where}: {getattr(exc, 'problem', exc)}"], source) from None
     if not isinstance(raw, dict):
         raise ConfigError(["top level must be a mapping of sections (model:, data:, training: ...)"], source)
-    problems: list[str] = []
-    for item in overrides or []:
-        try:
-            keys, value = _parse_override(item)
-        except ValueError as exc:
-            problems.append(str(exc))
-            continue
-        node = raw
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                problems.append(f"--set {item}: {k} is not a section")
-                break
-        else:
-            node[keys[-1]] = value
-    try:
-        cfg = PipelineConfig.model_validate(raw)
-    except ValidationError as exc:
-        problems.extend(_describe(e) for e in exc.errors())
-        raise ConfigError(problems, source) from None
-    if problems:
-        raise ConfigError(problems, source)
-    return cfg
+    return raw
 
 
 def dump_pipeline_config(cfg: PipelineConfig) -> str:

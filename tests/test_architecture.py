@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline_config.schema import LoraAdapterConfig, ModelConfig
-from tasks.architecture import target_module_problems
+from qlora.architecture import target_module_problems
 
 LLAMA_LINEAR = "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
 

@@ -22,11 +22,12 @@ from mlflow.tracking import MlflowClient
 from peft import PeftModel
 
 from pipeline_config.schema import load_pipeline_config
-from tasks.bundled_data import generate_orders
-from tasks.data import load_dataset_splits
-from tasks.evaluate import eval_loss, scored_examples
-from tasks.model import load_quantized_model
-from tasks.tokenizer import setup_tokenizer
+from qlora.bundled_data import generate_orders
+from qlora.data import load_dataset_splits
+from qlora.evaluate import eval_loss, scored_examples
+from qlora.model import load_quantized_model
+from qlora.model_source import resolve_model_source
+from qlora.tokenizer import setup_tokenizer
 from tests.conftest import tiny_config_dict
 
 pytestmark = pytest.mark.slow
@@ -126,8 +127,9 @@ def test_two_overlapping_runs_each_train_and_log_their_own_adapter(prefect_serve
         )
         data = load_dataset_splits(cfg.data)
         assert data.digest == run.data.tags["dataset_digest"]
-        tokenizer = setup_tokenizer(cfg.model, cfg.tokenizer, data.is_conversational)
-        model = PeftModel.from_pretrained(load_quantized_model(cfg.model, cfg.quantization, "cpu"), local).eval()
+        source = resolve_model_source(cfg.model)
+        tokenizer = setup_tokenizer(source, cfg.tokenizer, data.is_conversational)
+        model = PeftModel.from_pretrained(load_quantized_model(source, cfg.quantization, "cpu"), local).eval()
         examples = scored_examples(data, tokenizer, cfg.evaluation.max_loss_rows, cfg.training.max_seq_length)
         loss = eval_loss(model, tokenizer, examples, cfg.evaluation.batch_size)
         assert loss == pytest.approx(run.data.metrics["finetuned_eval_loss"], rel=2e-3)

@@ -9,7 +9,7 @@ import yaml
 
 from flows.cli import main
 from pipeline_config import CONFIG_DIR, ConfigError, load_pipeline_config
-from tasks.train import build_sft_config
+from qlora.train import build_sft_config
 
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
 

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from pipeline_config.schema import DataConfig
-from tasks.bundled_data import generate_orders
-from tasks.data import eval_prompt_and_reference, load_dataset_splits
-from tasks.errors import DataError
+from qlora.bundled_data import generate_orders
+from qlora.data import eval_prompt_and_reference, load_dataset_splits
+from qlora.errors import DataError
 
 
 def test_bundled_orders_are_deterministic_sized_and_disjoint():

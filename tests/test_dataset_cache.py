@@ -9,9 +9,11 @@ import uuid
 import pytest
 
 from pipeline_config.schema import DataConfig, ModelConfig, TokenizerConfig, TrainingConfig
-from tasks import data as data_module
-from tasks import prepare
-from tasks.tokenizer import setup_tokenizer
+from qlora import data as data_module
+from qlora import prepare
+from qlora.model_source import resolve_model_source
+from qlora.tokenizer import setup_tokenizer
+from tasks.dataset import prepare_dataset_task
 
 # Calling the task outside a flow (as here) makes Prefect warn that its logs have no flow run to go to.
 pytestmark = pytest.mark.filterwarnings("ignore:Logger .prefect.task_runs. attempted")
@@ -24,12 +26,13 @@ def setup(prefect_server, tiny_llama_dir, tmp_path, monkeypatch):
     nonce = uuid.uuid4().hex  # never seen by an earlier test session's cache
     rows = [{"prompt": f"q{i} {nonce}", "completion": f"a{i}"} for i in range(10)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tokenizer = setup_tokenizer(ModelConfig(name_or_path=str(tiny_llama_dir)), TokenizerConfig(), False)
+    source = resolve_model_source(ModelConfig(name_or_path=str(tiny_llama_dir)))
+    tokenizer = setup_tokenizer(source, TokenizerConfig(), False)
     return DataConfig(source=str(path), eval_fraction=0.2), tokenizer, TrainingConfig(), path
 
 
 def _state(cfg, tokenizer, train_cfg):
-    return prepare.prepare_dataset_task(cfg, tokenizer, train_cfg, return_state=True)
+    return prepare_dataset_task(cfg, tokenizer, train_cfg, return_state=True)
 
 
 def test_cache_hit_then_every_input_invalidates(setup, monkeypatch):

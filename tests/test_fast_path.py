@@ -13,7 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline_config.schema import CONFIG_DIR, ConfigError, load_pipeline_config
-from tasks.model import build_bnb_config, load_quantized_model, wrap_lora
+from qlora.model import build_bnb_config, build_lora_config, load_quantized_model
+from qlora.model_source import resolve_model_source
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,13 +27,9 @@ def _peft_model(model_dir: Path, tmp_path: Path, device: str = "cpu", compute_dt
     raw = tiny_config_dict(model_dir, tmp_path)
     raw["quantization"]["compute_dtype"] = compute_dtype
     raw["training"]["device"] = device
-    path = tmp_path / "c.yaml"
-    import yaml
-
-    path.write_text(yaml.safe_dump(raw))
-    cfg = load_pipeline_config(path)
-    model = load_quantized_model(cfg.model, cfg.quantization, device, cfg.training.attention)
-    model, lora = wrap_lora(model, cfg.lora, cfg.training)
+    cfg = load_pipeline_config(raw)
+    model = load_quantized_model(resolve_model_source(cfg.model), cfg.quantization, device, cfg.training.attention)
+    lora = build_lora_config(cfg.lora)
     lora.init_lora_weights = False  # random B: the adapter changes the output
     torch.manual_seed(3)
     return get_peft_model(model, lora), cfg
@@ -41,7 +38,7 @@ def _peft_model(model_dir: Path, tmp_path: Path, device: str = "cpu", compute_dt
 def _documents(tokenizer, n: int = 6) -> list[list[int]]:
     import random
 
-    from tasks.bundled_data import make_order_row
+    from qlora.bundled_data import make_order_row
 
     rng = random.Random(7)
     return [
@@ -53,7 +50,7 @@ def _documents(tokenizer, n: int = 6) -> list[list[int]]:
 def test_packed_loss_equals_per_document_loss(tiny_llama_dir, tmp_path):
     """Padding-free packing (the collator SFTTrainer uses with bfd packing) gives each document the loss it has
     alone; the same row with positions that run on (documents attending to each other) does not."""
-    from tasks.bench import packed_vs_unpacked_loss
+    from bench.run import packed_vs_unpacked_loss
 
     model, _ = _peft_model(tiny_llama_dir, tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
@@ -72,7 +69,7 @@ def test_packed_loss_equals_per_document_loss(tiny_llama_dir, tmp_path):
 
 
 def test_fused_lora_forward_matches_peft(tiny_llama_dir, tmp_path):
-    from tasks.fused_lora import fuse_lora_layers
+    from qlora.integrations.fused_lora import fuse_lora_layers
 
     ids = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
     results = []
@@ -101,7 +98,7 @@ def test_fused_lora_forward_matches_peft(tiny_llama_dir, tmp_path):
 def test_checkpoint_first_layers_only(tiny_llama_dir, tmp_path):
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from tasks.train import CheckpointFirstLayers
+    from qlora.integrations.trainer import CheckpointFirstLayers
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     model.gradient_checkpointing_enable()
@@ -126,33 +123,30 @@ def test_fast_switches_are_validated(tiny_config_file):
     assert cfg.training.packing and cfg.training.fused_lora and not cfg.lora.upcast_base_to_fp32
 
 
-def test_bench_recipe_variant_is_the_shipped_recipe():
-    """The benchmark's 'original recipe' settings and pipeline_config/llama2-7b-chat-guanaco.yaml cannot drift."""
-    from tasks.bench import recipe_settings
+def test_bench_recipe_variant_is_the_shipped_recipe(tmp_path):
+    """The benchmark's 'original recipe' variant is pipeline_config/llama2-7b-chat-guanaco.yaml: only the model, the
+    data and the step/logging/saving settings of the bench differ."""
+    from bench.run import recipe_config
+    from bench.settings import BenchConfig
 
     cfg = load_pipeline_config(CONFIG_DIR / "llama2-7b-chat-guanaco.yaml")
-    bench = recipe_settings("cuda")
-    args = bench["args"]
-    t, q, lo = cfg.training, cfg.quantization, cfg.lora
-    assert (q.quant_type, q.compute_dtype, q.double_quant) == (
-        bench["bnb"]["quant_type"],
-        bench["bnb"]["compute_dtype"],
-        bench["bnb"]["double_quant"],
-    )
-    assert (lo.r, lo.alpha, lo.dropout, lo.upcast_base_to_fp32) == (64, 16, 0.1, bench["upcast_base_to_fp32"])
-    assert (bench["lora"]["r"], bench["lora"]["alpha"], bench["lora"]["dropout"]) == (lo.r, lo.alpha, lo.dropout)
-    assert lo.target_modules == ["q_proj", "v_proj"] and bench["lora"]["target_modules"] is None  # peft's default
-    assert t.per_device_train_batch_size == args["per_device_train_batch_size"]
-    assert t.gradient_accumulation_steps == args["gradient_accumulation_steps"]
-    assert t.gradient_checkpointing == args["gradient_checkpointing"]
-    assert t.max_grad_norm == args["max_grad_norm"] and t.weight_decay == args["weight_decay"]
-    assert t.optim == args["optim"] and t.lr_scheduler_type == args["lr_scheduler_type"]
-    assert t.warmup_ratio == args["warmup_steps"] and t.max_seq_length == args["max_length"]
-    assert t.group_by_length and args["train_sampling_strategy"] == "group_by_length"
-    assert t.packing is args["packing"] is False
-    assert (t.fp16, t.bf16) == (args["fp16"], args["bf16"]) == (False, False)
+    bench = recipe_config(BenchConfig(), tmp_path, str(tmp_path / "out"), "cuda")
+    bench_only = {"model.name_or_path", "data.source", "training.output_dir", "training.max_steps"}
+    bench_only |= {"training.logging_steps", "training.save_steps", "training.resume", "training.seed"}
+    shipped, benched = cfg.to_flat_dict(), bench.to_flat_dict()
+    assert {k for k in shipped if shipped[k] != benched[k]} <= bench_only
+    t, q, lo = bench.training, bench.quantization, bench.lora
+    assert (q.quant_type, q.compute_dtype, q.double_quant) == ("nf4", "float16", False)
+    assert (lo.r, lo.alpha, lo.dropout, lo.upcast_base_to_fp32) == (64, 16, 0.1, True)
+    assert lo.target_modules == ["q_proj", "v_proj"]  # peft's default for Llama when the recipe names none
+    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.gradient_checkpointing) == (4, 1, True)
+    assert (t.max_grad_norm, t.weight_decay, t.lr_scheduler_type) == (0.3, 0.001, "cosine")
+    assert t.optim == "paged_adamw_32bit"
+    assert (t.warmup_ratio, t.max_seq_length, t.group_by_length, t.packing) == (0.03, 1024, True, False)
+    assert (t.fp16, t.bf16, t.learning_rate) == (False, False, 2e-4)
     # the recipe predates the fast path: none of its levers
     assert (t.attention, t.liger_kernels, t.fused_lora) == ("sdpa", False, False)
+    assert recipe_config(BenchConfig(), tmp_path, str(tmp_path), "cpu").training.optim == "adamw_torch"
 
 
 @pytest.mark.slow
@@ -187,8 +181,8 @@ def test_bench_smoke_cpu(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_varlen_attention_matches_sdpa_per_document(tiny_llama_dir, tmp_path):
     """On the GPU, the varlen flash path on a packed row equals each document run alone (bf16 tolerance)."""
-    from tasks.attention import VARLEN_ATTENTION, packed_training_attention, varlen_available
-    from tasks.bench import packed_vs_unpacked_loss
+    from bench.run import packed_vs_unpacked_loss
+    from qlora.integrations.attention import VARLEN_ATTENTION, packed_training_attention, varlen_available
 
     assert varlen_available()
     model, cfg = _peft_model(tiny_llama_dir, tmp_path, device="cuda", compute_dtype="bfloat16")

@@ -12,10 +12,11 @@ from peft import PeftModel
 
 from flows.finetune import finetune
 from pipeline_config.schema import load_pipeline_config
-from tasks.data import load_dataset_splits
-from tasks.evaluate import eval_loss, scored_examples
-from tasks.model import load_quantized_model
-from tasks.tokenizer import setup_tokenizer
+from qlora.data import load_dataset_splits
+from qlora.evaluate import eval_loss, scored_examples
+from qlora.model import load_quantized_model
+from qlora.model_source import resolve_model_source
+from qlora.tokenizer import setup_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -61,8 +62,9 @@ def test_flow_records_run_and_adapter_reproduces_eval_loss(prefect_server, tiny_
     )
     assert yaml.safe_load((local / "pipeline_config.yaml").read_text())["lora"]["r"] == 8
     data = load_dataset_splits(cfg.data)
-    tokenizer = setup_tokenizer(cfg.model, cfg.tokenizer, data.is_conversational)
-    base = load_quantized_model(cfg.model, cfg.quantization, "cpu")
+    source = resolve_model_source(cfg.model)
+    tokenizer = setup_tokenizer(source, cfg.tokenizer, data.is_conversational)
+    base = load_quantized_model(source, cfg.quantization, "cpu")
     reloaded = PeftModel.from_pretrained(base, local).eval()
     examples = scored_examples(data, tokenizer, cfg.evaluation.max_loss_rows, cfg.training.max_seq_length)
     loss = eval_loss(reloaded, tokenizer, examples, cfg.evaluation.batch_size)
@@ -70,16 +72,29 @@ def test_flow_records_run_and_adapter_reproduces_eval_loss(prefect_server, tiny_
     assert loss < metrics["base_eval_loss"]
 
 
-def test_failed_flow_marks_mlflow_run_failed(prefect_server, tiny_config_file, tmp_path):
-    bad = tmp_path / "rows.jsonl"
-    bad.write_text('{"body": "no usable column"}\n' * 4)
-    with pytest.raises(Exception, match="cannot tell the format"):
-        finetune(config_path=str(tiny_config_file), overrides=[f"data.source={bad}"])
+def test_failed_flow_marks_mlflow_run_failed(prefect_server, tiny_config_file, tmp_path, monkeypatch):
+    """A failure after the MLflow run opened (here: in evaluation) ends that run FAILED, never RUNNING."""
+    from qlora import evaluate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("evaluation broke (test)")
+
+    monkeypatch.setattr(evaluate, "evaluate_model", broken)
+    with pytest.raises(Exception, match="evaluation broke"):
+        finetune(config_path=str(tiny_config_file))
     cfg = load_pipeline_config(tiny_config_file)
     client = MlflowClient(cfg.tracking.tracking_uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment_name)
     runs = client.search_runs([exp.experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_bad_data_fails_the_flow_before_an_mlflow_run_opens(prefect_server, tiny_config_file, tmp_path):
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text('{"body": "no usable column"}\n' * 4)
+    with pytest.raises(Exception, match="cannot tell the format"):
+        finetune(config_path=str(tiny_config_file), overrides=[f"data.source={bad}"])
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_disk_full_while_saving_fails_cleanly(prefect_server, tiny_config_file, tmp_path, monkeypatch, capsys):

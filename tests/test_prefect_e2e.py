@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.bundled_data import generate_orders
+from qlora.bundled_data import generate_orders
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from flows.cli import main
 from flows.finetune import finetune
 from pipeline_config.schema import load_pipeline_config
-from tasks.data import load_dataset_splits
+from qlora.data import load_dataset_splits
 from tests.conftest import free_port, wait_for_http
 
 pytestmark = pytest.mark.slow

@@ -114,7 +114,8 @@ def test_kill_after_second_checkpoint_then_resume(prefect_server, tiny_llama_dir
 
 
 def test_resume_picks_newest_complete_checkpoint(tmp_path):
-    from tasks.train import STAGING_DIRNAME, latest_complete_checkpoint
+    from qlora.run_folder import STAGING_DIRNAME
+    from qlora.train import latest_complete_checkpoint
 
     for step in (2, 10, 4):
         (tmp_path / f"checkpoint-{step}").mkdir()
@@ -125,7 +126,7 @@ def test_resume_picks_newest_complete_checkpoint(tmp_path):
 
 def test_fingerprint_ignores_neutral_settings(tiny_llama_dir, tmp_path):
     from pipeline_config.schema import PipelineConfig
-    from tasks.run_folder import fingerprint_differences, run_fingerprint
+    from qlora.run_folder import fingerprint_differences, run_fingerprint
 
     raw = tiny_config_dict(tiny_llama_dir, tmp_path)
     first = run_fingerprint(PipelineConfig.model_validate(raw), "d1", "m1")
@@ -140,8 +141,9 @@ def test_fingerprint_ignores_neutral_settings(tiny_llama_dir, tmp_path):
 
 @pytest.mark.slow
 def test_task_retry_continues_its_own_run_folder(prefect_server, tiny_llama_dir, tmp_path, monkeypatch):
-    """train-adapter fails once after checkpoint-4; Prefect's retry rebuilds the model and continues that folder."""
-    from tasks import train
+    """train-adapter fails once after checkpoint-4; Prefect's retry gets the base model back (the failed attempt
+    unloaded its adapter) and continues that folder's checkpoint."""
+    from qlora import train
 
     original = train.RunLoggerProgress.on_step_end if hasattr(train.RunLoggerProgress, "on_step_end") else None
     failed = []

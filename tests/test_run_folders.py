@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.cli import main
 from pipeline_config.schema import PipelineConfig
-from tasks.run_folder import (
+from qlora.run_folder import (
     FINISHED_MARKER,
     STAGING_DIRNAME,
     RunLock,
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 HOLD_LOCK = textwrap.dedent(
     """
     import sys, time
-    from tasks.run_folder import RunLock
+    from qlora.run_folder import RunLock
     lock = RunLock(sys.argv[1])
     assert lock.acquire()
     print("held", flush=True)
@@ -116,7 +116,7 @@ def test_finished_runs_are_never_resumed(cfg):
 
 
 def test_explicit_resume_is_refused_when_it_would_mix_runs(cfg, tmp_path):
-    from tasks.errors import PipelineInputError
+    from qlora.errors import PipelineInputError
 
     first = _unfinished_run(cfg, _fingerprint())
     with pytest.raises(PipelineInputError, match=r"lora.r: 8 -> 16"):
@@ -168,7 +168,7 @@ def test_runs_lists_status_and_gc_spares_unfinished_and_locked(cfg, capsys):
 
 def test_killed_closer_leaves_a_live_writer_alone(tmp_path):
     """Two RUNNING runs: one written by a live process, one whose process died. Only the dead one is closed."""
-    from tasks.tracking import close_interrupted_runs
+    from qlora.tracking import close_interrupted_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -202,7 +202,7 @@ PREPARE = textwrap.dedent(
     """
     import json, os, pathlib, sys, time
     from pipeline_config.schema import load_pipeline_config
-    from tasks.prepare import prepare_dataset
+    from qlora.prepare import prepare_dataset
     cfg = load_pipeline_config(sys.argv[1])
     barrier = pathlib.Path(sys.argv[2])
     (barrier / str(os.getpid())).touch()

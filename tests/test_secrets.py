@@ -8,9 +8,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+import tasks  # noqa: F401  (registers the Prefect Secret block reader)
 from flows.finetune import finetune
 from pipeline_config.schema import ModelConfig
-from tasks.model_source import hub_token
+from qlora.model_source import hub_token
 
 pytestmark = pytest.mark.slow
 

@@ -12,16 +12,19 @@ from pipeline_config.schema import (
     ModelConfig,
     QuantizationConfig,
     TokenizerConfig,
-    TrainingConfig,
 )
-from tasks.errors import ModelSourceError, PipelineInputError
-from tasks.model import load_quantized_model, wrap_lora
-from tasks.model_source import check_model_source
-from tasks.tokenizer import setup_tokenizer
+from qlora.errors import ModelSourceError, PipelineInputError
+from qlora.model import build_lora_config, load_quantized_model
+from qlora.model_source import check_model_source, resolve_model_source
+from qlora.tokenizer import setup_tokenizer
+
+
+def _source(folder):
+    return resolve_model_source(ModelConfig(name_or_path=str(folder)))
 
 
 def test_tokenizer_pad_is_not_eos_and_pads_right(tiny_llama_dir):
-    tok = setup_tokenizer(ModelConfig(name_or_path=str(tiny_llama_dir)), TokenizerConfig(), needs_chat_template=True)
+    tok = setup_tokenizer(_source(tiny_llama_dir), TokenizerConfig(), needs_chat_template=True)
     assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
     assert tok.padding_side == "right"
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
@@ -36,10 +39,10 @@ def test_missing_chat_template_for_chat_data_is_an_input_error(tiny_llama_dir, t
     shutil.copytree(tiny_llama_dir, copy)
     (copy / "chat_template.jinja").unlink()
     with pytest.raises(PipelineInputError, match="no chat template"):
-        setup_tokenizer(ModelConfig(name_or_path=str(copy)), TokenizerConfig(), needs_chat_template=True)
+        setup_tokenizer(_source(copy), TokenizerConfig(), needs_chat_template=True)
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    tok = setup_tokenizer(ModelConfig(name_or_path=str(copy)), TokenizerConfig(chat_template_file=str(template)), True)
+    tok = setup_tokenizer(_source(copy), TokenizerConfig(chat_template_file=str(template)), True)
     assert tok.chat_template == template.read_text()
 
 
@@ -51,7 +54,7 @@ def test_missing_model_folder_is_reported(tmp_path):
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_linear_layers_load_in_4bit(tiny_llama_dir, quant_type):
     model = load_quantized_model(
-        ModelConfig(name_or_path=str(tiny_llama_dir)),
+        _source(tiny_llama_dir),
         QuantizationConfig(quant_type=quant_type, compute_dtype="float32", double_quant=True),
         device="cpu",
     )
@@ -67,11 +70,9 @@ def test_linear_layers_load_in_4bit(tiny_llama_dir, quant_type):
 
 
 def test_lora_trainable_count(tiny_llama_dir):
-    model = load_quantized_model(
-        ModelConfig(name_or_path=str(tiny_llama_dir)), QuantizationConfig(compute_dtype="float32"), device="cpu"
-    )
-    prepared, lora_config = wrap_lora(model, LoraAdapterConfig(r=8, target_modules="all-linear"), TrainingConfig())
-    peft_model = get_peft_model(prepared, lora_config)
+    model = load_quantized_model(_source(tiny_llama_dir), QuantizationConfig(compute_dtype="float32"), device="cpu")
+    lora_config = build_lora_config(LoraAdapterConfig(r=8, target_modules="all-linear"))
+    peft_model = get_peft_model(model, lora_config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     h, i, kv = 64, 128, 2 * 16  # hidden, intermediate, kv heads x head dim
     per_layer = sum(8 * (a + b) for a, b in [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)])

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 
 from pipeline_config.schema import load_pipeline_config
-from tasks.data import load_dataset_splits
-from tasks.evaluate import eval_loss, scored_examples
-from tasks.model import load_quantized_model, wrap_lora
-from tasks.tokenizer import setup_tokenizer
-from tasks.train import train_adapter
+from qlora.data import load_dataset_splits
+from qlora.evaluate import eval_loss, scored_examples
+from qlora.model import load_quantized_model
+from qlora.model_source import resolve_model_source
+from qlora.tokenizer import setup_tokenizer
+from qlora.train import train_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -21,13 +22,13 @@ def test_training_lowers_loss_and_rows_end_with_eos(tiny_config_file):
     )
     data = load_dataset_splits(cfg.data)
     data.eval = data.train
-    tokenizer = setup_tokenizer(cfg.model, cfg.tokenizer, data.is_conversational)
-    model = load_quantized_model(cfg.model, cfg.quantization, "cpu")
-    model, lora_config = wrap_lora(model, cfg.lora, cfg.training)
+    source = resolve_model_source(cfg.model)
+    tokenizer = setup_tokenizer(source, cfg.tokenizer, data.is_conversational)
+    model = load_quantized_model(source, cfg.quantization, "cpu")
     examples = scored_examples(data, tokenizer, max_rows=16, max_len=cfg.training.max_seq_length)
     before = eval_loss(model, tokenizer, examples, batch_size=8)
 
-    result = train_adapter(model, data, lora_config, tokenizer, cfg.training, device="cpu")
+    result = train_adapter(model, data, tokenizer, cfg.lora, cfg.training, device="cpu")
 
     after = eval_loss(result.model, tokenizer, examples, batch_size=8)
     assert after < before - 2.0, (before, after)  # measured: 12.6 -> 9.1 nats per answer token

@@ -1,4 +1,4 @@
-"""Step 1 as the flow runs it: load + format the dataset, cached across flow runs.
+"""Load + format the dataset as the flow runs it: cached across flow runs (step `prepare-dataset`).
 
 Cache key (Prefect `cache_key_fn`): the source data's content digest, the tokenizer (name and vocabulary digest),
 its chat template, the formatting settings (`data` section and `training.max_seq_length`) and the source code of
@@ -14,22 +14,17 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from pipeline_config.schema import DataConfig, TrainingConfig
-from tasks import bundled_data
-from tasks import data as data_module
-from tasks.data import BUNDLED_PREFIX, DatasetSplits, load_dataset_splits
-from tasks.errors import retry_unless_input_error
-from tasks.model_source import file_digest
+from qlora import bundled_data
+from qlora import data as data_module
+from qlora.data import BUNDLED_PREFIX, DatasetSplits, load_dataset_splits
+from qlora.files import atomic_folder
+from qlora.model_source import file_digest
 
 CACHE_DIR = Path(".cache/datasets")
 # Functions whose source decides what the prepared rows look like.
@@ -102,14 +97,9 @@ def prepare_dataset(cfg: DataConfig, cache_key: str) -> PreparedDataset:
     # OS file lock, so a crashed builder never blocks; the folder itself still appears only complete (rename).
     with FileLock(str(target) + ".lock"):
         if not target.is_dir():
-            tmp = Path(tempfile.mkdtemp(prefix=cache_key + ".tmp-", dir=target.parent))
-            try:
+            with atomic_folder(target) as tmp:
                 splits.train.save_to_disk(str(tmp / "train"))
                 splits.eval.save_to_disk(str(tmp / "eval"))
-                os.replace(tmp, target)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
     return PreparedDataset(str(target), splits.kind, splits.digest, splits.source, splits.response_template)
 
 
@@ -126,22 +116,3 @@ def open_prepared(ref: PreparedDataset, cfg: DataConfig) -> DatasetSplits:
         source=ref.source,
         response_template=ref.response_template,
     )
-
-
-@task(
-    name="prepare-dataset",
-    cache_key_fn=dataset_cache_key,
-    persist_result=True,
-    timeout_seconds=3600,  # a hung hub download fails and is retried instead of blocking the run
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_unless_input_error,
-)
-def prepare_dataset_task(cfg: DataConfig, tokenizer, train_cfg: TrainingConfig) -> PreparedDataset:
-    """Cached across flow runs (see module docstring); returns a reference to Arrow files, never rows or models."""
-    return prepare_dataset(cfg, dataset_cache_key(None, {"cfg": cfg, "tokenizer": tokenizer, "train_cfg": train_cfg}))
-
-
-@task(name="open-prepared-dataset", cache_policy=NO_CACHE, persist_result=False)
-def open_prepared_dataset_task(ref: PreparedDataset, cfg: DataConfig) -> DatasetSplits:
-    return open_prepared(ref, cfg)

@@ -8,7 +8,7 @@ Variants (run in this order, each on a freshly 4-bit-loaded random-weight model)
   recipe       the original recipe's settings through plain TRL SFTTrainer (pipeline_config/llama2-7b-chat-guanaco.yaml)
   trl_best     TRL's best-known QLoRA settings: bf16, all-linear r=16, bfd packing (padding-free), Liger kernels,
                gradient checkpointing, batch 8 x 2048
-  project      this project's training path as the flow runs it (tasks.model + tasks.train), fast defaults
+  project      this project's training path as the flow runs it (qlora.model + qlora.train), fast defaults
   project_lean the same with the one lean switch: training.gradient_checkpointing=true
   project_fp32 the same with lora.upcast_base_to_fp32=true (for the loss-curve check of skipping the up-casts)
 
@@ -44,45 +44,12 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-ARCHITECTURES: dict[str, dict] = {
-    # Llama-2-7B / 13B shapes (meta-llama/Llama-2-*-hf config.json)
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
-    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
-    # learns in a few hundred steps on one GPU: the loss-curve comparison
-    "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
-    # CPU smoke test
-    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
-}
-# Batch geometry per architecture where the defaults (16k tokens/step in 2048-token rows) do not fit: the tiny
-# model is a CPU smoke test, where a 16k-token step through a 32k-vocabulary head takes ~25 s on two cores.
-GEOMETRY = {"tiny": dict(seq_len=1024, tokens_per_step=2048, project_micro_batch_tokens=1024, warmup_steps=1)}
-VARIANTS = ("recipe", "trl_best", "project", "project_lean", "project_fp32")
-DEFAULT_VARIANTS = ("recipe", "trl_best", "project", "project_lean")
+from bench.settings import ARCHITECTURES, DEFAULT_VARIANTS, GEOMETRY, VARIANTS, BenchConfig  # noqa: F401
+from qlora.files import atomic_folder
+from qlora.integrations.liger import restore_llama_rope
+
 # Dense bf16 tensor-core peaks from the datasheets (no sparsity), by device-name fragment.
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
-
-
-@dataclass
-class BenchConfig:
-    """What one `qlora-flow bench` invocation measures."""
-
-    model: str = "llama2-7b"
-    device: str = "auto"
-    steps: int = 10  # timed optimizer steps per variant
-    warmup_steps: int = 2  # untimed steps first (allocator, kernel autotuning, Liger's Triton compiles)
-    variants: tuple[str, ...] = DEFAULT_VARIANTS
-    data: str = "synthetic"  # or 'bundled'
-    tokenizer_dir: str | None = None  # bundled data: a saved tokenizer folder (default: the default config's)
-    seq_len: int = 2048  # packed row length for trl_best / project
-    tokens_per_step: int = 16384  # packed tokens per optimizer step for trl_best / project
-    project_micro_batch_tokens: int = 8192  # project's micro-batch (gradient accumulation makes up the rest)
-    check_packing: bool = False  # first compare the project model's packed vs per-document loss
-    learning_rate: float = 2e-4
-    project_overrides: tuple[str, ...] = ()  # `section.key=value` for the project variants
-    model_dir: str = ".cache/bench-models"
-    out_dir: str = "bench-results"
-    profile_steps: int = 0  # profile this many steps of the project variant after timing
-    seed: int = 0
 
 
 @dataclass
@@ -164,11 +131,9 @@ def build_model_dir(cfg: BenchConfig, vocab_size: int, bos: int, eos: int, devic
     torch.manual_seed(cfg.seed)
     with torch.device(device):  # initialising 7B on the GPU takes seconds, on the CPU minutes
         model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=out.parent if out.parent.exists() else None))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    with atomic_folder(out) as tmp:  # complete or absent
+        model.save_pretrained(tmp, safe_serialization=True)
     del model
-    os.replace(tmp, out)  # complete or absent
     return out
 
 
@@ -206,7 +171,7 @@ def bundled_rows(tokenizer, n_rows: int, seed: int, max_len: int = 1024) -> list
     """The bundled order-extraction chats, rendered with the tokenizer's chat template."""
     import random
 
-    from tasks.bundled_data import make_order_row
+    from qlora.bundled_data import make_order_row
 
     rng, rows = random.Random(seed), []
     for _ in range(n_rows):
@@ -299,12 +264,13 @@ def packing_check(cfg: BenchConfig, model_dir: Path, tokenizer, rows, device: st
     """The packed-vs-unpacked loss of the project's model set-up (its attention kernel), LoRA weights random."""
     from peft import get_peft_model
 
-    from tasks.attention import packed_training_attention, resolve_attention
-    from tasks.model import load_quantized_model, wrap_lora
+    from qlora.integrations.attention import packed_training_attention, resolve_attention
+    from qlora.model import build_lora_config, load_quantized_model
+    from qlora.model_source import resolve_model_source
 
-    pcfg = project_config(cfg, model_dir, tempfile.mkdtemp(prefix="qlora-bench-check-"), device)
-    model = load_quantized_model(pcfg.model, pcfg.quantization, device, pcfg.training.attention)
-    model, lora = wrap_lora(model, pcfg.lora, pcfg.training)
+    pcfg = project_config(cfg, model_dir, str(Path(cfg.out_dir) / "packing-check"), device)  # nothing is written
+    model = load_quantized_model(resolve_model_source(pcfg.model), pcfg.quantization, device, pcfg.training.attention)
+    lora = build_lora_config(pcfg.lora)
     lora.init_lora_weights = False  # random B too, so the adapter path changes the output
     model = get_peft_model(model, lora)
     docs = rows[:8]
@@ -320,130 +286,95 @@ def packing_check(cfg: BenchConfig, model_dir: Path, tokenizer, rows, device: st
 # ---------------------------------------------------------------------------------------------------- variants
 
 
-def _sft_config(cfg: BenchConfig, out: str, device: str, **settings):
-    from trl import SFTConfig
-
-    return SFTConfig(
-        output_dir=out,
-        max_steps=cfg.warmup_steps + cfg.steps + cfg.profile_steps,
-        logging_steps=1,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        include_num_input_tokens_seen="non_padding",
-        use_cpu=device == "cpu",
-        dataloader_pin_memory=device != "cpu",
-        disable_tqdm=True,
-        seed=cfg.seed,
-        learning_rate=cfg.learning_rate,
-        **settings,
-    )
-
-
-def recipe_settings(device: str) -> dict:
-    """The original recipe (pipeline_config/llama2-7b-chat-guanaco.yaml; a test keeps the two equal)."""
+def _bench_training(cfg: BenchConfig, device: str) -> dict:
+    """Training settings every variant shares: the step count, a log line per step, no saving, the seed."""
     return {
-        "bnb": dict(quant_type="nf4", compute_dtype="float16", double_quant=False),
-        "lora": dict(r=64, alpha=16, dropout=0.1, target_modules=None),  # peft's default for Llama: q_proj, v_proj
-        "upcast_base_to_fp32": True,  # TRL <= 0.7 ran prepare_model_for_kbit_training inside SFTTrainer
-        "args": dict(
-            per_device_train_batch_size=4,
-            gradient_accumulation_steps=1,
-            gradient_checkpointing=True,
-            max_grad_norm=0.3,
-            weight_decay=0.001,
-            optim="paged_adamw_32bit" if device == "cuda" else "adamw_torch",  # paged optimizers need CUDA
-            lr_scheduler_type="cosine",
-            warmup_steps=0.03,
-            train_sampling_strategy="group_by_length",
-            max_length=1024,
-            packing=False,
-            fp16=False,
-            bf16=False,
-        ),
+        "max_steps": cfg.warmup_steps + cfg.steps + cfg.profile_steps,
+        "learning_rate": cfg.learning_rate,
+        "logging_steps": 1,
+        "save_steps": 0,
+        "resume": "never",
+        "seed": cfg.seed,
+        "device": device,
     }
 
 
-def trl_best_settings(cfg: BenchConfig, device: str) -> dict:
+def recipe_config(cfg: BenchConfig, model_dir: Path, out_dir: str, device: str):
+    """The original recipe: pipeline_config/llama2-7b-chat-guanaco.yaml itself, on the bench's model and steps."""
+    from pipeline_config.schema import CONFIG_DIR, load_pipeline_config
+
+    overrides = {f"training.{k}": v for k, v in _bench_training(cfg, device).items()}
+    overrides |= {"model.name_or_path": str(model_dir), "data.source": "bench:synthetic"}
+    overrides["training.output_dir"] = out_dir
+    if device != "cuda":
+        overrides["training.optim"] = "adamw_torch"  # paged optimizers need CUDA
+    return load_pipeline_config(CONFIG_DIR / "llama2-7b-chat-guanaco.yaml", overrides)
+
+
+def trl_best_config(cfg: BenchConfig, model_dir: Path, out_dir: str, device: str):
     """TRL's documented best QLoRA settings (SFT docs: packing + padding-free, Liger, bf16, checkpointing)."""
-    from tasks.train import use_liger_kernels
+    from pipeline_config.schema import load_pipeline_config
 
-    return {
-        "bnb": dict(quant_type="nf4", compute_dtype="bfloat16", double_quant=True, quant_storage_dtype="bfloat16"),
-        "lora": dict(r=16, alpha=32, dropout=0.05, target_modules="all-linear"),
-        "upcast_base_to_fp32": False,
-        "attn_implementation": "sdpa",  # flash-attn is not installable offline; the Hub kernels need network
-        "args": dict(
-            per_device_train_batch_size=max(1, cfg.tokens_per_step // cfg.seq_len),
-            gradient_accumulation_steps=1,
-            gradient_checkpointing=True,
-            max_length=cfg.seq_len,
-            packing=True,
-            packing_strategy="bfd",
-            bf16=device == "cuda" or torch.cpu._is_avx512_bf16_supported(),
-            use_liger_kernel=use_liger_kernels("auto", device),
-            optim="adamw_torch",
-            lr_scheduler_type="cosine",
-            warmup_steps=0.03,
-        ),
+    bf16 = device == "cuda" or torch.cpu._is_avx512_bf16_supported()
+    raw = {
+        "model": {"name_or_path": str(model_dir)},
+        "quantization": {"compute_dtype": "bfloat16", "double_quant": True, "quant_storage_dtype": "bfloat16"},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+        "data": {"source": "bench:synthetic"},
+        "training": {
+            **_bench_training(cfg, device),
+            "output_dir": out_dir,
+            "per_device_train_batch_size": max(1, cfg.tokens_per_step // cfg.seq_len),
+            "gradient_accumulation_steps": 1,
+            "gradient_checkpointing": True,
+            "max_seq_length": cfg.seq_len,
+            "packing": True,
+            "packing_strategy": "bfd",
+            "bf16": bf16,
+            "liger_kernels": "auto",
+            "attention": "sdpa",  # flash-attn is not installable offline; the Hub kernels need network
+            "fused_lora": False,
+            "optim": "adamw_torch",
+            "lr_scheduler_type": "cosine",
+            "warmup_ratio": 0.03,
+        },
     }
+    return load_pipeline_config(raw)
 
 
-def _load_plain(model_dir: Path, settings: dict, device: str):
-    from peft import LoraConfig, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
-
-    from pipeline_config.schema import QuantizationConfig
-    from tasks.model import DTYPES, build_bnb_config
-
-    quant = QuantizationConfig(**settings["bnb"])
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir,
-        quantization_config=build_bnb_config(quant),
-        dtype=DTYPES[quant.compute_dtype],
-        device_map={"": device},
-        attn_implementation=settings.get("attn_implementation", "sdpa"),
-    )
-    model.config.use_cache = False
-    if settings["upcast_base_to_fp32"]:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=settings["args"].get("gradient_checkpointing", False)
-        )
-    lora = settings["lora"]
-    peft_config = LoraConfig(
-        r=lora["r"],
-        lora_alpha=lora["alpha"],
-        lora_dropout=lora["dropout"],
-        target_modules=lora["target_modules"],
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    return model, peft_config
-
-
-def run_plain_trl(cfg, settings, model_dir, tokenizer, dataset, device, timer, out_dir):
-    """Variants (1) and (2): plain trl.SFTTrainer, nothing of this project's training code."""
+def run_plain_trl(pipeline_cfg, tokenizer, dataset, device, timer):
+    """Variants (1) and (2): the project's loader and LoRA/SFT settings builders, then plain trl.SFTTrainer: none of
+    the project's training code (no varlen attention, fused LoRA, partial checkpointing or atomic checkpoints)."""
     from trl import SFTTrainer
 
-    model, peft_config = _load_plain(model_dir, settings, device)
+    from qlora.model import build_lora_config, load_quantized_model
+    from qlora.model_source import resolve_model_source
+    from qlora.train import build_sft_config, loss_history
+
+    t = pipeline_cfg.training
+    model = load_quantized_model(
+        resolve_model_source(pipeline_cfg.model),
+        pipeline_cfg.quantization,
+        device,
+        t.attention,
+        upcast_base_to_fp32=pipeline_cfg.lora.upcast_base_to_fp32,
+        gradient_checkpointing=t.gradient_checkpointing,
+    )
     trainer = SFTTrainer(
         model=model,
-        args=_sft_config(cfg, out_dir, device, **settings["args"]),
+        args=build_sft_config(t, device, t.output_dir, disable_tqdm=True),
         train_dataset=dataset,
-        peft_config=peft_config,
+        peft_config=build_lora_config(pipeline_cfg.lora),
         processing_class=tokenizer,
         callbacks=[timer],
     )
     trainer.train()
-    losses = [(h["step"], float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
-    return trainer.model, losses, trainer
+    return trainer.model, loss_history(trainer), trainer
 
 
 def project_config(cfg: BenchConfig, model_dir: Path, out_dir: str, device: str, extra: tuple[str, ...] = ()):
     """The PipelineConfig the project variants train with: the schema's fast defaults plus the bench's batch
     geometry, validated exactly like a flow run's config (so `--project-set` typos fail the same way)."""
-    import yaml
-
     from pipeline_config.schema import load_pipeline_config
 
     micro_rows = max(1, cfg.project_micro_batch_tokens // cfg.seq_len)
@@ -453,39 +384,36 @@ def project_config(cfg: BenchConfig, model_dir: Path, out_dir: str, device: str,
         "quantization": {"compute_dtype": "bfloat16", "double_quant": True},
         "data": {"source": "bench:synthetic"},
         "training": {
+            **_bench_training(cfg, device),
             "output_dir": out_dir,
-            "max_steps": cfg.warmup_steps + cfg.steps + cfg.profile_steps,
             "per_device_train_batch_size": micro_rows,
             "gradient_accumulation_steps": accumulation,
             "max_seq_length": cfg.seq_len,
-            "learning_rate": cfg.learning_rate,
             "warmup_ratio": 0.03,
-            "logging_steps": 1,
-            "save_steps": 0,
-            "resume": "never",
-            "seed": cfg.seed,
-            "device": device,
         },
     }
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(raw, f)
-    try:
-        return load_pipeline_config(f.name, [*extra, *cfg.project_overrides])
-    finally:
-        os.unlink(f.name)
+    return load_pipeline_config(raw, [*extra, *cfg.project_overrides])
 
 
 def run_project(cfg, pipeline_cfg, tokenizer, dataset, device, timer):
-    """Variant (3): exactly the flow's load-quantized-model -> wrap-lora -> train-adapter functions."""
-    from tasks.data import DatasetSplits
-    from tasks.model import load_quantized_model, wrap_lora
-    from tasks.train import train_adapter
+    """Variant (3): exactly the flow's load-quantized-model -> train-adapter functions."""
+    from qlora.data import DatasetSplits
+    from qlora.model import load_quantized_model
+    from qlora.model_source import resolve_model_source
+    from qlora.train import train_adapter
 
-    model = load_quantized_model(pipeline_cfg.model, pipeline_cfg.quantization, device, pipeline_cfg.training.attention)
-    model, lora_config = wrap_lora(model, pipeline_cfg.lora, pipeline_cfg.training)
+    t = pipeline_cfg.training
+    model = load_quantized_model(
+        resolve_model_source(pipeline_cfg.model),
+        pipeline_cfg.quantization,
+        device,
+        t.attention,
+        upcast_base_to_fp32=pipeline_cfg.lora.upcast_base_to_fp32,
+        gradient_checkpointing=t.gradient_checkpointing,
+    )
     splits = DatasetSplits(train=dataset, eval=dataset.select(range(1)), kind="text", digest="bench", source="bench")
     result = train_adapter(
-        model, splits, lora_config, tokenizer, pipeline_cfg.training, device, extra_callbacks=[timer]
+        model, splits, tokenizer, pipeline_cfg.lora, t, device, extra_callbacks=[timer], disable_tqdm=True
     )
     return result.model, result.loss_history, None
 
@@ -502,18 +430,6 @@ def _free() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-
-
-@contextlib.contextmanager
-def _restore_llama_rope():
-    """Liger patches modeling_llama.apply_rotary_pos_emb module-wide; keep that from leaking into later variants."""
-    from transformers.models.llama import modeling_llama
-
-    saved = modeling_llama.apply_rotary_pos_emb
-    try:
-        yield
-    finally:
-        modeling_llama.apply_rotary_pos_emb = saved
 
 
 def summarize_profile(prof, top: int = 25) -> dict:
@@ -566,38 +482,39 @@ def run_variant(
     out_dir = tempfile.mkdtemp(prefix=f"qlora-bench-{name}-")
     _free()
     try:
-        with _restore_llama_rope():
-            if name in ("recipe", "trl_best"):
-                settings = recipe_settings(device) if name == "recipe" else trl_best_settings(bench_cfg, device)
-                model, losses, trainer = run_plain_trl(
-                    bench_cfg, settings, model_dir, tokenizer, dataset, device, timer, out_dir
-                )
-                shown = {k: v for k, v in settings.items() if k != "args"} | settings["args"]
+        with restore_llama_rope():
+            if name == "recipe":
+                pcfg = recipe_config(bench_cfg, model_dir, out_dir, device)
+            elif name == "trl_best":
+                pcfg = trl_best_config(bench_cfg, model_dir, out_dir, device)
             else:
                 pcfg = project_config(bench_cfg, model_dir, out_dir, device, PROJECT_EXTRA[name])
+            if name in ("recipe", "trl_best"):
+                model, losses, trainer = run_plain_trl(pcfg, tokenizer, dataset, device, timer)
+            else:
                 model, losses, trainer = run_project(bench_cfg, pcfg, tokenizer, dataset, device, timer)
-                t = pcfg.training
-                shown = {
-                    "lora": pcfg.lora.model_dump(mode="json"),
-                    "quantization": pcfg.quantization.model_dump(mode="json"),
-                    "training": {
-                        k: getattr(t, k)
-                        for k in (
-                            "per_device_train_batch_size",
-                            "gradient_accumulation_steps",
-                            "max_seq_length",
-                            "packing",
-                            "packing_strategy",
-                            "attention",
-                            "liger_kernels",
-                            "fused_lora",
-                            "gradient_checkpointing",
-                            "gradient_checkpointing_layers",
-                            "bf16",
-                            "optim",
-                        )
-                    },
-                }
+            t = pcfg.training
+            shown = {
+                "lora": pcfg.lora.model_dump(mode="json"),
+                "quantization": pcfg.quantization.model_dump(mode="json"),
+                "training": {
+                    k: getattr(t, k)
+                    for k in (
+                        "per_device_train_batch_size",
+                        "gradient_accumulation_steps",
+                        "max_seq_length",
+                        "packing",
+                        "packing_strategy",
+                        "attention",
+                        "liger_kernels",
+                        "fused_lora",
+                        "gradient_checkpointing",
+                        "gradient_checkpointing_layers",
+                        "bf16",
+                        "optim",
+                    )
+                },
+            }
         result = VariantResult(name=name, settings=shown)
         timed = timer.t1 - timer.t0
         tokens = timer.tokens1 - timer.tokens0
@@ -719,11 +636,11 @@ def run_bench(cfg: BenchConfig) -> dict:
     """Build model and data, run each variant, write bench.json + bench.md under cfg.out_dir; return the report."""
     from datasets import Dataset
 
-    from tasks.model import pick_device
+    from qlora.model import pick_device
 
     unknown = [v for v in cfg.variants if v not in VARIANTS]
     if unknown:
-        from tasks.errors import PipelineInputError
+        from qlora.errors import PipelineInputError
 
         raise PipelineInputError(f"unknown bench variant(s) {unknown}: choose from {', '.join(VARIANTS)}")
     device = pick_device(cfg.device)
@@ -799,6 +716,6 @@ def run_bench(cfg: BenchConfig) -> dict:
 def default_tokenizer_dir() -> str:
     """The embedded default model's tokenizer (SmolLM2, converted from the GGUF once), for bundled-data runs."""
     from pipeline_config.schema import load_pipeline_config
-    from tasks.model_source import resolve_model_path
+    from qlora.model_source import resolve_model_path
 
     return str(resolve_model_path(load_pipeline_config().model))

@@ -14,6 +14,10 @@ without an attention mask. What then keeps documents apart depends on the attent
 The model is loaded with SDPA, which evaluation and generation (padded rows with an attention mask) need;
 `packed_training_attention` switches it to 'qlora_varlen' only while SFTTrainer trains on padding-free batches.
 `resolve_attention` picks the training implementation ('auto': varlen on CUDA when torch has it, else SDPA).
+
+Written for transformers 5.24 / torch 2.11-2.13. Internals used (tests/test_integrations.py checks them):
+`AttentionInterface.register`, `transformers.integrations.sdpa_attention.sdpa_attention_forward`, and the private
+`config._attn_implementation`, toggled while training.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+WRITTEN_FOR = {"transformers": "5.24.0", "torch": "2.13.0"}
 VARLEN_ATTENTION = "qlora_varlen"
 
 

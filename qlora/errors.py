@@ -11,14 +11,3 @@ class DataError(PipelineInputError):
 
 class ModelSourceError(PipelineInputError):
     """The base model cannot be found or fetched."""
-
-
-def retry_unless_input_error(task, task_run, state) -> bool:
-    """Prefect retry condition: retry transient failures, never a bad-input error (it would fail again)."""
-    try:
-        state.result()
-    except PipelineInputError:
-        return False
-    except Exception:
-        return True
-    return True

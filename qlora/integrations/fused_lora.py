@@ -9,6 +9,10 @@ model at 8k tokens per micro-batch those passes move ~130 GB per forward, 15% of
 Only the plain case is taken over: one active adapter, vanilla LoRA (no DoRA or other variant), no dropout, no
 LoRA bias, no autocast, matching dtypes, adapters enabled and not merged. Anything else (evaluation of the base
 with the adapter disabled, mixed-adapter batches, an fp32 up-cast model) runs peft's own forward unchanged.
+
+Written for peft 0.21.2 / bitsandbytes 0.50.2: replaces `forward` on each LoRA layer instance and reads peft's
+`LoraLayer` attributes `disable_adapters, merged, active_adapters, lora_A, lora_B, lora_variant, lora_dropout,
+scaling, base_layer` (tests/test_integrations.py checks them; tests/test_fast_path.py checks fused == peft).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import types
 
 import torch
+
+WRITTEN_FOR = {"peft": "0.21.2", "bitsandbytes": "0.50.2"}
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

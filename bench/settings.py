@@ -1,0 +1,46 @@
+"""What `qlora-flow bench` can measure: architectures, batch geometry, variants, and one invocation's settings.
+
+Imports nothing heavy, so the CLI can build its parser from these without loading torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ARCHITECTURES: dict[str, dict] = {
+    # Llama-2-7B / 13B shapes (meta-llama/Llama-2-*-hf config.json)
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+    # learns in a few hundred steps on one GPU: the loss-curve comparison
+    "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
+    # CPU smoke test
+    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
+}
+# Batch geometry per architecture where the defaults (16k tokens/step in 2048-token rows) do not fit: the tiny
+# model is a CPU smoke test, where a 16k-token step through a 32k-vocabulary head takes ~25 s on two cores.
+GEOMETRY = {"tiny": dict(seq_len=1024, tokens_per_step=2048, project_micro_batch_tokens=1024, warmup_steps=1)}
+VARIANTS = ("recipe", "trl_best", "project", "project_lean", "project_fp32")
+DEFAULT_VARIANTS = ("recipe", "trl_best", "project", "project_lean")
+
+
+@dataclass
+class BenchConfig:
+    """What one `qlora-flow bench` invocation measures."""
+
+    model: str = "llama2-7b"
+    device: str = "auto"
+    steps: int = 10  # timed optimizer steps per variant
+    warmup_steps: int = 2  # untimed steps first (allocator, kernel autotuning, Liger's Triton compiles)
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
+    data: str = "synthetic"  # or 'bundled'
+    tokenizer_dir: str | None = None  # bundled data: a saved tokenizer folder (default: the default config's)
+    seq_len: int = 2048  # packed row length for trl_best / project
+    tokens_per_step: int = 16384  # packed tokens per optimizer step for trl_best / project
+    project_micro_batch_tokens: int = 8192  # project's micro-batch (gradient accumulation makes up the rest)
+    check_packing: bool = False  # first compare the project model's packed vs per-document loss
+    learning_rate: float = 2e-4
+    project_overrides: tuple[str, ...] = ()  # `section.key=value` for the project variants
+    model_dir: str = ".cache/bench-models"
+    out_dir: str = "bench-results"
+    profile_steps: int = 0  # profile this many steps of the project variant after timing
+    seed: int = 0

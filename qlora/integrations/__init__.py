@@ -1,0 +1,15 @@
+"""Code that reaches into another library's private internals, all of it here.
+
+Each module names the versions it was written against (`WRITTEN_FOR`) and tests/test_integrations.py checks, on the
+installed versions, that every private name it relies on still exists with the shape it expects: an upgrade that
+breaks one fails there, loudly, before it silently changes a run.
+
+| module | library | what it overrides |
+| --- | --- | --- |
+| trainer.py | transformers Trainer | `_save_checkpoint`, `_load_from_checkpoint`, `_get_output_dir`; |
+| | | the `gradient_checkpointing` flag of decoder layers |
+| attention.py | transformers | registers an attention function; toggles `config._attn_implementation` while training |
+| fused_lora.py | peft LoRA layers over bitsandbytes Linear4bit | replaces each layer's `forward` on the instance |
+| liger.py | Liger kernels / transformers' Llama module | undoes Liger's module-wide RoPE patch (bench) |
+| mlflow_pyfunc.py | MLflow pyfunc | `_skip_type_hint_validation` on the served model class |
+"""

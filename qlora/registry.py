@@ -1,0 +1,170 @@
+"""Register the adapter in the MLflow model registry and move the `champion` / `challenger` aliases.
+
+Format: an MLflow pyfunc model (`QLoRAChatModel`, qlora/serving.py) whose artifact is the adapter folder (LoRA
+safetensors, tokenizer with its chat template, resolved config, checksums); the base weights are not copied. The
+base is named in the model config and the version tags: a hub id + revision, or a local path + the content digest
+of its weights.
+Why pyfunc and not the transformers flavor: the flavor's PEFT support references the base by hub id only; the
+embedded default's base is a local conversion of a GGUF file, and every base here must be re-loaded in 4-bit with
+the run's BitsAndBytesConfig, which pyfunc's `load_context` does.
+
+Champion rule: the new version always becomes `challenger`; it becomes `champion` when there is none, or when the
+champion was trained on the same dataset digest and the new version's metric is better (config: metric, direction).
+A champion of another dataset is never displaced.
+"""
+
+from __future__ import annotations
+
+import getpass
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from pipeline_config.schema import PipelineConfig
+from qlora.model_source import ModelSource
+from qlora.save import adapter_checksum
+from qlora.serving import QLoRAChatModel
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_model_name(cfg: PipelineConfig) -> str:
+    base = Path(cfg.model.gguf_file or cfg.model.name_or_path.rstrip("/")).stem.split("/")[-1]
+    data = Path(cfg.data.source.split(":")[-1]).stem.split("/")[-1]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{base}-{data}").strip("-")
+
+
+@dataclass
+class PromotionDecision:
+    version: str
+    became_champion: bool
+    reason: str
+    candidate_metric: float | None
+    champion_metric: float | None
+    previous_champion: str | None
+
+
+def decide_champion(
+    client: MlflowClient, name: str, version: str, metric: float | None, digest: str, cfg: PipelineConfig
+) -> PromotionDecision:
+    """Apply the champion rule (module docstring) and move the aliases."""
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        current = None
+    champion_metric = None
+    if current is None:
+        won, reason = True, "no champion yet"
+    elif current.tags.get("dataset_digest") != digest:
+        won, reason = False, f"champion v{current.version} was trained on another dataset digest; not compared"
+    else:
+        raw = current.tags.get(f"metric.{cfg.registry.metric}")
+        champion_metric = float(raw) if raw is not None else None
+        if metric is None:
+            won, reason = False, f"this run has no {cfg.registry.metric}"
+        elif champion_metric is None:
+            won, reason = True, f"champion v{current.version} has no {cfg.registry.metric}"
+        else:
+            better = metric > champion_metric if cfg.registry.greater_is_better else metric < champion_metric
+            won = better
+            verdict = "beats" if better else "does not beat"
+            reason = f"{cfg.registry.metric} {metric:.4f} {verdict} champion v{current.version}'s {champion_metric:.4f}"
+    if won:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    return PromotionDecision(version, won, reason, metric, champion_metric, current.version if current else None)
+
+
+def register_adapter(
+    cfg: PipelineConfig,
+    source: ModelSource,
+    adapter_dir: str,
+    metrics: dict[str, float],
+    dataset_digest: str,
+    adapter_dtype: str,
+) -> PromotionDecision:
+    """Log the pyfunc model into the active run, register a version, tag it, and move the aliases."""
+    from qlora.tracking import store_lock
+
+    # Runs that finish together must not both see "no champion" and both take the alias (tracking.store_lock).
+    with store_lock(mlflow.get_tracking_uri()):
+        return _register_adapter(cfg, source, adapter_dir, metrics, dataset_digest, adapter_dtype)
+
+
+def _register_adapter(cfg, source: ModelSource, adapter_dir, metrics, dataset_digest, adapter_dtype):
+    from qlora.provenance import git_commit, library_versions
+
+    name = cfg.registry.model_name or default_model_name(cfg)
+    base_path = source.path
+    base_is_local = source.is_local
+    base_tags = (
+        {"base_model_path": str(Path(base_path).resolve()), "base_model_digest": source.digest or ""}
+        if base_is_local
+        else {"base_model_id": base_path, "base_model_revision": cfg.model.revision or "main"}
+    )
+    adapter_sha = adapter_checksum(Path(adapter_dir))
+    versions = library_versions()
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=QLoRAChatModel(),
+        artifacts={"adapter": adapter_dir},
+        code_paths=[str(REPO_ROOT / "qlora"), str(REPO_ROOT / "pipeline_config")],
+        model_config={
+            "base_model": str(Path(base_path).resolve()) if base_is_local else base_path,
+            "base_revision": None if base_is_local else cfg.model.revision,
+            "quantization": cfg.quantization.model_dump(mode="json"),
+            "adapter_dtype": adapter_dtype,
+            "upcast_base_to_fp32": cfg.lora.upcast_base_to_fp32,
+            "adapter_sha256": adapter_sha,
+            "max_new_tokens": cfg.registry.max_new_tokens,
+        },
+        pip_requirements=[f"{k}=={v}" for k, v in versions.items() if v != "missing"],
+        registered_model_name=name,
+        # MLflow would tag the logged model with $MLFLOW_TRACKING_USERNAME (a credential): name the OS user instead.
+        tags={"mlflow.user": getpass.getuser()},
+    )
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    tags = {
+        **base_tags,
+        "dataset_digest": dataset_digest,
+        "dataset_source": cfg.data.source,
+        "git_commit": git_commit(),
+        "adapter_sha256": adapter_sha,
+        "run_id": mlflow.active_run().info.run_id,
+        **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
+        **{f"version.{k}": v for k, v in versions.items()},
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    base_desc = base_tags.get("base_model_id") or base_tags["base_model_path"]
+    client.update_model_version(
+        name, version, description=f"QLoRA adapter on {base_desc}, data {cfg.data.source} (digest {dataset_digest})."
+    )
+    decision = decide_champion(client, name, version, metrics.get(cfg.registry.metric), dataset_digest, cfg)
+    mlflow.set_tags(
+        {
+            "registry.model_name": name,
+            "registry.version": version,
+            "registry.decision": "champion" if decision.became_champion else "challenger",
+            "registry.reason": decision.reason,
+        }
+    )
+    if decision.candidate_metric is not None:
+        mlflow.log_metric("registry.candidate_metric", decision.candidate_metric)
+    if decision.champion_metric is not None:
+        mlflow.log_metric("registry.champion_metric", decision.champion_metric)
+    return decision
+
+
+def promote(name: str, version: str, reason: str, tracking_uri: str | None = None) -> None:
+    """Move `champion` by hand; the reason is kept as a version tag."""
+    client = MlflowClient(tracking_uri)
+    client.get_model_version(name, version)  # raises a clear MlflowException if it does not exist
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_model_version_tag(name, version, "promoted_by_hand_reason", reason)

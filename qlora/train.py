@@ -1,0 +1,218 @@
+"""Step 5: train the LoRA adapter with TRL's SFTTrainer.
+
+The trainer gets the five things the original recipe passes: model, dataset, LoRA config, tokenizer and
+training arguments. Recipe argument names are mapped onto the installed transformers (v5 folded
+`warmup_ratio` into `warmup_steps` and replaced `group_by_length` with `train_sampling_strategy`).
+Training loss per logging step reaches MLflow through transformers' own MLflowCallback (`report_to`).
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTConfig
+
+from pipeline_config.schema import LoraAdapterConfig, TrainingConfig
+from qlora.data import DatasetSplits
+from qlora.errors import PipelineInputError
+from qlora.integrations.attention import packed_training_attention, resolve_attention
+from qlora.integrations.fused_lora import fuse_lora_layers
+from qlora.integrations.trainer import AtomicCheckpointSFTTrainer, CheckpointFirstLayers
+from qlora.model import build_lora_config
+from qlora.run_folder import write_fingerprint
+
+
+@dataclass
+class TrainResult:
+    """The trained PEFT model (in memory) and what the run measured."""
+
+    model: PreTrainedModel
+    metrics: dict[str, float]
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+    train_dataset: object = None  # the tokenized rows SFTTrainer trained on
+    resumed_from: str | None = None  # checkpoint folder training continued from, if any
+    adapter_dtype: str = "float32"  # dtype the trained LoRA weights are kept in (SFTTrainer: bf16 for QLoRA)
+
+
+class RunLoggerProgress(TrainerCallback):
+    """Training progress (step, loss, learning rate, ETA) into `log` (the Prefect run log, from the task)."""
+
+    def __init__(self, log: logging.Logger | logging.LoggerAdapter | None = None) -> None:
+        self.log = log or logging.getLogger(__name__)
+        self.started = time.perf_counter()
+        self.first_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.first_step = time.perf_counter(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        done = state.global_step - self.first_step
+        elapsed = time.perf_counter() - self.started
+        eta_s = elapsed / done * (state.max_steps - state.global_step) if done else float("nan")
+        self.log.info(
+            "step %d/%d loss %.4f lr %.3g elapsed %.0fs ETA %.0fs",
+            state.global_step,
+            state.max_steps,
+            logs["loss"],
+            logs.get("learning_rate", float("nan")),
+            elapsed,
+            eta_s,
+        )
+
+
+def use_liger_kernels(requested: bool | str, device: str) -> bool:
+    """Resolve `training.liger_kernels`: 'auto' = on CUDA when liger-kernel is installed."""
+    import importlib.util
+
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if requested == "auto":
+        return device == "cuda" and installed
+    if requested and not installed:
+        raise PipelineInputError("training.liger_kernels is true but liger-kernel is not installed: pip install it")
+    return bool(requested)
+
+
+def latest_complete_checkpoint(run_dir: str) -> str | None:
+    """Newest `checkpoint-N` folder of a run folder (only complete ones exist, see AtomicCheckpointSFTTrainer)."""
+    return get_last_checkpoint(run_dir) if Path(run_dir).is_dir() else None
+
+
+def build_sft_config(
+    cfg: TrainingConfig, device: str, output_dir: str, report_to_mlflow: bool = False, **overrides
+) -> SFTConfig:
+    """SFTConfig from the recipe-named TrainingConfig; checkpoints go to `output_dir` (the run folder). `overrides`
+    replace single arguments (the bench: no saving, a log line per step)."""
+    args = dict(
+        output_dir=output_dir,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        # Non-reentrant checkpointing needs no input that requires grad and works with frozen 4-bit layers.
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        use_liger_kernel=use_liger_kernels(cfg.liger_kernels, device),
+        max_grad_norm=cfg.max_grad_norm,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        optim=cfg.optim,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a value below 1 is a fraction of the total steps
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        logging_steps=cfg.logging_steps,
+        max_length=cfg.max_seq_length,
+        packing=cfg.packing,
+        bf16=cfg.bf16,
+        fp16=cfg.fp16,
+        seed=cfg.seed,
+        use_cpu=device == "cpu",
+        dataloader_pin_memory=device != "cpu",
+        include_num_input_tokens_seen="non_padding",
+        eval_strategy="no",
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=cfg.save_total_limit,
+        packing_strategy=cfg.packing_strategy,
+        completion_only_loss=cfg.completion_only_loss,
+        report_to=["mlflow"] if report_to_mlflow else "none",
+        disable_tqdm=not sys.stderr.isatty(),
+    )
+    return SFTConfig(**(args | overrides))
+
+
+def loss_history(trainer) -> list[tuple[int, float]]:
+    """(optimizer step, training loss) of every logging step."""
+    return [(h["step"], float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
+
+
+def _layer_callbacks(cfg: TrainingConfig) -> list[TrainerCallback]:
+    if cfg.gradient_checkpointing:
+        return [CheckpointFirstLayers(cfg.gradient_checkpointing_layers)]
+    return []
+
+
+def peak_memory_bytes(device: str) -> int:
+    """Peak accelerator memory on CUDA, else the process's peak resident set size."""
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def train_adapter(
+    model: PreTrainedModel,
+    data: DatasetSplits,
+    tokenizer: PreTrainedTokenizerBase,
+    lora_cfg: LoraAdapterConfig,
+    cfg: TrainingConfig,
+    device: str,
+    report_to_mlflow: bool = False,
+    extra_callbacks: list[TrainerCallback] | None = None,
+    run_dir: str | None = None,
+    fingerprint: dict | None = None,
+    log: logging.Logger | logging.LoggerAdapter | None = None,
+    **sft_overrides,
+) -> TrainResult:
+    """Apply LoRA to the 4-bit `model` and train it with SFTTrainer; returns the PEFT model and its metrics.
+
+    LoRA is applied in this one place: SFTTrainer wraps the model with `build_lora_config(lora_cfg)` (peft's
+    get_peft_model), then keeps the adapter in bf16 as QLoRA does. If training fails, the adapter is unloaded again
+    (peft's `unload`), so a retry gets the same base model back without reloading it.
+
+    With `run_dir` (the flow's run folder, which this process holds): checkpoints go there, training continues from
+    its newest complete checkpoint if it has one (a resumed run, or a retry of this task), and a fresh start writes
+    `fingerprint` there first. Without it (bench, tests): `training.output_dir`, always from step 0.
+    """
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    resume_from = latest_complete_checkpoint(run_dir) if run_dir else None
+    if run_dir and resume_from is None and fingerprint is not None:
+        write_fingerprint(run_dir, fingerprint)
+    trainer = AtomicCheckpointSFTTrainer(
+        model=model,
+        args=build_sft_config(cfg, device, run_dir or cfg.output_dir, report_to_mlflow, **sft_overrides),
+        train_dataset=data.train,
+        peft_config=build_lora_config(lora_cfg),
+        processing_class=tokenizer,
+        callbacks=[RunLoggerProgress(log), *_layer_callbacks(cfg), *(extra_callbacks or [])],
+    )
+    if cfg.fused_lora:
+        fuse_lora_layers(trainer.model)
+    started = time.perf_counter()
+    padding_free = bool(getattr(trainer, "padding_free", False))
+    try:
+        with packed_training_attention(trainer.model, resolve_attention(cfg.attention, device), padding_free):
+            output = trainer.train(resume_from_checkpoint=resume_from)
+    except BaseException:
+        trainer.model.unload()  # the base model without LoRA layers, as it came in
+        raise
+    wall_s = time.perf_counter() - started
+    tokens = float(trainer.state.num_input_tokens_seen)  # restored from the checkpoint when resuming
+    metrics = {
+        "train_loss": float(output.training_loss),
+        "train_runtime_s": wall_s,
+        "train_steps": float(trainer.state.global_step),
+        "train_tokens": tokens,
+        "train_tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
+        "train_peak_memory_mib": peak_memory_bytes(device) / 2**20,
+    }
+    trainer.model.eval()
+    return TrainResult(
+        model=trainer.model,
+        metrics=metrics,
+        loss_history=loss_history(trainer),
+        train_dataset=trainer.train_dataset,
+        resumed_from=resume_from,
+        adapter_dtype=next(
+            str(p.dtype).removeprefix("torch.") for n, p in trainer.model.named_parameters() if "lora_" in n
+        ),
+    )
