@@ -347,19 +347,12 @@ def run_plain_trl(pipeline_cfg, tokenizer, dataset, device, timer):
     the project's training code (no varlen attention, fused LoRA, partial checkpointing or atomic checkpoints)."""
     from trl import SFTTrainer
 
-    from qlora.model import build_lora_config, load_quantized_model
+    from qlora.model import build_lora_config, load_base_for_training
     from qlora.model_source import resolve_model_source
     from qlora.train import build_sft_config, loss_history
 
     t = pipeline_cfg.training
-    model = load_quantized_model(
-        resolve_model_source(pipeline_cfg.model),
-        pipeline_cfg.quantization,
-        device,
-        t.attention,
-        upcast_base_to_fp32=pipeline_cfg.lora.upcast_base_to_fp32,
-        gradient_checkpointing=t.gradient_checkpointing,
-    )
+    model = load_base_for_training(resolve_model_source(pipeline_cfg.model), pipeline_cfg, device)
     trainer = SFTTrainer(
         model=model,
         args=build_sft_config(t, device, t.output_dir, disable_tqdm=True),
@@ -398,19 +391,12 @@ def project_config(cfg: BenchConfig, model_dir: Path, out_dir: str, device: str,
 def run_project(cfg, pipeline_cfg, tokenizer, dataset, device, timer):
     """Variant (3): exactly the flow's load-quantized-model -> train-adapter functions."""
     from qlora.data import DatasetSplits
-    from qlora.model import load_quantized_model
+    from qlora.model import load_base_for_training
     from qlora.model_source import resolve_model_source
     from qlora.train import train_adapter
 
     t = pipeline_cfg.training
-    model = load_quantized_model(
-        resolve_model_source(pipeline_cfg.model),
-        pipeline_cfg.quantization,
-        device,
-        t.attention,
-        upcast_base_to_fp32=pipeline_cfg.lora.upcast_base_to_fp32,
-        gradient_checkpointing=t.gradient_checkpointing,
-    )
+    model = load_base_for_training(resolve_model_source(pipeline_cfg.model), pipeline_cfg, device)
     splits = DatasetSplits(train=dataset, eval=dataset.select(range(1)), kind="text", digest="bench", source="bench")
     result = train_adapter(
         model, splits, tokenizer, pipeline_cfg.lora, t, device, extra_callbacks=[timer], disable_tqdm=True
@@ -716,6 +702,6 @@ def run_bench(cfg: BenchConfig) -> dict:
 def default_tokenizer_dir() -> str:
     """The embedded default model's tokenizer (SmolLM2, converted from the GGUF once), for bundled-data runs."""
     from pipeline_config.schema import load_pipeline_config
-    from qlora.model_source import resolve_model_path
+    from qlora.model_source import resolve_model_source
 
-    return str(resolve_model_path(load_pipeline_config().model))
+    return resolve_model_source(load_pipeline_config().model).path

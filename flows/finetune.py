@@ -77,9 +77,7 @@ def finetune(
             metrics = log_results_task(cfg, trained, comparison, adapter_dir)
             decision = None
             if cfg.registry.enabled:
-                decision = register_adapter_task(
-                    cfg, source, adapter_dir, metrics, data.digest, trained.adapter_dtype
-                )
+                decision = register_adapter_task(cfg, source, adapter_dir, metrics, data.digest, trained.adapter_dtype)
             publish_summary_task(cfg, comparison, adapter_dir, data.digest, run, decision)
     return {
         "base": comparison.base.metrics,

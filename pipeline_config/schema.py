@@ -270,7 +270,7 @@ class TrainingConfig(_Section):
         default=True,
         description="One GEMM per LoRA layer for base + scaled adapter output (add and scaling in the GEMM "
         "epilogue, no defensive copy) instead of peft's three extra passes over each layer's output; peft's own "
-        "forward still runs wherever the fused one does not apply (tasks/fused_lora.py).",
+        "forward still runs wherever the fused one does not apply (qlora/integrations/fused_lora.py).",
     )
     bf16: bool = Field(default=False, description="bfloat16 mixed precision.")
     fp16: bool = Field(default=False, description="float16 mixed precision.")

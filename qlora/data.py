@@ -1,4 +1,4 @@
-"""Step 1: load the dataset (train + held-out split) and bring every row to one of TRL's formats.
+"""Load the dataset (train + held-out split) and bring every row to one of TRL's formats.
 
 Sources: the bundled generator ('bundled:orders'), local jsonl/json/csv/parquet files, or a hub dataset id.
 Formats in: `messages`, `text`, alpaca (`instruction`/`input`/`output`), `prompt`/`completion`.

@@ -1,4 +1,4 @@
-"""Step 6: evaluate the base and the fine-tuned model side by side on the held-out rows.
+"""Evaluate the base and the fine-tuned model side by side on the held-out rows.
 
 - eval loss / perplexity over the answer tokens (prompt tokens are masked, as in completion-only scoring;
   'text' rows without a response template are scored over the whole text);

@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
-from pipeline_config.schema import LoraAdapterConfig, QuantizationConfig
+from pipeline_config.schema import LoraAdapterConfig, PipelineConfig, QuantizationConfig
 from qlora.errors import PipelineInputError
 from qlora.integrations.attention import load_attention, resolve_attention
 from qlora.model_source import ModelSource, hub_token
@@ -69,6 +69,18 @@ def load_quantized_model(
     if upcast_base_to_fp32:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     return model
+
+
+def load_base_for_training(source: ModelSource, cfg: PipelineConfig, device: str) -> PreTrainedModel:
+    """`load_quantized_model` with a run's settings (quantization, attention, fp32 up-casts, checkpointing)."""
+    return load_quantized_model(
+        source,
+        cfg.quantization,
+        device,
+        cfg.training.attention,
+        upcast_base_to_fp32=cfg.lora.upcast_base_to_fp32,
+        gradient_checkpointing=cfg.training.gradient_checkpointing,
+    )
 
 
 def build_lora_config(cfg: LoraAdapterConfig) -> LoraConfig:

@@ -27,7 +27,6 @@ from mlflow.exceptions import MlflowException
 from pipeline_config.schema import PipelineConfig
 from qlora.model_source import ModelSource
 from qlora.save import adapter_checksum
-from qlora.serving import QLoRAChatModel
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -98,6 +97,7 @@ def register_adapter(
 
 def _register_adapter(cfg, source: ModelSource, adapter_dir, metrics, dataset_digest, adapter_dtype):
     from qlora.provenance import git_commit, library_versions
+    from qlora.serving import QLoRAChatModel
 
     name = cfg.registry.model_name or default_model_name(cfg)
     base_path = source.path

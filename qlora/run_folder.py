@@ -7,7 +7,7 @@ adapter, markers) may be read or overwritten by another run. A run folder holds:
     run.json          who started it: flow run id and name, start time, MLflow run ids, host, pid
     fingerprint.json  what is being trained (written when training starts): resolved config without neutral fields,
                       data digest, base model digest, and the versions of the libraries that change numerics
-    checkpoint-N/     complete checkpoints only (tasks/train.py writes them atomically)
+    checkpoint-N/     complete checkpoints only (qlora/integrations/trainer.py writes them atomically)
     adapter/          the saved adapter; RUN_FINISHED once it is in place
 
 Resume (`training.resume: auto`): a new flow run continues the newest unfinished run folder only if no live
@@ -179,7 +179,7 @@ def _now_iso() -> str:
 
 
 def checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (only complete ones exist: tasks/train.py renames them into place)."""
+    """Complete checkpoints, oldest first (only complete ones exist: they are renamed into place)."""
     steps = {p: p.name.removeprefix(CHECKPOINT_PREFIX) for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()}
     return sorted((p for p, step in steps.items() if step.isdigit()), key=lambda p: int(steps[p]))
 

@@ -1,4 +1,4 @@
-"""Step 5: train the LoRA adapter with TRL's SFTTrainer.
+"""Train the LoRA adapter with TRL's SFTTrainer, which applies LoRA to the 4-bit base (the one place that does).
 
 The trainer gets the five things the original recipe passes: model, dataset, LoRA config, tokenizer and
 training arguments. Recipe argument names are mapped onto the installed transformers (v5 folded

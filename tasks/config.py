@@ -7,7 +7,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline_config.schema import ModelConfig, PipelineConfig, load_pipeline_config
 from qlora.model_source import ModelSource, resolve_model_source
-from tasks.retries import retry_unless_input_error
+from tasks.retries import DOWNLOAD_STEP
 
 
 @task(name="validate-config", cache_policy=NO_CACHE, persist_result=False)
@@ -23,15 +23,7 @@ def validate_config_task(
     return config
 
 
-@task(
-    name="resolve-model-source",
-    timeout_seconds=3600,  # a hung hub check or a long GGUF conversion fails and is retried
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=2,
-    retry_delay_seconds=[10, 60],
-    retry_condition_fn=retry_unless_input_error,
-)
+@task(name="resolve-model-source", **DOWNLOAD_STEP, retry_delay_seconds=[10, 60])
 def resolve_model_source_task(model_cfg: ModelConfig) -> ModelSource:
     """Once per run: check the base model, convert a GGUF once (cached), digest its weights."""
     return resolve_model_source(model_cfg)

@@ -127,3 +127,34 @@ def test_module_entry_point_rejects_bad_config_with_exit_2(tmp_path):
     )
     assert result.returncode == 2
     assert "lora.alpha" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_overrides_are_typed_against_the_schema(tiny_config_file):
+    """A string field takes the text as it is; other fields read it as YAML."""
+    cfg = load_pipeline_config(
+        tiny_config_file,
+        [
+            "data.response_template=[/INST]",  # YAML would make this a list
+            "model.revision=123",  # and this an int
+            "lora.target_modules=[q_proj, v_proj]",
+            "training.max_steps=3",
+            "training.liger_kernels=auto",
+            "training.bf16=false",
+        ],
+    )
+    assert cfg.data.response_template == "[/INST]" and cfg.model.revision == "123"
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.training.max_steps == 3
+    assert cfg.training.liger_kernels == "auto" and cfg.training.bf16 is False
+
+
+def test_config_loads_from_a_mapping_with_typed_overrides(tiny_llama_dir, tmp_path):
+    from pipeline_config.schema import ConfigError
+    from tests.conftest import tiny_config_dict
+
+    raw = tiny_config_dict(tiny_llama_dir, tmp_path)
+    cfg = load_pipeline_config(raw, {"training.max_steps": 4, "data.source": "/data/new file.jsonl"})
+    assert cfg.training.max_steps == 4 and cfg.data.source == "/data/new file.jsonl"
+    assert raw["training"]["max_steps"] == 6  # the caller's mapping is not modified
+    assert load_pipeline_config(cfg.model_dump(mode="json")) == cfg  # a config round-trips as data
+    with pytest.raises(ConfigError, match="training.learning_rte: unknown key"):
+        load_pipeline_config(raw, {"training.learning_rte": 1e-3})

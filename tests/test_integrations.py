@@ -1,0 +1,121 @@
+"""Every private name of another library that qlora/integrations/ relies on still exists with the shape it expects.
+
+An upgrade that renames or reshapes one fails here, loudly, with the module and the name, before it silently changes
+a run. (Behaviour is tested elsewhere: atomic checkpoints and resume in test_resume.py, fused LoRA = peft and packed =
+per-document loss in test_fast_path.py, the served model's input check in test_serving.py.)
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+
+import pytest
+from packaging.version import Version
+
+from qlora.integrations import attention, fused_lora, liger, mlflow_pyfunc, trainer
+
+MODULES = [attention, fused_lora, liger, mlflow_pyfunc, trainer]
+
+
+def _params(func) -> list[str]:
+    return list(inspect.signature(func).parameters)
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_each_integration_names_the_versions_it_was_written_for(module):
+    assert module.WRITTEN_FOR, module.__name__
+    for package, version in module.WRITTEN_FOR.items():
+        Version(version)  # a real version string
+        if package == "liger-kernel":
+            continue  # a GPU-only extra, not installed in CI
+        installed = Version(importlib.metadata.version(package))
+        # Same major version: a new major is an upgrade someone must re-check these overrides against.
+        assert installed.major == Version(version).major, f"{module.__name__}: {package} {installed} vs {version}"
+
+
+def test_trainer_private_hooks():
+    from transformers import Trainer
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    assert _params(Trainer._save_checkpoint) == ["self", "model", "trial"]
+    assert _params(Trainer._load_from_checkpoint)[:3] == ["self", "resume_from_checkpoint", "model"]
+    assert _params(Trainer._get_output_dir) == ["self", "trial"]
+    # the per-layer flag CheckpointFirstLayers sets: read by the wrapped forward of every decoder layer
+    assert GradientCheckpointingLayer.gradient_checkpointing is False
+    assert "self.gradient_checkpointing" in inspect.getsource(inspect.getmodule(GradientCheckpointingLayer))
+    # Where SFTTrainer overrides a hook we wrap, it must still hand over to Trainer's (ours runs around both).
+    from trl import SFTTrainer
+
+    for name in ("_save_checkpoint", "_load_from_checkpoint", "_get_output_dir"):
+        ours = getattr(SFTTrainer, name)
+        if ours is not getattr(Trainer, name):
+            assert _params(ours) == _params(getattr(Trainer, name)), name
+            assert f"super().{name}(" in inspect.getsource(ours), name
+    assert issubclass(trainer.AtomicCheckpointSFTTrainer, SFTTrainer)
+
+
+def test_attention_interface():
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    assert callable(AttentionInterface.register)
+    assert _params(sdpa_attention_forward)[:5] == ["module", "query", "key", "value", "attention_mask"]
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=8, num_attention_heads=2, num_hidden_layers=1, intermediate_size=8)
+    assert hasattr(config, "_attn_implementation")  # toggled while training
+
+
+def test_peft_lora_layer_attributes_used_by_the_fused_forward(tiny_llama_dir):
+    import torch
+    from bitsandbytes.nn import Linear4bit
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    from pipeline_config.schema import LoraAdapterConfig, ModelConfig, QuantizationConfig
+    from qlora.model import build_lora_config, load_quantized_model
+    from qlora.model_source import resolve_model_source
+
+    base = load_quantized_model(
+        resolve_model_source(ModelConfig(name_or_path=str(tiny_llama_dir))),
+        QuantizationConfig(compute_dtype="float32"),
+        "cpu",
+    )
+    model = get_peft_model(base, build_lora_config(LoraAdapterConfig(r=4)))
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert layers and all(isinstance(m.get_base_layer(), Linear4bit) for m in layers)
+    for attr in (
+        "disable_adapters",
+        "merged",
+        "active_adapters",
+        "lora_A",
+        "lora_B",
+        "lora_variant",
+        "lora_dropout",
+        "scaling",
+        "base_layer",
+    ):
+        assert hasattr(layers[0], attr), attr
+    assert fused_lora.fuse_lora_layers(model) == len(layers)
+    x = torch.randn(1, 3, 64)
+    assert layers[0](x).shape == (1, 3, layers[0].out_features)
+
+
+def test_liger_patch_target_exists():
+    from transformers.models.llama import modeling_llama
+
+    assert callable(modeling_llama.apply_rotary_pos_emb)
+    with liger.restore_llama_rope():
+        modeling_llama.apply_rotary_pos_emb = None
+    assert callable(modeling_llama.apply_rotary_pos_emb)
+
+
+def test_mlflow_reads_the_skip_flag():
+    import mlflow.pyfunc.model
+
+    from qlora.serving import QLoRAChatModel
+
+    source = inspect.getsource(mlflow.pyfunc.model)
+    assert mlflow_pyfunc.SKIP_FLAG in source, "MLflow no longer reads _skip_type_hint_validation"
+    assert getattr(QLoRAChatModel, mlflow_pyfunc.SKIP_FLAG) is True
