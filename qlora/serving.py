@@ -10,14 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow.exceptions import MlflowException
 
-from qlora.integrations.mlflow_pyfunc import check_input_in_predict
+from qlora.integrations.mlflow_pyfunc import SelfCheckingPythonModel
 
 
-@check_input_in_predict
-class QLoRAChatModel(mlflow.pyfunc.PythonModel):
+class QLoRAChatModel(SelfCheckingPythonModel):
     """Base model in 4-bit + the run's LoRA adapter; `predict` takes prompts and returns generated text."""
 
     # Input contract. `predict`'s type hints are what MLflow 3 records as the signature (log_model infers it from
@@ -30,7 +28,7 @@ class QLoRAChatModel(mlflow.pyfunc.PythonModel):
     # a bad input raises MlflowException(INVALID_PARAMETER_VALUE), which the scoring server answers with a 400
     # and a message. With a type-hint signature the server reads only {"inputs": ...} (its dataframe_* request
     # formats are refused); a DataFrame with a `prompt` / `messages` column still works in-process.
-    # (qlora/integrations/mlflow_pyfunc.py sets MLflow's private flag for that.)
+    # (the base class in qlora/integrations/mlflow_pyfunc.py sets MLflow's private flag for that).
 
     def load_context(self, context) -> None:
         import torch
