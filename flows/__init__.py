@@ -1,1 +1,1 @@
-"""Prefect flows: they only wire the tasks in `tasks/`."""
+"""The entry points: the flow (finetune.py) wires the steps in `tasks/`; the CLI and the deployments start it."""
