@@ -57,6 +57,8 @@ deploy: install
 	$(PREFECT_ENV) $(VENV)/bin/prefect work-pool create qlora-process --type process --overwrite
 	$(PREFECT_ENV) $(VENV)/bin/prefect gcl inspect gpu >/dev/null 2>&1 \
 		|| $(PREFECT_ENV) $(VENV)/bin/prefect gcl create gpu --limit $(GPU_SLOTS)
+	$(PREFECT_ENV) $(VENV)/bin/prefect work-pool create qlora-k8s --type kubernetes --overwrite \
+		--base-job-template deploy/kubernetes-gpu-job-template.json
 	$(PREFECT_ENV) PWD=$(CURDIR) $(VENV)/bin/prefect --no-prompt deploy --all
 
 serve: install

@@ -27,6 +27,8 @@ def serve_deployments(include_gpu: bool = False) -> None:
 
     served = []
     for spec in deployment_specs():
+        if spec["work_pool"]["name"] != "qlora-process":
+            continue  # a Kubernetes job runs on the cluster's worker, not in this process
         if spec["work_pool"].get("work_queue_name") == "gpu" and not include_gpu:
             continue
         served.append(

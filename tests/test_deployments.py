@@ -16,9 +16,15 @@ REPO = Path(__file__).resolve().parent.parent
 SPECS = deployment_specs()
 
 
-def test_the_four_deployments_exist():
+def test_the_five_deployments_exist():
     names = {s["name"] for s in SPECS}
-    assert names == {"qlora-default", "qlora-nightly", "qlora-on-dataset-update", "llama2-7b-chat-guanaco-gpu"}
+    assert names == {
+        "qlora-default",
+        "qlora-nightly",
+        "qlora-on-dataset-update",
+        "llama2-7b-chat-guanaco-gpu",
+        "llama2-7b-chat-guanaco-k8s",
+    }
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s["name"])
@@ -40,3 +46,43 @@ def test_gpu_deployment_uses_its_own_queue():
     gpu = next(s for s in SPECS if s["name"] == "llama2-7b-chat-guanaco-gpu")
     assert gpu["work_pool"]["work_queue_name"] == "gpu"
     assert all(s["work_pool"]["work_queue_name"] == "default" for s in SPECS if s is not gpu)
+    assert {s["work_pool"]["name"] for s in SPECS} == {"qlora-process", "qlora-k8s"}
+
+
+def test_kubernetes_job_template_requests_gpus_and_runs_the_flow(prefect_server):
+    """The qlora-k8s work pool's base job template, rendered as the Kubernetes worker renders it for a flow run of
+    the k8s deployment (no cluster here): the GPU request, node selector, tolerations and shared memory from the
+    job variables, and the command that executes the flow run."""
+    import asyncio
+    import json
+    import uuid
+
+    from prefect.client.schemas.objects import FlowRun
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    template = json.loads((REPO / "deploy" / "kubernetes-gpu-job-template.json").read_text())
+    spec = next(s for s in SPECS if s["name"] == "llama2-7b-chat-guanaco-k8s")
+    assert spec["work_pool"]["name"] == "qlora-k8s" and spec["work_pool"]["job_variables"]["gpu_count"] == 1
+    selector = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    values = {**spec["work_pool"]["job_variables"], "gpu_count": 4, "node_selector": selector}
+    values["image"] = "registry.example/qlora-flow:1"
+    config = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(template, values))
+    config.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name="quiet-yak"))
+    pod = config.job_manifest["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 4
+    assert "cpu" not in container["resources"]["limits"]  # unset variables leave no empty fields
+    assert container["args"] == ["prefect", "flow-run", "execute"]
+    assert container["image"] == "registry.example/qlora-flow:1"
+    assert pod["nodeSelector"] == selector
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["volumes"][0]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert container["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
+    assert any(e["name"] == "PREFECT__FLOW_RUN_ID" for e in container["env"])  # the run it executes
+    # The defaults alone: one GPU, no node selector.
+    config = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(template, {}))
+    config.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name="quiet-yak"))
+    pod = config.job_manifest["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    assert pod["containers"][0]["image"] == "qlora-flow:latest" and pod["nodeSelector"] == {}

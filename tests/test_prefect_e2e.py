@@ -70,7 +70,10 @@ def prefect_stack(tmp_path):
             except OSError:
                 assert procs[0].poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
                 time.sleep(0.5)
-        for args in (["work-pool", "create", "qlora-process", "--type", "process"], ["--no-prompt", "deploy", "--all"]):
+        k8s_pool = ["work-pool", "create", "qlora-k8s", "--type", "kubernetes"]
+        k8s_pool += ["--base-job-template", str(REPO / "deploy" / "kubernetes-gpu-job-template.json")]
+        process_pool = ["work-pool", "create", "qlora-process", "--type", "process"]
+        for args in (process_pool, k8s_pool, ["--no-prompt", "deploy", "--all"]):
             done = subprocess.run([PREFECT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         procs.append(
