@@ -19,6 +19,7 @@ from typing import Literal
 from prefect import flow
 
 from pipeline_config.schema import PipelineConfig
+from qlora.distributed import is_distributed
 from qlora.model import pick_device
 from qlora.registry import default_model_name
 from tasks.config import resolve_model_source_task, validate_config_task
@@ -60,16 +61,18 @@ def finetune(
     source = resolve_model_source_task(cfg.model)
     # The tokenizer comes before the data: it is part of the prepared dataset's cache key.
     tokenizer = setup_tokenizer_task(source, cfg.tokenizer, needs_chat_template=False)
-    data = open_prepared_dataset_task(prepare_dataset_task(cfg.data, tokenizer, cfg.training), cfg.data)
+    prepared = prepare_dataset_task(cfg.data, tokenizer, cfg.training)
+    data = open_prepared_dataset_task(prepared, cfg.data)
     # Bad input stops the run here, before any weights load and before an MLflow run exists.
     preflight_task(cfg, source, data, tokenizer, device)
     with mlflow_run_of_flow_run(cfg) as run:
         log_dataset_task(data)
         # This flow run's own folder, locked until the flow ends; then its share of the GPU, until the flow ends.
         with claimed_run_folder(cfg, source, data.digest, resume, resume_dir) as run_folder, gpu_slots(cfg.training):
-            model = load_quantized_model_task(source, cfg, device)
+            # Several training processes (`distributed`) load their own copies; the flow's comes after training.
+            model = None if is_distributed(cfg, device) else load_quantized_model_task(source, cfg, device)
             train = train_adapter_task.with_options(retries=cfg.training.task_retries)
-            trained = train(model, data, tokenizer, cfg, device, run_folder)
+            trained = train(model, data, tokenizer, cfg, device, run_folder, source, prepared)
             comparison = evaluate_models_task(
                 trained.model, tokenizer, data, cfg.evaluation, cfg.training.max_seq_length
             )

@@ -345,6 +345,45 @@ class RegistryConfig(_Section):
     max_new_tokens: int = Field(default=128, gt=0, description="Generation length of the served model's predict().")
 
 
+class DistributedConfig(_Section):
+    """Training on several processes (GPUs) and machines: DDP through torch.distributed's launcher (torchrun), one
+    process per GPU, each with the whole 4-bit model; LoRA gradients are averaged across processes."""
+
+    num_processes: int | Literal["auto"] = Field(
+        default=1,
+        description="Training processes on this machine: 1 (in the flow's own process), N, or 'auto' (one per "
+        "visible GPU). Above 1, train-adapter launches them with torchrun.",
+    )
+    strategy: Literal["ddp"] = Field(
+        default="ddp",
+        description="'ddp': every process holds the whole 4-bit model and trains on its shard of the data.",
+    )
+    num_machines: int = Field(default=1, ge=1, description="Machines taking part (each runs this flow's launcher).")
+    machine_rank: int = Field(default=0, ge=0, description="This machine's rank, 0 .. num_machines-1.")
+    main_process_ip: str | None = Field(
+        default=None, description="Address of machine 0, where the processes meet (multi-machine runs)."
+    )
+    main_process_port: int = Field(default=29500, gt=0, lt=65536, description="Port on machine 0 for the meeting.")
+    rdzv_endpoint: str | None = Field(
+        default=None,
+        description="host:port of a rendezvous endpoint (torchrun's c10d) instead of main_process_ip/port.",
+    )
+
+    @model_validator(mode="after")
+    def _machines(self) -> DistributedConfig:
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(
+                f"distributed.machine_rank {self.machine_rank} must be below num_machines {self.num_machines}"
+            )
+        if self.num_machines > 1 and not (self.main_process_ip or self.rdzv_endpoint):
+            raise ValueError("distributed.num_machines > 1 needs main_process_ip or rdzv_endpoint: set one")
+        if self.main_process_ip and self.rdzv_endpoint:
+            raise ValueError("distributed.main_process_ip and rdzv_endpoint are both set: choose one")
+        if isinstance(self.num_processes, int) and self.num_processes < 1:
+            raise ValueError("distributed.num_processes must be 1 or more, or 'auto'")
+        return self
+
+
 class PipelineConfig(_Section):
     """Everything one fine-tuning run needs."""
 
@@ -357,6 +396,9 @@ class PipelineConfig(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Evaluation.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow model registry.")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Several processes / machines (DDP)."
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineConfig:

@@ -92,3 +92,16 @@ def build_lora_config(cfg: LoraAdapterConfig) -> LoraConfig:
         bias=cfg.bias,
         task_type="CAUSAL_LM",
     )
+
+
+def load_trained_adapter(base: PreTrainedModel, adapter_dir, adapter_dtype: str):
+    """`base` with a saved LoRA adapter, in eval mode, the adapter in the dtype it was trained in (peft loads it in
+    fp32)."""
+    from peft import PeftModel
+
+    from qlora.integrations.trainer import cast_params
+
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    dtype = DTYPES[adapter_dtype]
+    cast_params(model, {n: dtype for n, _ in model.named_parameters() if "lora_" in n})
+    return model

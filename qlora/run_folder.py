@@ -63,6 +63,10 @@ NEUTRAL_FIELDS = {
     "model.hub_token_secret_block",
     "data.source",
     "data.eval_source",
+    "distributed.machine_rank",
+    "distributed.main_process_ip",
+    "distributed.main_process_port",
+    "distributed.rdzv_endpoint",
 }
 
 

@@ -31,13 +31,10 @@ class QLoRAChatModel(SelfCheckingPythonModel):
     # (the base class in qlora/integrations/mlflow_pyfunc.py sets MLflow's private flag for that).
 
     def load_context(self, context) -> None:
-        import torch
-        from peft import PeftModel
         from transformers import AutoTokenizer
 
         from pipeline_config.schema import LoraAdapterConfig, ModelConfig, QuantizationConfig
-        from qlora.integrations.trainer import cast_params
-        from qlora.model import load_quantized_model, pick_device
+        from qlora.model import load_quantized_model, load_trained_adapter, pick_device
         from qlora.model_source import ModelSource
         from qlora.save import verify_adapter_dir
 
@@ -53,9 +50,7 @@ class QLoRAChatModel(SelfCheckingPythonModel):
             pick_device("auto"),
             upcast_base_to_fp32=cfg.get("upcast_base_to_fp32", LoraAdapterConfig().upcast_base_to_fp32),
         )
-        self.model = PeftModel.from_pretrained(base, adapter).eval()
-        dtype = getattr(torch, cfg["adapter_dtype"])
-        cast_params(self.model, {n: dtype for n, _ in self.model.named_parameters() if "lora_" in n})
+        self.model = load_trained_adapter(base, adapter, cfg["adapter_dtype"])
         self.tokenizer = AutoTokenizer.from_pretrained(adapter)
         self.max_new_tokens = int(cfg["max_new_tokens"])
 

@@ -118,6 +118,7 @@ def build_sft_config(
         use_cpu=device == "cpu",
         dataloader_pin_memory=device != "cpu",
         include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=False,  # DDP: every LoRA weight gets a gradient; no per-step search for unused ones
         eval_strategy="no",
         save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500,

@@ -140,6 +140,14 @@ CASES = {
     "hub id without network": (_hub_without_network, "hub cannot be reached"),
     "cuda-only option on cpu": (_cuda_only_on_cpu, "needs CUDA, and this run is on the CPU"),
     "output folder not writable": (_output_not_writable, "is not writable"),
+    "machine rank not below num_machines": (
+        lambda c, t: c.update(distributed={"num_machines": 2, "machine_rank": 2, "main_process_ip": "10.0.0.1"}),
+        "distributed.machine_rank 2 must be below num_machines 2",
+    ),
+    "several machines without a meeting point": (
+        lambda c, t: c.update(distributed={"num_machines": 2}),
+        "distributed.num_machines > 1 needs main_process_ip or rdzv_endpoint",
+    ),
     "lora target that names no module": (
         _set("lora", "target_modules", ["q_proj", "not_a_module"]),
         "lora.target_modules: 'not_a_module' matches no module of LlamaForCausalLM",

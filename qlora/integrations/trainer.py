@@ -46,9 +46,13 @@ class AtomicCheckpointSFTTrainer(SFTTrainer):
         cast_params(target, dtypes)
 
     def _save_checkpoint(self, model, trial) -> None:
+        # Under DDP every process writes its part (its RNG state; the main one the weights and optimizer) into the
+        # staging folder; only the main process clears it before and renames it after, between barriers.
         run_dir = self._get_output_dir(trial=trial)
         staging = os.path.join(run_dir, STAGING_DIRNAME)
-        shutil.rmtree(staging, ignore_errors=True)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         get_output_dir = self._get_output_dir
         self._get_output_dir = lambda trial=None: staging  # super() writes checkpoint-N under staging
         try:
@@ -63,14 +67,16 @@ class AtomicCheckpointSFTTrainer(SFTTrainer):
             raise
         finally:
             self._get_output_dir = get_output_dir
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        target = os.path.join(run_dir, name)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(os.path.join(staging, name), target)
-        fsync_dir(run_dir)
-        shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            target = os.path.join(run_dir, name)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(os.path.join(staging, name), target)
+            fsync_dir(run_dir)
+            shutil.rmtree(staging, ignore_errors=True)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
+        self.accelerator.wait_for_everyone()
 
 
 class CheckpointFirstLayers(TrainerCallback):

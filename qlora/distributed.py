@@ -1,0 +1,142 @@
+"""Training on several processes (GPUs) and machines: DDP, launched with torch.distributed's own launcher (torchrun).
+
+With `distributed.num_processes` above 1 (or several machines), train-adapter does not train in the flow's process:
+
+1. It writes a launch spec into the run folder: the resolved config as data, the resolved model source, the prepared
+   dataset's folder, the fingerprint, the device.
+2. It runs `python -m torch.distributed.run ... -m qlora.distributed_train <spec>`. torchrun starts one process per
+   GPU (per CPU slot in tests), sets up the process group, and the Trainer shards the data and averages the LoRA
+   gradients (DDP). Each rank loads the whole 4-bit model on its own device.
+3. Only rank 0's output reaches the flow's log (torchrun's `--local-ranks-filter 0`; every rank's output is kept
+   under `<run folder>/launch-logs/`), and only rank 0 logs into the flow's MLflow run (`MLFLOW_RUN_ID`; the
+   Trainer's MLflow callback is active on the main process only).
+4. Rank 0 saves the trained adapter and the training result into the run folder; the flow then loads base +
+   adapter in its own process and evaluates, saves and registers them as for a one-process run.
+A failing rank fails the task with the error of the rank that failed first (torchrun's error files, written by
+`@record`), not the broken connections it leaves the others with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pipeline_config.schema import DistributedConfig, PipelineConfig
+from qlora.files import write_text_atomic
+from qlora.model_source import ModelSource
+
+SPEC_NAME = "launch-spec.json"
+RESULT_NAME = "train-result.json"
+TRAINED_ADAPTER_DIRNAME = "trained-adapter"  # rank 0's adapter, before the flow evaluates and saves it
+LOGS_DIRNAME = "launch-logs"
+
+
+class DistributedTrainingError(RuntimeError):
+    """A training process failed; the message names its rank and its error."""
+
+
+def processes_per_machine(cfg: DistributedConfig, device: str) -> int:
+    if cfg.num_processes == "auto":
+        if device == "cuda":
+            import torch
+
+            return max(1, torch.cuda.device_count())
+        return 1
+    return cfg.num_processes
+
+
+def is_distributed(cfg: PipelineConfig, device: str) -> bool:
+    d = cfg.distributed
+    return processes_per_machine(d, device) > 1 or d.num_machines > 1
+
+
+def write_launch_spec(run_dir: Path, cfg: PipelineConfig, source: ModelSource, prepared, fingerprint, device) -> Path:
+    spec = {
+        "config": cfg.model_dump(mode="json"),
+        "source": {**asdict(source), "model": source.model.model_dump(mode="json")},
+        "prepared": asdict(prepared),
+        "run_dir": str(run_dir.resolve()),
+        "fingerprint": fingerprint,
+        "device": device,
+    }
+    path = run_dir / SPEC_NAME
+    write_text_atomic(path, json.dumps(spec, indent=1))
+    return path
+
+
+def launch_command(cfg: DistributedConfig, device: str, spec: Path, log_dir: Path) -> list[str]:
+    """torchrun's command line for this machine (no launcher code of our own)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    cmd += ["--nproc-per-node", str(processes_per_machine(cfg, device)), "--nnodes", str(cfg.num_machines)]
+    cmd += ["--node-rank", str(cfg.machine_rank)]
+    if cfg.rdzv_endpoint:
+        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", cfg.rdzv_endpoint]
+    else:
+        cmd += ["--master-addr", cfg.main_process_ip or "127.0.0.1", "--master-port", str(cfg.main_process_port)]
+    cmd += ["--log-dir", str(log_dir), "--tee", "3", "--local-ranks-filter", "0"]
+    return [*cmd, "-m", "qlora.distributed_train", str(spec)]
+
+
+# A rank whose peer died fails too, with one of these: not the cause.
+CONSEQUENCE_MARKERS = ("Connection closed by peer", "remote worker crashing", "Connection reset by peer")
+
+
+def first_failure(log_dir: Path, first_rank: int = 0) -> tuple[int, str] | None:
+    """(rank, message) of the process that failed first, from the error files torchrun's `@record` wrote (one per
+    failed local rank, with a timestamp); the others' errors are mostly the broken connection to it."""
+    found = []
+    for path in log_dir.rglob("error.json"):
+        try:
+            error = json.loads(path.read_text())["message"]
+            message, stamp = error["message"].strip(), int(error.get("extraInfo", {}).get("timestamp", 0))
+            local_rank = int(path.parent.name)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        consequence = any(marker in message for marker in CONSEQUENCE_MARKERS)
+        found.append((stamp, consequence, first_rank + local_rank, message))
+    if not found:
+        return None
+    _, _, rank, message = min(found)
+    return rank, message
+
+
+def run_distributed_training(
+    cfg: PipelineConfig,
+    source: ModelSource,
+    prepared,
+    run_dir: Path,
+    fingerprint: dict[str, Any],
+    device: str,
+    env: dict[str, str],
+    log: logging.Logger | logging.LoggerAdapter,
+) -> dict[str, Any]:
+    """Launch the training processes, stream rank 0's output into `log`, and return rank 0's training result.
+    Raises DistributedTrainingError with the failing rank's error."""
+    spec = write_launch_spec(run_dir, cfg, source, prepared, fingerprint, device)
+    log_dir = run_dir / LOGS_DIRNAME / f"attempt-{len(list((run_dir / LOGS_DIRNAME).glob('attempt-*')))}"
+    cmd = launch_command(cfg.distributed, device, spec, log_dir)
+    log.info("launching %s", " ".join(cmd[1:]))
+    repo = str(Path(__file__).resolve().parent.parent)
+    child_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, child_env.get("PYTHONPATH")]))
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env, bufsize=1
+    ) as proc:
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line:
+                log.info("%s", line)
+        code = proc.wait()
+    if code != 0:
+        first_rank = cfg.distributed.machine_rank * processes_per_machine(cfg.distributed, device)
+        if failure := first_failure(log_dir, first_rank):
+            rank, message = failure
+            raise DistributedTrainingError(f"training process rank {rank} failed: {message.splitlines()[-1]}")
+        raise DistributedTrainingError(f"torchrun exited with code {code}; the ranks' logs are in {log_dir}")
+    return json.loads((run_dir / RESULT_NAME).read_text())

@@ -1,0 +1,145 @@
+"""Training on several processes through torchrun, on the CPU (gloo), with the tiny model and the real flow.
+
+The children are instrumented through a `sitecustomize` on their PYTHONPATH (test-only): it records the packed rows
+each rank trained on, and can make one rank fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from flows.finetune import finetune
+from tests.conftest import free_port, tiny_config_dict
+
+pytestmark = pytest.mark.slow
+
+SITECUSTOMIZE = """
+import hashlib, json, os
+import transformers
+
+_step = transformers.Trainer.training_step
+
+
+def training_step(self, model, inputs, *args, **kwargs):
+    rank = os.environ.get("RANK", "0")
+    if os.environ.get("QLORA_TEST_FAIL_RANK") == rank:
+        raise RuntimeError(f"rank {rank} broke on purpose (test)")
+    rows = inputs["input_ids"].tolist()
+    with open(os.path.join(os.environ["QLORA_TEST_SHARD_DIR"], f"rank{rank}.jsonl"), "a") as fh:
+        for row in rows:
+            fh.write(json.dumps(hashlib.sha256(str(row).encode()).hexdigest()) + "\\n")
+    return _step(self, model, inputs, *args, **kwargs)
+
+
+transformers.Trainer.training_step = training_step
+"""
+
+
+@pytest.fixture
+def instrumented_children(tmp_path, monkeypatch) -> Path:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("QLORA_TEST_SHARD_DIR", str(shards))
+    return shards
+
+
+def _config(tiny_llama_dir, tmp_path, **distributed) -> Path:
+    raw = tiny_config_dict(tiny_llama_dir, tmp_path)
+    raw["training"].update(max_steps=4, save_steps=2, logging_steps=1, packing=False, task_retries=0)
+    raw["distributed"] = {"main_process_port": free_port(), **distributed}
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _runs(config: Path):
+    raw = yaml.safe_load(config.read_text())
+    client = MlflowClient(raw["tracking"]["tracking_uri"])
+    exp = client.get_experiment_by_name(raw["tracking"]["experiment_name"])
+    return client, client.search_runs([exp.experiment_id])
+
+
+def _shards(folder: Path) -> dict[str, set[str]]:
+    return {p.stem: {json.loads(line) for line in p.read_text().splitlines()} for p in folder.glob("rank*.jsonl")}
+
+
+def _check_one_run_from_rank_0(config: Path, summary: dict) -> None:
+    client, runs = _runs(config)
+    (run,) = runs  # exactly one MLflow run holds the metrics
+    assert run.info.status == "FINISHED" and run.info.run_id == summary["mlflow_run_id"]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert steps == [1, 2, 3, 4]  # logged once per step: by rank 0 only
+    run_dir = Path(summary["run_dir"])
+    assert json.loads((run_dir / "train-result.json").read_text())["world_size"] == 2
+    # The adapter the flow saved (and logged, and evaluated) is rank 0's.
+    saved = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    rank0 = load_file(str(run_dir / "trained-adapter" / "adapter_model.safetensors"))
+    assert saved.keys() == rank0.keys() and len(saved) > 0
+    for key in saved:
+        torch.testing.assert_close(saved[key], rank0[key], rtol=0, atol=0)
+    assert summary["finetuned"]["eval_loss"] < summary["base"]["eval_loss"]
+
+
+def test_two_processes_train_one_run_logged_by_rank_0_on_disjoint_shards(
+    prefect_server, tiny_llama_dir, tmp_path, instrumented_children
+):
+    config = _config(tiny_llama_dir, tmp_path, num_processes=2)
+    summary = finetune(config_path=str(config))
+    _check_one_run_from_rank_0(config, summary)
+    shards = _shards(instrumented_children)
+    assert set(shards) == {"rank0", "rank1"} and all(shards.values())
+    assert not shards["rank0"] & shards["rank1"]  # the two ranks saw disjoint rows
+
+
+def test_two_machines_on_one_host(prefect_server, tiny_llama_dir, tmp_path, instrumented_children):
+    """num_machines 2, one process each: the flow launches machine 0; the test starts machine 1's launcher, as the
+    second machine's worker would, on the spec the flow wrote; they meet on 127.0.0.1."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    config = _config(tiny_llama_dir, tmp_path, num_machines=2, main_process_ip="127.0.0.1", main_process_port=port)
+    result: dict = {}
+    flow = threading.Thread(target=lambda: result.update(summary=finetune(config_path=str(config))))
+    flow.start()
+    deadline = time.monotonic() + 300
+    while not (specs := list((tmp_path / "out").glob("*/launch-spec.json"))):
+        assert flow.is_alive() and time.monotonic() < deadline, "machine 0 never launched"
+        time.sleep(0.2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--nnodes", "2"]
+    cmd += ["--node-rank", "1", "--master-addr", "127.0.0.1", "--master-port", str(port)]
+    repo = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ["PYTHONPATH"]])}
+    machine1 = subprocess.run(
+        [*cmd, "-m", "qlora.distributed_train", str(specs[0])], env=env, capture_output=True, text=True, timeout=600
+    )
+    flow.join(timeout=600)
+    assert machine1.returncode == 0, machine1.stdout[-2000:] + machine1.stderr[-2000:]
+    _check_one_run_from_rank_0(config, result["summary"])
+    shards = _shards(instrumented_children)
+    assert set(shards) == {"rank0", "rank1"} and not shards["rank0"] & shards["rank1"]
+
+
+def test_a_crash_in_rank_1_fails_the_task_with_its_error(
+    prefect_server, tiny_llama_dir, tmp_path, instrumented_children, monkeypatch
+):
+    monkeypatch.setenv("QLORA_TEST_FAIL_RANK", "1")
+    config = _config(tiny_llama_dir, tmp_path, num_processes=2)
+    with pytest.raises(Exception, match=r"rank 1 failed: .*rank 1 broke on purpose \(test\)"):
+        finetune(config_path=str(config))
+    _, runs = _runs(config)
+    assert [r.info.status for r in runs] == ["FAILED"]
