@@ -25,7 +25,7 @@ from qlora.data import DatasetSplits
 from qlora.errors import PipelineInputError
 from qlora.integrations.attention import packed_training_attention, resolve_attention
 from qlora.integrations.fused_lora import fuse_lora_layers
-from qlora.integrations.trainer import AtomicCheckpointSFTTrainer, CheckpointFirstLayers
+from qlora.integrations.trainer import AtomicCheckpointSFTTrainer, CheckpointFirstLayers, use_one_gpu
 from qlora.model import build_lora_config
 from qlora.run_folder import write_fingerprint
 
@@ -128,7 +128,9 @@ def build_sft_config(
         report_to=["mlflow"] if report_to_mlflow else "none",
         disable_tqdm=not sys.stderr.isatty(),
     )
-    return SFTConfig(**(args | overrides))
+    config = SFTConfig(**(args | overrides))
+    use_one_gpu(config)  # one process, one GPU: several GPUs are used through `distributed` (DDP), never DataParallel
+    return config
 
 
 def loss_history(trainer) -> list[tuple[int, float]]:

@@ -56,6 +56,15 @@ def test_trainer_private_hooks():
     assert issubclass(trainer.AtomicCheckpointSFTTrainer, SFTTrainer)
 
 
+def test_one_process_one_gpu_switch():
+    from transformers import TrainingArguments
+    from transformers.training_args import ParallelMode
+
+    assert "_n_gpu" in inspect.getsource(TrainingArguments.n_gpu.fget)
+    assert "NOT_DISTRIBUTED" in inspect.getsource(TrainingArguments.parallel_mode.fget)
+    assert ParallelMode.NOT_DISTRIBUTED.value == "not_distributed"
+
+
 def test_attention_interface():
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -2,8 +2,8 @@
 
 Written for transformers 5.24 / trl 1.16. Private names used (tests/test_integrations.py checks them):
 `Trainer._save_checkpoint(model, trial)`, `Trainer._load_from_checkpoint(resume_from_checkpoint, model=None)`,
-`Trainer._get_output_dir(trial)`, and the `gradient_checkpointing` attribute of
-`transformers.modeling_layers.GradientCheckpointingLayer`.
+`Trainer._get_output_dir(trial)`, the `gradient_checkpointing` attribute of
+`transformers.modeling_layers.GradientCheckpointingLayer`, and `TrainingArguments._n_gpu`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,16 @@ from qlora.files import fsync_dir
 from qlora.run_folder import STAGING_DIRNAME
 
 WRITTEN_FOR = {"transformers": "5.24.0", "trl": "1.16.0"}
+
+
+def use_one_gpu(args) -> None:
+    """A single training process uses one GPU (the current device) even when several are visible: Trainer would
+    otherwise wrap the model in nn.DataParallel, which TRL's SFTTrainer refuses. transformers has no public switch:
+    `TrainingArguments.n_gpu` returns `_n_gpu`, set to the visible device count when the devices are set up."""
+    from transformers.training_args import ParallelMode
+
+    if args.parallel_mode == ParallelMode.NOT_DISTRIBUTED:  # several GPUs, one process
+        args._n_gpu = 1
 
 
 def cast_params(model, dtypes: dict) -> None:
