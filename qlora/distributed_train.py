@@ -23,7 +23,7 @@ from qlora.model import load_base_for_training
 from qlora.model_source import ModelSource
 from qlora.prepare import PreparedDataset, open_prepared
 from qlora.tokenizer import setup_tokenizer
-from qlora.train import train_adapter
+from qlora.train import train_run
 
 log = logging.getLogger("qlora.train")
 
@@ -45,18 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(local_rank)  # device_map {"": "cuda"} then means this process's GPU
     model = load_base_for_training(source, cfg, device)
     run_dir = Path(spec["run_dir"])
-    result = train_adapter(
-        model,
-        data,
-        tokenizer,
-        cfg.lora,
-        cfg.training,
-        device,
-        report_to_mlflow=True,
-        run_dir=str(run_dir),
-        fingerprint=spec["fingerprint"],
-        log=log,
-    )
+    result = train_run(model, data, tokenizer, cfg, device, str(run_dir), spec["fingerprint"], log)
     if rank == 0:
         with atomic_folder(run_dir / TRAINED_ADAPTER_DIRNAME, replace=True) as tmp:
             result.model.save_pretrained(tmp, safe_serialization=True)

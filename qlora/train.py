@@ -219,3 +219,19 @@ def train_adapter(
             str(p.dtype).removeprefix("torch.") for n, p in trainer.model.named_parameters() if "lora_" in n
         ),
     )
+
+
+def train_run(model, data, tokenizer, cfg, device: str, run_dir: str, fingerprint: dict, log=None) -> TrainResult:
+    """`train_adapter` as a flow run trains: the run's settings, its own run folder, loss logged to MLflow."""
+    return train_adapter(
+        model,
+        data,
+        tokenizer,
+        cfg.lora,
+        cfg.training,
+        device,
+        report_to_mlflow=True,
+        run_dir=run_dir,
+        fingerprint=fingerprint,
+        log=log,
+    )

@@ -13,7 +13,7 @@ from pipeline_config.schema import PipelineConfig
 from qlora.distributed import TRAINED_ADAPTER_DIRNAME, run_distributed_training
 from qlora.model import load_base_for_training, load_trained_adapter
 from qlora.run_folder import RunFolder
-from qlora.train import TrainResult, train_adapter
+from qlora.train import TrainResult, train_run
 from tasks.retries import retry_unless_input_error
 
 
@@ -34,18 +34,7 @@ def train_adapter_task(
     afterwards, with that adapter, for evaluation (the GPUs are the training processes' until then)."""
     log = get_run_logger()
     if model is not None:
-        return train_adapter(
-            model,
-            data,
-            tokenizer,
-            cfg.lora,
-            cfg.training,
-            device,
-            report_to_mlflow=True,
-            run_dir=str(run_folder.path),
-            fingerprint=run_folder.fingerprint,
-            log=log,
-        )
+        return train_run(model, data, tokenizer, cfg, device, str(run_folder.path), run_folder.fingerprint, log)
     active = mlflow.active_run()
     env = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
     if active is not None:
