@@ -207,7 +207,8 @@ def _quiet_input_error_tracebacks() -> None:
 
     for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
         for handler in logging.getLogger(name).handlers:
-            handler.addFilter(_OneLineInputErrors())
+            if not any(isinstance(f, _OneLineInputErrors) for f in handler.filters):  # once per process
+                handler.addFilter(_OneLineInputErrors())
 
 
 def run_command(

@@ -94,12 +94,17 @@ def build_lora_config(cfg: LoraAdapterConfig) -> LoraConfig:
     )
 
 
+def cast_params(model, dtypes: dict) -> None:
+    """Give each named parameter the dtype `dtypes` names for it (others are left alone)."""
+    for name, param in model.named_parameters():
+        if name in dtypes and param.dtype != dtypes[name]:
+            param.data = param.data.to(dtypes[name])
+
+
 def load_trained_adapter(base: PreTrainedModel, adapter_dir, adapter_dtype: str):
     """`base` with a saved LoRA adapter, in eval mode, the adapter in the dtype it was trained in (peft loads it in
     fp32)."""
     from peft import PeftModel
-
-    from qlora.integrations.trainer import cast_params
 
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
     dtype = DTYPES[adapter_dtype]

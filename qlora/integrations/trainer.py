@@ -18,6 +18,7 @@ from trl import SFTTrainer
 
 from qlora.errors import PipelineInputError
 from qlora.files import fsync_dir
+from qlora.model import cast_params
 from qlora.run_folder import STAGING_DIRNAME
 
 WRITTEN_FOR = {"transformers": "5.24.0", "trl": "1.16.0"}
@@ -31,13 +32,6 @@ def use_one_gpu(args) -> None:
 
     if args.parallel_mode == ParallelMode.NOT_DISTRIBUTED:  # several GPUs, one process
         args._n_gpu = 1
-
-
-def cast_params(model, dtypes: dict) -> None:
-    """Give each named parameter the dtype `dtypes` names for it (others are left alone)."""
-    for name, param in model.named_parameters():
-        if name in dtypes and param.dtype != dtypes[name]:
-            param.data = param.data.to(dtypes[name])
 
 
 class AtomicCheckpointSFTTrainer(SFTTrainer):
