@@ -13,6 +13,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+# Prefect sets up its console log handler, bound to the sys.stderr of that moment, when the flow machinery is first
+# imported. The CLI imports the flow lazily, so a test that runs `qlora-flow run` under capsys first would bind it to
+# that test's captured stream, closed afterwards ("Logging error" in every later test, e.g. when
+# tests/test_bad_inputs.py runs alone). Import the flow here, once, before any test captures.
+import flows.finetune  # noqa: E402, F401
+
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
