@@ -1,8 +1,15 @@
-"""`qlora-flow bench`: training speed of three QLoRA set-ups side by side, in one process on one device.
+"""`qlora-flow bench`: training speed of three QLoRA set-ups side by side, on one device or several.
 
     qlora-flow bench --model llama2-7b --steps 10            (GPU; results in bench-results/)
     qlora-flow bench --model tiny --device cpu --steps 3     (CI smoke run)
     qlora-flow bench --model small --data bundled --steps 300 --variants trl_best,project  (loss curves)
+    qlora-flow bench --model llama2-13b --num-processes 2 --strategy fsdp --variants project_lean
+                                                             (distributed: torchrun starts one bench per GPU)
+
+With --num-processes N the command re-launches itself through torchrun: every process runs the same variants on its
+own GPU with the batch settings given (they are per process), the Trainer shards the data (DDP) or the model too
+(FSDP-QLoRA, `distributed.strategy: fsdp`), tokens/s is the total over all processes, and peak memory is reported
+per process. Only rank 0 writes the report.
 
 Variants (run in this order, each on a freshly 4-bit-loaded random-weight model):
   recipe       the original recipe's settings through plain TRL SFTTrainer (pipeline_config/llama2-7b-chat-guanaco.yaml)
@@ -44,7 +51,14 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from bench.settings import ARCHITECTURES, DEFAULT_VARIANTS, GEOMETRY, VARIANTS, BenchConfig  # noqa: F401
+from bench.settings import (  # noqa: F401
+    ARCHITECTURES,
+    DEFAULT_VARIANTS,
+    GEOMETRY,
+    PROJECT_VARIANTS,
+    VARIANTS,
+    BenchConfig,
+)
 from qlora.files import atomic_folder
 from qlora.integrations.liger import restore_llama_rope
 
@@ -110,17 +124,35 @@ class StepTimer(TrainerCallback):
 # --------------------------------------------------------------------------------------------------- model, data
 
 
+def architecture(cfg: BenchConfig) -> dict:
+    """The named architecture, with --num-layers of its decoder layers if given."""
+    arch = dict(ARCHITECTURES[cfg.model])
+    arch.setdefault("num_key_value_heads", arch["num_attention_heads"])
+    if cfg.num_layers:
+        arch["num_hidden_layers"] = cfg.num_layers
+    return arch
+
+
 def build_model_dir(cfg: BenchConfig, vocab_size: int, bos: int, eos: int, device: str) -> Path:
-    """A random-weight Llama of the named architecture, saved once (bf16 safetensors) and reused."""
+    """A random-weight Llama of the named architecture, saved once (bf16 safetensors) and reused. Built by one
+    process under a file lock (the others of a distributed bench wait, then reuse it)."""
+    from filelock import FileLock
+
+    arch = architecture(cfg)
+    layers = f"-l{cfg.num_layers}" if cfg.num_layers else ""
+    out = Path(cfg.model_dir) / f"{cfg.model}{layers}-v{vocab_size}-s{cfg.seed}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not (out / "config.json").is_file():
+            _build_random_llama(arch, out, vocab_size, bos, eos, cfg.seed, device)
+    return out
+
+
+def _build_random_llama(arch: dict, out: Path, vocab_size: int, bos: int, eos: int, seed: int, device: str) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    arch = ARCHITECTURES[cfg.model]
-    out = Path(cfg.model_dir) / f"{cfg.model}-v{vocab_size}-s{cfg.seed}"
-    if (out / "config.json").is_file():
-        return out
     config = LlamaConfig(
         **arch,
-        num_key_value_heads=arch["num_attention_heads"],
         vocab_size=vocab_size,
         max_position_embeddings=4096,
         rms_norm_eps=1e-5,
@@ -128,13 +160,13 @@ def build_model_dir(cfg: BenchConfig, vocab_size: int, bos: int, eos: int, devic
         eos_token_id=eos,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     with torch.device(device):  # initialising 7B on the GPU takes seconds, on the CPU minutes
         model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
     with atomic_folder(out) as tmp:  # complete or absent
         model.save_pretrained(tmp, safe_serialization=True)
     del model
-    return out
+    _free()
 
 
 def synthetic_tokenizer(vocab_size: int):
@@ -195,6 +227,28 @@ def linear_params(model) -> tuple[int, int]:
         if p.requires_grad and "lora_" in name:
             lora += p.numel()
     return frozen, lora
+
+
+def architecture_params(arch: dict, r: int) -> tuple[int, int]:
+    """(frozen, LoRA) linear-layer parameters of a Llama architecture with all-linear rank-r LoRA, LM head
+    included in the frozen count (as `linear_params` counts a loaded model)."""
+    d, ff, layers = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
+    kv = d * arch["num_key_value_heads"] // arch["num_attention_heads"]
+    shapes = [(d, d), (d, kv), (d, kv), (d, d), (d, ff), (d, ff), (ff, d)]  # q k v o gate up down (in, out)
+    frozen = layers * sum(i * o for i, o in shapes) + d * arch.get("vocab_size", 32000)
+    lora = layers * sum(r * (i + o) for i, o in shapes)
+    return frozen, lora
+
+
+def per_rank(value: float) -> list[float]:
+    """`value` from every process of a distributed bench, in rank order (a collective); [value] alone."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [value]
+    values: list[float] = [0.0] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def flops_per_token(frozen: int, lora: int, n_layers: int, d_model: int, lengths: list[int]) -> float:
@@ -385,6 +439,10 @@ def project_config(cfg: BenchConfig, model_dir: Path, out_dir: str, device: str,
             "warmup_ratio": 0.03,
         },
     }
+    if cfg.num_processes > 1:
+        raw["distributed"] = {"num_processes": cfg.num_processes, "strategy": cfg.strategy}
+        if cfg.strategy == "fsdp":  # FSDP shards the 4-bit weights only when they are stored in the compute dtype
+            raw["quantization"]["quant_storage_dtype"] = "bfloat16"
     return load_pipeline_config(raw, [*extra, *cfg.project_overrides])
 
 
@@ -398,10 +456,49 @@ def run_project(cfg, pipeline_cfg, tokenizer, dataset, device, timer):
     t = pipeline_cfg.training
     model = load_base_for_training(resolve_model_source(pipeline_cfg.model), pipeline_cfg, device)
     splits = DatasetSplits(train=dataset, eval=dataset.select(range(1)), kind="text", digest="bench", source="bench")
+    fsdp = pipeline_cfg.distributed.strategy == "fsdp" and world_size() > 1
     result = train_adapter(
-        model, splits, tokenizer, pipeline_cfg.lora, t, device, extra_callbacks=[timer], disable_tqdm=True
+        model, splits, tokenizer, pipeline_cfg.lora, t, device, extra_callbacks=[timer], fsdp=fsdp, disable_tqdm=True
     )
+    if fsdp:
+        check_adapter_reloads(pipeline_cfg, result, device)
     return result.model, result.loss_history, None
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_adapter_reloads(pipeline_cfg, result, device: str) -> None:
+    """FSDP: the adapter gathered from the shards is one ordinary PEFT adapter: rank 0 saves it and loads it back
+    onto the 4-bit base on its one GPU with `PeftModel.from_pretrained`, and the weights must be the ones trained."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    from qlora.model import load_base_for_training, load_trained_adapter
+    from qlora.model_source import resolve_model_source
+
+    folder = tempfile.mkdtemp(prefix="qlora-bench-adapter-")
+    try:
+        result.model.save_pretrained(folder, state_dict=result.adapter_state_dict)
+        trained = {k: v.float() for k, v in result.adapter_state_dict.items()}
+        base = load_base_for_training(resolve_model_source(pipeline_cfg.model), pipeline_cfg, device)
+        reloaded = load_trained_adapter(base, folder, result.adapter_dtype)
+        loaded = {k: p.detach().float().cpu() for k, p in reloaded.named_parameters() if "lora_" in k}
+        if loaded.keys() != trained.keys():
+            raise RuntimeError(f"the FSDP adapter reloaded with other LoRA tensors: {sorted(loaded.keys() ^ trained.keys())[:4]}")
+        diffs = [(loaded[k] - v).abs().max().item() for k, v in trained.items()]
+        print(
+            f"[bench] FSDP adapter reloaded with PeftModel.from_pretrained on one GPU: {len(loaded)} LoRA tensors, "
+            f"max |reloaded - trained| = {max(diffs):.3g}",
+            file=sys.stderr,
+            flush=True,
+        )
+        if max(diffs) > 0:
+            raise RuntimeError("the FSDP adapter did not reload with the trained weights")
+        del reloaded, base
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        _free()
 
 
 PROJECT_EXTRA = {
@@ -507,15 +604,20 @@ def run_variant(
         result.tokens_per_s = tokens / timed if timed > 0 else 0.0
         result.step_time_s = timed / cfg.steps
         result.tokens_per_step = tokens / cfg.steps
-        result.peak_memory_gib = timer.peak / 2**30 if device == "cuda" else None
-        result.peak_reserved_gib = timer.reserved / 2**30
-        frozen, lora = linear_params(model)
+        peaks = per_rank(timer.peak / 2**30)
+        result.peak_memory_gib = max(peaks) if device == "cuda" else None
+        result.peak_reserved_gib = max(per_rank(timer.reserved / 2**30))
+        if len(peaks) > 1:
+            result.settings["peak_memory_gib_per_rank"] = [round(p, 2) for p in peaks]
+        # FLOPs per token from the architecture (under FSDP the local model holds only shards)
+        frozen, lora = linear_params(model) if len(peaks) == 1 else architecture_params(arch, pcfg.lora.r)
         fpt = flops_per_token(frozen, lora, arch["num_hidden_layers"], arch["hidden_size"], lengths)
         peak = peak_tflops(device)
+        gpus = len(peaks)  # MFU per GPU: tokens/s is the total over the processes
         if peak:
-            result.mfu = result.tokens_per_s * fpt / (peak * 1e12)
+            result.mfu = result.tokens_per_s * fpt / (peak * 1e12 * gpus)
         if matmul_tflops:
-            result.mfu_of_measured_matmul = result.tokens_per_s * fpt / (matmul_tflops * 1e12)
+            result.mfu_of_measured_matmul = result.tokens_per_s * fpt / (matmul_tflops * 1e12 * gpus)
         result.settings["flops_per_token"] = fpt
         result.loss_history = losses
         result.first_losses = [round(loss, 4) for _, loss in losses[:5]]
@@ -585,7 +687,13 @@ def ratio(a: VariantResult | None, b: VariantResult | None) -> float | None:
 def markdown_table(report: dict) -> str:
     lines = [
         f"Model {report['model']} (random weights), data {report['data']}, device {report['environment']['device']}; "
-        f"{report['timed_steps']} timed steps after {report['warmup_steps']} warm-up steps.",
+        f"{report['timed_steps']} timed steps after {report['warmup_steps']} warm-up steps"
+        + (
+            f"; {report['num_processes']} processes ({report['strategy']}): tokens/s and tokens/step are totals, "
+            "peak memory the highest process's (per process in bench.json)."
+            if report.get("num_processes", 1) > 1
+            else "."
+        ),
         "",
         "| variant | real tokens/s | tokens/step | step s | peak mem GiB | MFU | first losses "
         "| vs recipe | vs trl_best |",
@@ -630,7 +738,18 @@ def run_bench(cfg: BenchConfig) -> dict:
 
         raise PipelineInputError(f"unknown bench variant(s) {unknown}: choose from {', '.join(VARIANTS)}")
     device = pick_device(cfg.device)
-    arch = ARCHITECTURES[cfg.model]
+    if cfg.strategy == "fsdp" and cfg.num_processes > 1:
+        other = [v for v in cfg.variants if v not in PROJECT_VARIANTS]
+        if other:
+            from qlora.errors import PipelineInputError
+
+            raise PipelineInputError(
+                f"bench --strategy fsdp measures the project's path only: drop {other} from --variants"
+            )
+    rank = int(os.environ.get("RANK", "0"))
+    if device == "cuda" and world_size() > 1:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # each process on its own GPU
+    arch = architecture(cfg)
     needed_tokens = (cfg.warmup_steps + cfg.steps + cfg.profile_steps + 2) * max(cfg.tokens_per_step, 8 * 1024)
     if cfg.data == "bundled":
         from transformers import AutoTokenizer
@@ -659,6 +778,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     for name in cfg.variants:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         result = run_variant(name, cfg, model_dir, tokenizer, dataset, device, lengths, arch, matmul_tflops)
+        if rank:
+            continue
         print(
             f"[bench] {name}: {result.tokens_per_s:,.0f} tokens/s, peak {result.peak_memory_gib} GiB"
             + (f" ({result.error})" if result.error else ""),
@@ -666,8 +787,12 @@ def run_bench(cfg: BenchConfig) -> dict:
             flush=True,
         )
         results.append(result)
+    if rank:  # rank 0 reports for all
+        return {}
     by_name = {r.name: r for r in results}
     report = {
+        "num_processes": world_size(),
+        "strategy": cfg.strategy if world_size() > 1 else None,
         "command": "qlora-flow " + " ".join(sys.argv[1:]) if sys.argv and "bench" in sys.argv else None,
         "model": cfg.model,
         "architecture": arch,
@@ -697,6 +822,18 @@ def run_bench(cfg: BenchConfig) -> dict:
         tmp.write_text(text)
         os.replace(tmp, out / fname)
     return report
+
+
+def launch_distributed_bench(num_processes: int, argv: list[str]) -> int:
+    """Run this same bench command in `num_processes` processes through torchrun (one per GPU); rank 0's output
+    is shown. No launcher of our own: torchrun sets up the process group the Trainer uses."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(num_processes)]
+    cmd += ["--local-ranks-filter", "0"]
+    cmd += ["-m", "flows.cli", *argv]
+    repo = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    print(f"[bench] launching {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    return subprocess.run(cmd, env=env).returncode
 
 
 def default_tokenizer_dir() -> str:

@@ -11,6 +11,10 @@ ARCHITECTURES: dict[str, dict] = {
     # Llama-2-7B / 13B shapes (meta-llama/Llama-2-*-hf config.json)
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
     "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+    # Llama-2-70B width (grouped-query attention); build fewer of its 80 layers with --num-layers
+    "llama2-70b": dict(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8
+    ),
     # learns in a few hundred steps on one GPU: the loss-curve comparison
     "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
     # CPU smoke test
@@ -20,6 +24,7 @@ ARCHITECTURES: dict[str, dict] = {
 # model is a CPU smoke test, where a 16k-token step through a 32k-vocabulary head takes ~25 s on two cores.
 GEOMETRY = {"tiny": dict(seq_len=1024, tokens_per_step=2048, project_micro_batch_tokens=1024, warmup_steps=1)}
 VARIANTS = ("recipe", "trl_best", "project", "project_lean", "project_fp32")
+PROJECT_VARIANTS = ("project", "project_lean", "project_fp32")
 DEFAULT_VARIANTS = ("recipe", "trl_best", "project", "project_lean")
 
 
@@ -44,3 +49,6 @@ class BenchConfig:
     out_dir: str = "bench-results"
     profile_steps: int = 0  # profile this many steps of the project variant after timing
     seed: int = 0
+    num_layers: int | None = None  # build only this many decoder layers of the architecture (70B width on 4 GPUs)
+    num_processes: int = 1  # training processes (GPUs) through torchrun; batch settings are per process
+    strategy: str = "ddp"  # with several processes: 'ddp' or 'fsdp' (FSDP-QLoRA), as distributed.strategy

@@ -113,6 +113,11 @@ def _add_bench_parser(sub) -> None:
         "--project-set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a project setting"
     )
     p.add_argument("--profile-steps", type=int, default=0, help="profile this many steps of the project variant")
+    p.add_argument(
+        "--num-processes", type=int, default=1, help="training processes (GPUs), through torchrun; batch per process"
+    )
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], default=d.strategy, help="with several processes")
+    p.add_argument("--num-layers", type=int, default=None, help="build only this many of the model's layers")
     p.add_argument("--model-dir", default=d.model_dir, help="where random-weight models are built and reused")
     p.add_argument("--out-dir", default=d.out_dir, help="bench.json and bench.md go here")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -132,6 +137,12 @@ def bench_command(args) -> int:
     geometry.update({k: v for k, v in given.items() if v is not None})
     if args.steps < 1 or geometry["warmup_steps"] < 1:
         raise PipelineInputError("bench: --steps and --warmup-steps must be at least 1")
+    if args.num_processes < 1 or (args.num_layers is not None and args.num_layers < 1):
+        raise PipelineInputError("bench: --num-processes and --num-layers must be at least 1")
+    if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:
+        from bench.run import launch_distributed_bench
+
+        return launch_distributed_bench(args.num_processes, sys.argv[1:])
     cfg = BenchConfig(
         model=args.model,
         device=args.device,
@@ -146,8 +157,13 @@ def bench_command(args) -> int:
         profile_steps=args.profile_steps,
         model_dir=args.model_dir,
         out_dir=args.out_dir,
+        num_layers=args.num_layers,
+        num_processes=args.num_processes,
+        strategy=args.strategy,
     )
     report = run_bench(cfg)
+    if not report:  # a distributed bench's other ranks: rank 0 reports
+        return 0
     from bench.run import markdown_table
 
     print(markdown_table(report), end="")

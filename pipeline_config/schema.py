@@ -346,17 +346,21 @@ class RegistryConfig(_Section):
 
 
 class DistributedConfig(_Section):
-    """Training on several processes (GPUs) and machines: DDP through torch.distributed's launcher (torchrun), one
-    process per GPU, each with the whole 4-bit model; LoRA gradients are averaged across processes."""
+    """Training on several processes (GPUs) and machines through torch.distributed's launcher (torchrun), one
+    process per GPU: DDP (each process holds the whole 4-bit model; LoRA gradients are averaged) or FSDP-QLoRA
+    (the 4-bit model is sharded across the processes, for models that don't fit one card)."""
 
     num_processes: int | Literal["auto"] = Field(
         default=1,
         description="Training processes on this machine: 1 (in the flow's own process), N, or 'auto' (one per "
         "visible GPU). Above 1, train-adapter launches them with torchrun.",
     )
-    strategy: Literal["ddp"] = Field(
+    strategy: Literal["ddp", "fsdp"] = Field(
         default="ddp",
-        description="'ddp': every process holds the whole 4-bit model and trains on its shard of the data.",
+        description="'ddp': every process holds the whole 4-bit model and trains on its shard of the data. 'fsdp': "
+        "FSDP-QLoRA through accelerate (FSDP1, one unit per decoder layer): weights, gradients and optimizer "
+        "state are sharded across the processes; needs quantization.quant_storage_dtype equal to compute_dtype. "
+        "Activation checkpointing is FSDP's own (training.gradient_checkpointing); fused_lora is not applied.",
     )
     num_machines: int = Field(default=1, ge=1, description="Machines taking part (each runs this flow's launcher).")
     machine_rank: int = Field(default=0, ge=0, description="This machine's rank, 0 .. num_machines-1.")
@@ -397,7 +401,7 @@ class PipelineConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow model registry.")
     distributed: DistributedConfig = Field(
-        default_factory=DistributedConfig, description="Several processes / machines (DDP)."
+        default_factory=DistributedConfig, description="Several processes / machines (DDP or FSDP-QLoRA)."
     )
 
     @model_validator(mode="after")
@@ -418,7 +422,9 @@ class PipelineConfig(_Section):
                 "prompt from answer: set one or use task_metric: none"
             )
         if t.device == "cpu":
-            problems += cuda_only_problems(t)
+            problems += cuda_only_problems(self)
+        if self.distributed.strategy == "fsdp":
+            problems += fsdp_problems(self)
         if t.completion_only_loss and self.data.format in ("text", "messages"):
             problems.append(
                 f"training.completion_only_loss needs prompt/completion data, but data.format is {self.data.format!r}"
@@ -432,9 +438,35 @@ class PipelineConfig(_Section):
         return _flatten(self.model_dump(mode="json"))
 
 
-def cuda_only_problems(t: TrainingConfig) -> list[str]:
+def fsdp_problems(cfg: PipelineConfig) -> list[str]:
+    """Settings FSDP-QLoRA cannot shard or run with."""
+    q, t, problems = cfg.quantization, cfg.training, []
+    if q.quant_storage_dtype != q.compute_dtype:
+        problems.append(
+            f"distributed.strategy 'fsdp' shards the 4-bit weights only when they are stored in the compute dtype, but "
+            f"quantization.quant_storage_dtype is {q.quant_storage_dtype!r}: set quant_storage_dtype: {q.compute_dtype}"
+        )
+    if cfg.lora.upcast_base_to_fp32:
+        problems.append(
+            "distributed.strategy 'fsdp' needs one dtype per sharded layer, but lora.upcast_base_to_fp32 is true: set "
+            "it to false"
+        )
+    if t.gradient_checkpointing_layers is not None:
+        problems.append(
+            "distributed.strategy 'fsdp' checkpoints every decoder layer (FSDP's activation checkpointing), but "
+            "training.gradient_checkpointing_layers is set: drop it"
+        )
+    return problems
+
+
+def cuda_only_problems(cfg: PipelineConfig) -> list[str]:
     """Training options that only work on CUDA (checked against the device the run will really use)."""
-    problems = []
+    t, problems = cfg.training, []
+    if cfg.distributed.strategy == "fsdp":
+        problems.append(
+            "distributed.strategy 'fsdp' needs CUDA GPUs (accelerate shards models only on accelerators), and this "
+            "run is on the CPU: use strategy ddp"
+        )
     if t.optim.startswith("paged_"):
         problems.append(f"training.optim {t.optim!r} needs CUDA, and this run is on the CPU: use adamw_torch")
     if t.fp16:

@@ -3,7 +3,8 @@
     python -m torch.distributed.run --nproc-per-node N ... -m qlora.distributed_train <run folder>/launch-spec.json
 
 The same functions as a one-process run: the one 4-bit loader, then `train_adapter` (SFTTrainer applies LoRA; the
-Trainer shards the data and averages gradients across the processes torchrun set up).
+Trainer shards the data and averages gradients across the processes torchrun set up, or, with
+`distributed.strategy: fsdp`, shards the model itself).
 """
 
 from __future__ import annotations
@@ -46,11 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     model = load_base_for_training(source, cfg, device)
     run_dir = Path(spec["run_dir"])
     result = train_run(model, data, tokenizer, cfg, device, str(run_dir), spec["fingerprint"], log)
+    peaks_mib = peak_memory_per_rank(result.metrics["train_peak_memory_mib"])
     if rank == 0:
         with atomic_folder(run_dir / TRAINED_ADAPTER_DIRNAME, replace=True) as tmp:
-            result.model.save_pretrained(tmp, safe_serialization=True)
+            # FSDP: the adapter gathered from the shards, saved as one ordinary PEFT adapter
+            result.model.save_pretrained(tmp, safe_serialization=True, state_dict=result.adapter_state_dict)
+        log.info("peak memory per rank (MiB): %s", ", ".join(f"{p:.0f}" for p in peaks_mib))
         summary = {
-            "metrics": result.metrics,
+            "metrics": result.metrics | {"train_peak_memory_mib_max_rank": max(peaks_mib)},
+            "peak_memory_mib_per_rank": peaks_mib,
             "loss_history": result.loss_history,
             "resumed_from": result.resumed_from,
             "adapter_dtype": result.adapter_dtype,
@@ -58,6 +63,17 @@ def main(argv: list[str] | None = None) -> int:
         }
         write_text_atomic(run_dir / RESULT_NAME, json.dumps(summary, indent=1))
     return 0
+
+
+def peak_memory_per_rank(own_mib: float) -> list[float]:
+    """Every rank's peak memory, in rank order (a collective: all ranks call it)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [own_mib]
+    peaks: list[float] = [0.0] * dist.get_world_size()
+    dist.all_gather_object(peaks, own_mib)
+    return peaks
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def run_preflight(
     report = PreflightReport()
     t = cfg.training
     if device == "cpu":
-        report.fatal += cuda_only_problems(t)
+        report.fatal += cuda_only_problems(cfg)
     if problem := writable_problem(t.output_dir):
         report.fatal.append(problem)
     report.fatal += lora_target_problems(cfg, source)

@@ -9,6 +9,7 @@ Training loss per logging step reaches MLflow through transformers' own MLflowCa
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import sys
 import time
@@ -40,6 +41,8 @@ class TrainResult:
     train_dataset: object = None  # the tokenized rows SFTTrainer trained on
     resumed_from: str | None = None  # checkpoint folder training continued from, if any
     adapter_dtype: str = "float32"  # dtype the trained LoRA weights are kept in (SFTTrainer: bf16 for QLoRA)
+    # FSDP: the LoRA weights gathered from the shards (on rank 0; empty on the others), for `save_pretrained`
+    adapter_state_dict: dict | None = None
 
 
 class RunLoggerProgress(TrainerCallback):
@@ -87,11 +90,46 @@ def latest_complete_checkpoint(run_dir: str) -> str | None:
     return get_last_checkpoint(run_dir) if Path(run_dir).is_dir() else None
 
 
+def fsdp_arguments(cfg: TrainingConfig, device: str) -> dict:
+    """Training arguments for FSDP-QLoRA (`distributed.strategy: fsdp`), the path bitsandbytes' and peft's docs
+    describe: FSDP1 through accelerate, one FSDP unit per decoder layer (the model's `_no_split_modules`; the
+    Trainer adds peft's policy that gives the LoRA layers their own units, so frozen 4-bit and trainable weights
+    never share a flat parameter), full sharding, FSDP's own activation checkpointing (the Trainer's would
+    all-gather every layer once more in backward), and a full state dict gathered to rank 0 for saving.
+
+    FSDP1, not FSDP2: accelerate's FSDP2 path keeps `Params4bit` weights out of CPU-RAM-efficient loading and
+    leaves them unsharded whenever it can't shard them (accelerate#3983/#3987). `sync_module_states` (and the
+    loading flag) need an accelerator device; on the CPU (tests) every rank loads the same weights anyway."""
+    on_gpu = device == "cuda"
+    return dict(
+        fsdp=True,
+        fsdp_config={
+            "version": 1,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "reshard_after_forward": "full_shard",
+            "use_orig_params": False,
+            "cpu_ram_efficient_loading": on_gpu,
+            "sync_module_states": on_gpu,
+            "activation_checkpointing": cfg.gradient_checkpointing,
+            "state_dict_type": "FULL_STATE_DICT",
+            "backward_prefetch": "BACKWARD_PRE",
+            "limit_all_gathers": True,
+        },
+        gradient_checkpointing=False,
+    )
+
+
 def build_sft_config(
-    cfg: TrainingConfig, device: str, output_dir: str, report_to_mlflow: bool = False, **overrides
+    cfg: TrainingConfig,
+    device: str,
+    output_dir: str,
+    report_to_mlflow: bool = False,
+    fsdp: bool = False,
+    **overrides,
 ) -> SFTConfig:
-    """SFTConfig from the recipe-named TrainingConfig; checkpoints go to `output_dir` (the run folder). `overrides`
-    replace single arguments (the bench: no saving, a log line per step)."""
+    """SFTConfig from the recipe-named TrainingConfig; checkpoints go to `output_dir` (the run folder). `fsdp`:
+    shard the model across the processes (`fsdp_arguments`). `overrides` replace single arguments (the bench: no
+    saving, a log line per step)."""
     args = dict(
         output_dir=output_dir,
         num_train_epochs=cfg.num_train_epochs,
@@ -128,6 +166,8 @@ def build_sft_config(
         report_to=["mlflow"] if report_to_mlflow else "none",
         disable_tqdm=not sys.stderr.isatty(),
     )
+    if fsdp:
+        args |= fsdp_arguments(cfg, device)
     config = SFTConfig(**(args | overrides))
     use_one_gpu(config)  # one process, one GPU: several GPUs are used through `distributed` (DDP), never DataParallel
     return config
@@ -163,6 +203,7 @@ def train_adapter(
     run_dir: str | None = None,
     fingerprint: dict | None = None,
     log: logging.Logger | logging.LoggerAdapter | None = None,
+    fsdp: bool = False,
     **sft_overrides,
 ) -> TrainResult:
     """Apply LoRA to the 4-bit `model` and train it with SFTTrainer; returns the PEFT model and its metrics.
@@ -174,6 +215,10 @@ def train_adapter(
     With `run_dir` (the flow's run folder, which this process holds): checkpoints go there, training continues from
     its newest complete checkpoint if it has one (a resumed run, or a retry of this task), and a fresh start writes
     `fingerprint` there first. Without it (bench, tests): `training.output_dir`, always from step 0.
+
+    `fsdp` (in a process torchrun started): the Trainer shards the model across the processes (`fsdp_arguments`);
+    afterwards every process takes part in gathering the LoRA weights, which rank 0 returns in
+    `adapter_state_dict`.
     """
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -182,13 +227,14 @@ def train_adapter(
         write_fingerprint(run_dir, fingerprint)
     trainer = AtomicCheckpointSFTTrainer(
         model=model,
-        args=build_sft_config(cfg, device, run_dir or cfg.output_dir, report_to_mlflow, **sft_overrides),
+        args=build_sft_config(cfg, device, run_dir or cfg.output_dir, report_to_mlflow, fsdp, **sft_overrides),
         train_dataset=data.train,
         peft_config=build_lora_config(lora_cfg),
         processing_class=tokenizer,
-        callbacks=[RunLoggerProgress(log), *_layer_callbacks(cfg), *(extra_callbacks or [])],
+        callbacks=[RunLoggerProgress(log), *([] if fsdp else _layer_callbacks(cfg)), *(extra_callbacks or [])],
     )
-    if cfg.fused_lora:
+    full_numel = sum(p.numel() for p in trainer.model.parameters())  # base + LoRA, before FSDP shards them
+    if cfg.fused_lora and not fsdp:  # the fused forward reads lora_B's weight, which FSDP keeps sharded there
         fuse_lora_layers(trainer.model)
     started = time.perf_counter()
     padding_free = bool(getattr(trainer, "padding_free", False))
@@ -196,7 +242,8 @@ def train_adapter(
         with packed_training_attention(trainer.model, resolve_attention(cfg.attention, device), padding_free):
             output = trainer.train(resume_from_checkpoint=resume_from)
     except BaseException:
-        trainer.model.unload()  # the base model without LoRA layers, as it came in
+        if not fsdp:  # (an FSDP run is a process of its own, and ends here)
+            trainer.model.unload()  # the base model without LoRA layers, as it came in
         raise
     wall_s = time.perf_counter() - started
     tokens = float(trainer.state.num_input_tokens_seen)  # restored from the checkpoint when resuming
@@ -208,21 +255,32 @@ def train_adapter(
         "train_tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
         "train_peak_memory_mib": peak_memory_bytes(device) / 2**20,
     }
-    trainer.model.eval()
+    model, adapter_state = trainer.model, None
+    if fsdp:
+        # The proof that the weights are sharded: this process holds ~1/world of them (its flat-parameter shards).
+        metrics["fsdp_local_parameter_share"] = sum(p.numel() for p in trainer.model.parameters()) / full_numel
+        # A collective: every rank sends its shards, rank 0 receives the full state dict (on the CPU).
+        full_state = trainer.accelerator.get_state_dict(trainer.model)
+        adapter_state = {name: tensor for name, tensor in full_state.items() if "lora_" in name}
+        del full_state
+        model = trainer.accelerator.unwrap_model(trainer.model)
+    model.eval()
+    lora_weights = adapter_state.items() if adapter_state else model.named_parameters()
+    adapter_dtype = next((str(p.dtype).removeprefix("torch.") for n, p in lora_weights if "lora_" in n), "bfloat16")
     return TrainResult(
-        model=trainer.model,
+        model=model,
         metrics=metrics,
         loss_history=loss_history(trainer),
         train_dataset=trainer.train_dataset,
         resumed_from=resume_from,
-        adapter_dtype=next(
-            str(p.dtype).removeprefix("torch.") for n, p in trainer.model.named_parameters() if "lora_" in n
-        ),
+        adapter_dtype=adapter_dtype,
+        adapter_state_dict=adapter_state,
     )
 
 
 def train_run(model, data, tokenizer, cfg, device: str, run_dir: str, fingerprint: dict, log=None) -> TrainResult:
-    """`train_adapter` as a flow run trains: the run's settings, its own run folder, loss logged to MLflow."""
+    """`train_adapter` as a flow run trains: the run's settings, its own run folder, loss logged to MLflow; sharded
+    with FSDP when `distributed.strategy` says so and this is one of several processes."""
     return train_adapter(
         model,
         data,
@@ -234,4 +292,5 @@ def train_run(model, data, tokenizer, cfg, device: str, run_dir: str, fingerprin
         run_dir=run_dir,
         fingerprint=fingerprint,
         log=log,
+        fsdp=cfg.distributed.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1,
     )

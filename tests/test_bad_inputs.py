@@ -148,6 +148,18 @@ CASES = {
         lambda c, t: c.update(distributed={"num_machines": 2}),
         "distributed.num_machines > 1 needs main_process_ip or rdzv_endpoint",
     ),
+    "fsdp with 4-bit weights stored as uint8": (
+        lambda c, t: c.update(distributed={"num_processes": 2, "strategy": "fsdp"}),
+        "set quant_storage_dtype: float32",
+    ),
+    "fsdp on the cpu": (
+        lambda c, t: (
+            c.update(distributed={"num_processes": 2, "strategy": "fsdp"}),
+            c["quantization"].update(quant_storage_dtype="float32"),
+            c["training"].update(device="auto"),
+        ),
+        "distributed.strategy 'fsdp' needs CUDA GPUs",
+    ),
     "lora target that names no module": (
         _set("lora", "target_modules", ["q_proj", "not_a_module"]),
         "lora.target_modules: 'not_a_module' matches no module of LlamaForCausalLM",

@@ -143,3 +143,24 @@ def test_a_crash_in_rank_1_fails_the_task_with_its_error(
         finetune(config_path=str(config))
     _, runs = _runs(config)
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_fsdp_on_two_gpus_shards_the_model_and_saves_one_adapter_that_reloads(prefect_server, tiny_llama_dir, tmp_path):
+    """FSDP-QLoRA through the flow: each rank holds about half the weights, the adapter gathered from the shards is
+    one ordinary PEFT adapter (the flow reloads it onto the 4-bit base on one GPU and evaluates it), checkpoints
+    are written, and only rank 0 logs."""
+    raw = tiny_config_dict(tiny_llama_dir, tmp_path)
+    raw["training"].update(max_steps=4, save_steps=2, logging_steps=1, packing=False, task_retries=0, device="cuda")
+    raw["quantization"]["quant_storage_dtype"] = raw["quantization"]["compute_dtype"]
+    raw["distributed"] = {"num_processes": 2, "strategy": "fsdp", "main_process_port": free_port()}
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    summary = finetune(config_path=str(config))
+    _check_one_run_from_rank_0(config, summary)
+    run_dir = Path(summary["run_dir"])
+    result = json.loads((run_dir / "train-result.json").read_text())
+    assert 0.45 < result["metrics"]["fsdp_local_parameter_share"] < 0.6  # rank 0's shards: half, plus padding
+    assert len(result["peak_memory_mib_per_rank"]) == 2
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]

@@ -40,3 +40,20 @@ def test_training_lowers_loss_and_rows_end_with_eos(tiny_config_file):
     for ids in result.train_dataset["input_ids"]:
         tail = [t for t in ids if t != tokenizer.convert_tokens_to_ids("\u010a")][-1:]
         assert tail == [eos]
+
+
+def test_fsdp_arguments_are_fsdp1_with_one_unit_per_decoder_layer_and_its_own_checkpointing():
+    """The FSDP-QLoRA settings as accelerate receives them. FSDP1 is deprecated in transformers 5.24 (FSDP2 keeps
+    4-bit weights out of sharding in places, see qlora/train.py): this breaks when an upgrade drops or changes it."""
+    from pipeline_config.schema import TrainingConfig
+    from qlora.train import build_sft_config
+
+    cfg = TrainingConfig(gradient_checkpointing=True, optim="adamw_torch", device="cpu")
+    args = build_sft_config(cfg, "cuda", "/tmp/unused", fsdp=True)
+    plugin = args.fsdp_plugin_args
+    assert plugin["fsdp_version"] == 1 and plugin["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert plugin["reshard_after_forward"] == "full_shard" and plugin["use_orig_params"] is False
+    assert plugin["activation_checkpointing"] is True and not args.gradient_checkpointing  # FSDP's, not the Trainer's
+    assert plugin["cpu_ram_efficient_loading"] is True and plugin["sync_module_states"] is True
+    assert plugin["state_dict_type"] == "FULL_STATE_DICT"
+    assert not build_sft_config(cfg, "cuda", "/tmp/unused").fsdp  # DDP / one process: no FSDP
