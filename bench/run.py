@@ -485,7 +485,9 @@ def check_adapter_reloads(pipeline_cfg, result, device: str) -> None:
         reloaded = load_trained_adapter(base, folder, result.adapter_dtype)
         loaded = {k: p.detach().float().cpu() for k, p in reloaded.named_parameters() if "lora_" in k}
         if loaded.keys() != trained.keys():
-            raise RuntimeError(f"the FSDP adapter reloaded with other LoRA tensors: {sorted(loaded.keys() ^ trained.keys())[:4]}")
+            raise RuntimeError(
+                f"the FSDP adapter reloaded with other LoRA tensors: {sorted(loaded.keys() ^ trained.keys())[:4]}"
+            )
         diffs = [(loaded[k] - v).abs().max().item() for k, v in trained.items()]
         print(
             f"[bench] FSDP adapter reloaded with PeftModel.from_pretrained on one GPU: {len(loaded)} LoRA tensors, "
