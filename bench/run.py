@@ -461,6 +461,9 @@ def run_project(cfg, pipeline_cfg, tokenizer, dataset, device, timer):
         model, splits, tokenizer, pipeline_cfg.lora, t, device, extra_callbacks=[timer], fsdp=fsdp, disable_tqdm=True
     )
     if fsdp:
+        shares = per_rank(result.metrics["fsdp_local_parameter_share"])  # every rank takes part
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"[bench] FSDP: share of the parameters each process holds: {shares}", file=sys.stderr, flush=True)
         check_adapter_reloads(pipeline_cfg, result, device)
     return result.model, result.loss_history, None
 
