@@ -479,10 +479,11 @@ def check_adapter_reloads(pipeline_cfg, result, device: str) -> None:
         return
     from qlora.model import load_base_for_training, load_trained_adapter
     from qlora.model_source import resolve_model_source
+    from qlora.train import save_trained_adapter
 
     folder = tempfile.mkdtemp(prefix="qlora-bench-adapter-")
     try:
-        result.model.save_pretrained(folder, state_dict=result.adapter_state_dict)
+        save_trained_adapter(result, folder)
         trained = {k: v.float() for k, v in result.adapter_state_dict.items()}
         base = load_base_for_training(resolve_model_source(pipeline_cfg.model), pipeline_cfg, device)
         reloaded = load_trained_adapter(base, folder, result.adapter_dtype)
@@ -755,7 +756,9 @@ def run_bench(cfg: BenchConfig) -> dict:
     if device == "cuda" and world_size() > 1:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # each process on its own GPU
     arch = architecture(cfg)
+    # Enough rows that no process runs out within the run: a short last batch of an epoch would change the batch.
     needed_tokens = (cfg.warmup_steps + cfg.steps + cfg.profile_steps + 2) * max(cfg.tokens_per_step, 8 * 1024)
+    needed_tokens *= world_size()
     if cfg.data == "bundled":
         from transformers import AutoTokenizer
 

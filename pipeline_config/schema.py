@@ -446,6 +446,11 @@ def fsdp_problems(cfg: PipelineConfig) -> list[str]:
             f"distributed.strategy 'fsdp' shards the 4-bit weights only when they are stored in the compute dtype, but "
             f"quantization.quant_storage_dtype is {q.quant_storage_dtype!r}: set quant_storage_dtype: {q.compute_dtype}"
         )
+    if not (t.bf16 or t.fp16):
+        problems.append(
+            "distributed.strategy 'fsdp' trains in mixed precision (FSDP casts the sharded weights for each layer): "
+            "set training.bf16: true (with quantization.compute_dtype bfloat16)"
+        )
     if cfg.lora.upcast_base_to_fp32:
         problems.append(
             "distributed.strategy 'fsdp' needs one dtype per sharded layer, but lora.upcast_base_to_fp32 is true: set "

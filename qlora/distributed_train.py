@@ -24,7 +24,7 @@ from qlora.model import load_base_for_training
 from qlora.model_source import ModelSource
 from qlora.prepare import PreparedDataset, open_prepared
 from qlora.tokenizer import setup_tokenizer
-from qlora.train import train_run
+from qlora.train import save_trained_adapter, train_run
 
 log = logging.getLogger("qlora.train")
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         with atomic_folder(run_dir / TRAINED_ADAPTER_DIRNAME, replace=True) as tmp:
             # FSDP: the adapter gathered from the shards, saved as one ordinary PEFT adapter
-            result.model.save_pretrained(tmp, safe_serialization=True, state_dict=result.adapter_state_dict)
+            save_trained_adapter(result, tmp)
         log.info("peak memory per rank (MiB): %s", ", ".join(f"{p:.0f}" for p in peaks_mib))
         summary = {
             "metrics": result.metrics | {"train_peak_memory_mib_max_rank": max(peaks_mib)},

@@ -278,6 +278,28 @@ def train_adapter(
     )
 
 
+def save_trained_adapter(result: TrainResult, folder) -> None:
+    """`save_pretrained` of the trained adapter, as one ordinary PEFT adapter folder.
+
+    FSDP: the LoRA weights gathered from the shards (`adapter_state_dict`) are saved through a PEFT model of the same
+    architecture built on the meta device (no memory). The live model can't save them: peft 0.21.2 picks the
+    adapter's weights by module name, and under nested FSDP units those names carry `_fsdp_wrapped_module.` in the
+    middle (peft strips it only at the start), so it would write an adapter with no weights."""
+    if result.adapter_state_dict is None:
+        result.model.save_pretrained(folder, safe_serialization=True)
+        return
+    import copy
+
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    lora_config = copy.deepcopy(result.model.peft_config["default"])
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(result.model.get_base_model().config)
+    skeleton = get_peft_model(skeleton, lora_config)
+    skeleton.save_pretrained(folder, safe_serialization=True, state_dict=result.adapter_state_dict)
+
+
 def train_run(model, data, tokenizer, cfg, device: str, run_dir: str, fingerprint: dict, log=None) -> TrainResult:
     """`train_adapter` as a flow run trains: the run's settings, its own run folder, loss logged to MLflow; sharded
     with FSDP when `distributed.strategy` says so and this is one of several processes."""

@@ -152,11 +152,18 @@ CASES = {
         lambda c, t: c.update(distributed={"num_processes": 2, "strategy": "fsdp"}),
         "set quant_storage_dtype: float32",
     ),
-    "fsdp on the cpu": (
+    "fsdp without mixed precision": (
         lambda c, t: (
             c.update(distributed={"num_processes": 2, "strategy": "fsdp"}),
             c["quantization"].update(quant_storage_dtype="float32"),
-            c["training"].update(device="auto"),
+        ),
+        "set training.bf16: true",
+    ),
+    "fsdp on the cpu": (
+        lambda c, t: (
+            c.update(distributed={"num_processes": 2, "strategy": "fsdp"}),
+            c["quantization"].update(compute_dtype="bfloat16", quant_storage_dtype="bfloat16"),
+            c["training"].update(device="auto", bf16=True),
         ),
         "distributed.strategy 'fsdp' needs CUDA GPUs",
     ),

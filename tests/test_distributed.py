@@ -153,7 +153,8 @@ def test_fsdp_on_two_gpus_shards_the_model_and_saves_one_adapter_that_reloads(pr
     are written, and only rank 0 logs."""
     raw = tiny_config_dict(tiny_llama_dir, tmp_path)
     raw["training"].update(max_steps=4, save_steps=2, logging_steps=1, packing=False, task_retries=0, device="cuda")
-    raw["quantization"]["quant_storage_dtype"] = raw["quantization"]["compute_dtype"]
+    raw["quantization"].update(compute_dtype="bfloat16", quant_storage_dtype="bfloat16")  # FSDP-QLoRA's settings
+    raw["training"]["bf16"] = True
     raw["distributed"] = {"num_processes": 2, "strategy": "fsdp", "main_process_port": free_port()}
     config = tmp_path / "fsdp.yaml"
     config.write_text(yaml.safe_dump(raw))

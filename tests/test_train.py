@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pipeline_config.schema import load_pipeline_config
 from qlora.data import load_dataset_splits
@@ -57,3 +58,28 @@ def test_fsdp_arguments_are_fsdp1_with_one_unit_per_decoder_layer_and_its_own_ch
     assert plugin["cpu_ram_efficient_loading"] is True and plugin["sync_module_states"] is True
     assert plugin["state_dict_type"] == "FULL_STATE_DICT"
     assert not build_sft_config(cfg, "cuda", "/tmp/unused").fsdp  # DDP / one process: no FSDP
+
+
+def test_an_adapter_saved_from_gathered_weights_equals_the_ordinary_save(tiny_llama_dir, tmp_path):
+    """FSDP saves the LoRA weights gathered from the shards through a meta-device PEFT model of the same
+    architecture (save_trained_adapter): the folder must hold exactly what the live model's own save writes."""
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from qlora.model import build_lora_config
+    from qlora.train import TrainResult, save_trained_adapter
+
+    cfg = load_pipeline_config({"model": {"name_or_path": str(tiny_llama_dir)}, "data": {"source": "bundled:orders"}})
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), build_lora_config(cfg.lora))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero; make every tensor distinct
+            param.data.normal_()
+    gathered = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+    save_trained_adapter(TrainResult(model=model, metrics={}), tmp_path / "ordinary")
+    save_trained_adapter(TrainResult(model=model, metrics={}, adapter_state_dict=gathered), tmp_path / "gathered")
+    ordinary = load_file(str(tmp_path / "ordinary" / "adapter_model.safetensors"))
+    from_gathered = load_file(str(tmp_path / "gathered" / "adapter_model.safetensors"))
+    assert ordinary.keys() == from_gathered.keys() and len(ordinary) == 2 * 7 * 2  # A and B, 7 linears, 2 layers
+    for key in ordinary:
+        assert torch.equal(ordinary[key], from_gathered[key])
