@@ -443,6 +443,7 @@ def project_config(cfg: BenchConfig, model_dir: Path, out_dir: str, device: str,
         raw["distributed"] = {"num_processes": cfg.num_processes, "strategy": cfg.strategy}
         if cfg.strategy == "fsdp":  # FSDP shards the 4-bit weights only when they are stored in the compute dtype
             raw["quantization"]["quant_storage_dtype"] = "bfloat16"
+            raw["training"]["bf16"] = True  # FSDP casts each layer's gathered weights to the compute dtype
     return load_pipeline_config(raw, [*extra, *cfg.project_overrides])
 
 
