@@ -184,6 +184,15 @@ def _layer_callbacks(cfg: TrainingConfig) -> list[TrainerCallback]:
     return []
 
 
+def parameter_storage_bytes(model) -> int:
+    """Bytes of the distinct storage behind the model's parameters (storage FSDP has freed counts 0)."""
+    storages = {}
+    for param in model.parameters():
+        storage = param.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
 def peak_memory_bytes(device: str) -> int:
     """Peak accelerator memory on CUDA, else the process's peak resident set size."""
     if device == "cuda":
@@ -233,7 +242,7 @@ def train_adapter(
         processing_class=tokenizer,
         callbacks=[RunLoggerProgress(log), *([] if fsdp else _layer_callbacks(cfg)), *(extra_callbacks or [])],
     )
-    full_numel = sum(p.numel() for p in trainer.model.parameters())  # base + LoRA, before FSDP shards them
+    full_bytes = parameter_storage_bytes(trainer.model)  # base + LoRA, before FSDP shards them
     if cfg.fused_lora and not fsdp:  # the fused forward reads lora_B's weight, which FSDP keeps sharded there
         fuse_lora_layers(trainer.model)
     started = time.perf_counter()
@@ -257,8 +266,9 @@ def train_adapter(
     }
     model, adapter_state = trainer.model, None
     if fsdp:
-        # The proof that the weights are sharded: this process holds ~1/world of them (its flat-parameter shards).
-        metrics["fsdp_local_parameter_share"] = sum(p.numel() for p in trainer.model.parameters()) / full_numel
+        # The proof that the weights are sharded: this process keeps ~1/world of the parameter storage (its
+        # flat-parameter shards; FSDP frees the storage of the full-size views between uses).
+        metrics["fsdp_local_parameter_share"] = parameter_storage_bytes(trainer.model) / full_bytes
         # A collective: every rank sends its shards, rank 0 receives the full state dict (on the CPU).
         full_state = trainer.accelerator.get_state_dict(trainer.model)
         adapter_state = {name: tensor for name, tensor in full_state.items() if "lora_" in name}
