@@ -1,4 +1,5 @@
-"""Training on several processes (GPUs) and machines: DDP, launched with torch.distributed's own launcher (torchrun).
+"""Training on several processes (GPUs) and machines, DDP or FSDP-QLoRA, launched with torch.distributed's own
+launcher (torchrun).
 
 With `distributed.num_processes` above 1 (or several machines), train-adapter does not train in the flow's process:
 
@@ -6,7 +7,8 @@ With `distributed.num_processes` above 1 (or several machines), train-adapter do
    dataset's folder, the fingerprint, the device.
 2. It runs `python -m torch.distributed.run ... -m qlora.distributed_train <spec>`. torchrun starts one process per
    GPU (per CPU slot in tests), sets up the process group, and the Trainer shards the data and averages the LoRA
-   gradients (DDP). Each rank loads the whole 4-bit model on its own device.
+   gradients (DDP). Each rank loads the whole 4-bit model on its own device; with `strategy: fsdp` the Trainer then
+   shards it across the ranks (qlora/train.py `fsdp_arguments`) and rank 0 receives the gathered adapter.
 3. Only rank 0's output reaches the flow's log (torchrun's `--local-ranks-filter 0`; every rank's output is kept
    under `<run folder>/launch-logs/`), and only rank 0 logs into the flow's MLflow run (`MLFLOW_RUN_ID`; the
    Trainer's MLflow callback is active on the main process only).

@@ -177,6 +177,35 @@ def test_bench_smoke_cpu(tmp_path):
     assert rows == ["| recipe", "| trl_best", "| project", "| project_lean"]
 
 
+@pytest.mark.slow
+def test_bench_on_two_processes_reports_the_total_of_both(tmp_path):
+    """`bench --num-processes 2` re-launches itself through torchrun (gloo on the CPU): both processes train with the
+    per-process batch, only rank 0 writes the report, and tokens per step is the total of both."""
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "flows.cli", "bench", "--model", "tiny", "--device", "cpu", "--steps", "2"]
+    cmd += ["--variants", "project", "--num-processes", "2", "--model-dir", str(tmp_path / "models")]
+    proc = subprocess.run([*cmd, "--out-dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch.distributed.run --standalone --nproc-per-node 2" in proc.stderr
+    report = json.loads((out / "bench.json").read_text())
+    assert (report["num_processes"], report["strategy"]) == (2, "ddp")
+    (variant,) = report["variants"]
+    assert variant["error"] is None and variant["tokens_per_s"] > 0
+    assert variant["tokens_per_step"] > 2 * 1800  # two processes, each ~2,048 packed tokens per step
+    assert len(variant["settings"]["peak_memory_gib_per_rank"]) == 2
+    assert "2 processes (ddp)" in (out / "bench.md").read_text()
+
+
+def test_bench_fsdp_measures_only_the_project_path(tmp_path):
+    from bench.run import run_bench
+    from bench.settings import BenchConfig
+    from qlora.errors import PipelineInputError
+
+    cfg = BenchConfig(model="tiny", device="cpu", num_processes=2, strategy="fsdp", variants=("project", "recipe"))
+    with pytest.raises(PipelineInputError, match=r"drop \['recipe'\] from --variants"):
+        run_bench(cfg)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_varlen_attention_matches_sdpa_per_document(tiny_llama_dir, tmp_path):
