@@ -3,7 +3,10 @@
     qlora-flow run      [--config FILE] [--set section.key=value ...]   fine-tune (default config if none)
     qlora-flow validate [--config FILE] [--set ...]                     check config + data, load no weights
     qlora-flow promote NAME VERSION --reason TEXT                       move the `champion` alias by hand
-    qlora-flow generate --model models:/NAME@champion --prompt TEXT     answer prompts with a registered model
+    qlora-flow generate --model SOURCE --prompt TEXT | --prompts FILE    answer prompts (stream one; batch a file)
+    qlora-flow chat     --model SOURCE                                  talk to the model in the terminal
+    qlora-flow compare  --model SOURCE [--prompt TEXT | --prompts FILE]  base vs fine-tuned, side by side
+    qlora-flow merge    --model SOURCE --output DIR [--dtype bf16]      a standalone merged model (checked first)
     qlora-flow run --resume RUN_DIR | --no-resume                       continue a given run folder / always a new one
     qlora-flow runs [--config FILE]                                     run folders: finished / unfinished / locked
     qlora-flow gc --keep N [--config FILE] [--dry-run]                  remove checkpoints of older finished runs
@@ -11,6 +14,8 @@
     qlora-flow emit-dataset-updated PATH [--config FILE]                trigger re-training on a data file
     qlora-flow bench [--model llama2-7b] [--device auto] [--steps 10]   training speed: recipe vs TRL vs this
 
+SOURCE: an adapter folder (outputs/<run>/adapter), a merged model folder, or an MLflow model URI
+(models:/NAME@champion, models:/NAME/3, runs:/RUN_ID/model).
 Bad input exits with code 2 and one short message (add --debug for the traceback).
 """
 
@@ -72,12 +77,38 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", required=True, help="why; kept as a tag on the version")
     p.add_argument("--tracking-uri", default=None, help=uri_help)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p = sub.add_parser("generate", help="answer prompts with a registered model (e.g. models:/NAME@champion)")
-    p.add_argument("--model", required=True, help="MLflow model URI")
-    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeatable")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--tracking-uri", default=None, help=uri_help)
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    model_help = "adapter folder, merged model folder, or MLflow model URI (models:/NAME@champion, runs:/ID/model)"
+    for name, help_text in (
+        ("generate", "answer prompts: one streams to the terminal, a JSONL file is batched into a JSONL file"),
+        ("chat", "a multi-turn conversation in the terminal (/reset, /exit)"),
+        ("compare", "the same prompts through base and fine-tuned, side by side"),
+        ("merge", "merge the adapter into its de-quantized base: a standalone model folder"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--model", required=True, help=model_help)
+        p.add_argument("--tracking-uri", default=None, help=uri_help)
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+        if name == "merge":
+            p.add_argument("--output", required=True, help="new folder for the merged model")
+            p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="merged weights' dtype")
+            p.add_argument("--max-loss-change-pct", type=float, default=1.0, help="allowed eval-loss change, %%")
+            p.add_argument("--min-agreement", type=float, default=0.9, help="greedy answers that must agree (0-1)")
+            continue
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=None, help="sampling seed")
+        if name == "chat":
+            p.add_argument("--system", default=None, help="a system prompt for the conversation")
+            continue
+        p.add_argument("--prompt", action="append", default=None, help="a prompt; repeatable")
+        p.add_argument("--prompts", default=None, help="a JSONL file of {'prompt': ...} or {'messages': [...]}")
+        p.add_argument("--batch-size", type=int, default=8)
+        if name == "generate":
+            p.add_argument("--output", default=None, help="JSONL answers for --prompts (default: FILE.out.jsonl)")
+        else:
+            p.add_argument("--out-dir", default="compare-results", help="compare.jsonl and compare.md go here")
+            p.add_argument("--mlflow-run", default=None, help="also log the report to this MLflow run")
     p = sub.add_parser("serve", help="serve the prefect.yaml deployments from this process (no worker needed)")
     p.add_argument("--include-gpu", action="store_true", help="also serve the GPU (Llama-2) deployment")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -186,14 +217,115 @@ def promote_command(name: str, version: str, reason: str, tracking_uri: str | No
     return 0
 
 
-def generate_command(model_uri: str, prompts: list[str], max_new_tokens: int | None, tracking_uri: str | None) -> int:
-    import mlflow
+def _sampling(args):
+    from qlora.inference import SamplingSettings
 
-    mlflow.set_tracking_uri(_tracking_uri(tracking_uri))
-    model = mlflow.pyfunc.load_model(model_uri)
-    params = {"max_new_tokens": max_new_tokens} if max_new_tokens else None
-    for prompt, answer in zip(prompts, model.predict(prompts, params=params), strict=True):
-        print(f"> {prompt}\n{answer}")
+    return SamplingSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+
+
+def _prompts(args) -> tuple[list | None, list[dict] | None]:
+    """(prompts, the file's rows) from --prompt / --prompts; (None, None) when neither is given."""
+    from pathlib import Path
+
+    from qlora.inference import read_prompts_file
+
+    if args.prompt and args.prompts:
+        raise PipelineInputError("give --prompt or --prompts, not both")
+    if args.prompts:
+        rows = read_prompts_file(Path(args.prompts))
+        return [r.get("prompt", r.get("messages")) for r in rows], rows
+    return args.prompt, None
+
+
+def _load(args):
+    from qlora.inference import load_for_inference
+
+    return load_for_inference(args.model, _tracking_uri(args.tracking_uri))
+
+
+def generate_command(args) -> int:
+    """One prompt streams its tokens; several are batched; a file's answers go to a JSONL file (progress bar)."""
+    import json
+    from pathlib import Path
+
+    from qlora.files import write_text_atomic
+    from qlora.inference import as_prompt, generate_texts
+
+    settings = _sampling(args)
+    prompts, rows = _prompts(args)
+    if not prompts:
+        raise PipelineInputError("generate needs --prompt TEXT (repeatable) or --prompts FILE.jsonl")
+    loaded = _load(args)
+    asked = [as_prompt(p, loaded.has_chat_template) for p in prompts]
+    if rows is None and len(asked) == 1:
+        from qlora.chat import terminal_streamer
+
+        generate_texts(
+            loaded.model, loaded.tokenizer, asked, settings, streamer=terminal_streamer(loaded.tokenizer, sys.stdout)
+        )
+        print()
+        return 0
+    if rows is None:
+        answers = generate_texts(loaded.model, loaded.tokenizer, asked, settings, args.batch_size)
+        for prompt, answer in zip(prompts, answers, strict=True):
+            print(f"> {prompt}\n{answer}")
+        return 0
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(asked), desc="generating", unit="prompt", file=sys.stderr) as bar:
+        answers = generate_texts(loaded.model, loaded.tokenizer, asked, settings, args.batch_size, on_batch=bar.update)
+    output = Path(args.output or Path(args.prompts).with_suffix(".out.jsonl"))
+    write_text_atomic(output, "".join(json.dumps(r | {"output": a}) + "\n" for r, a in zip(rows, answers, strict=True)))
+    print(f"{len(answers)} answers written to {output}")
+    return 0
+
+
+def chat_command(args) -> int:
+    from qlora.chat import chat_session
+
+    chat_session(_load(args), _sampling(args), system_prompt=args.system)
+    return 0
+
+
+def compare_command(args) -> int:
+    import shutil
+    from pathlib import Path
+
+    from qlora.compare import compare, format_table, write_report
+
+    settings = _sampling(args)
+    prompts, _ = _prompts(args)
+    loaded = _load(args)
+    rows = compare(loaded, prompts, settings, args.batch_size)
+    print(format_table(rows, width=shutil.get_terminal_size((120, 20)).columns))
+    out = write_report(rows, Path(args.out_dir), args.model, settings, args.mlflow_run)
+    print(
+        f"written: {out}/compare.jsonl, {out}/compare.md"
+        + (f"; logged to MLflow run {args.mlflow_run}" if args.mlflow_run else "")
+    )
+    return 0
+
+
+def merge_command(args) -> int:
+    from pathlib import Path
+
+    from qlora.merge import MergeRefused, merge_adapter
+
+    if not 0 <= args.min_agreement <= 1 or args.max_loss_change_pct < 0:
+        raise PipelineInputError("--min-agreement must be in [0, 1] and --max-loss-change-pct at least 0")
+    if Path(args.output).exists():
+        raise PipelineInputError(f"--output {args.output} exists: choose a new folder (nothing is overwritten)")
+    loaded = _load(args)
+    try:
+        result = merge_adapter(loaded, Path(args.output), args.dtype, args.max_loss_change_pct, args.min_agreement)
+    except MergeRefused as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"merged ({result.dtype}) into {result.path} in {result.seconds:.0f} s, peak {result.peak_memory_mib:,.0f} MiB"
+    )
+    print(f"check: {result.check.describe()}")
+    print(f"load it: AutoModelForCausalLM.from_pretrained({str(result.path)!r})")
     return 0
 
 
@@ -338,8 +470,9 @@ def main(argv: list[str] | None = None) -> int:
             return validate_command(args.config, args.overrides)
         if args.command == "promote":
             return promote_command(args.name, args.version, args.reason, args.tracking_uri)
-        if args.command == "generate":
-            return generate_command(args.model, args.prompt, args.max_new_tokens, args.tracking_uri)
+        if args.command in ("generate", "chat", "compare", "merge"):
+            command = {"generate": generate_command, "chat": chat_command, "compare": compare_command}
+            return command.get(args.command, merge_command)(args)
         if args.command == "serve":
             from flows.deployments import serve_deployments
 

@@ -22,8 +22,7 @@ def serve_deployments(include_gpu: bool = False) -> None:
     """Serve the prefect.yaml deployments from this process (schedules and triggers included)."""
     from prefect import serve
     from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
-
-    from flows.finetune import finetune
+    from prefect.flows import load_flow_from_entrypoint
 
     served = []
     for spec in deployment_specs():
@@ -31,8 +30,9 @@ def serve_deployments(include_gpu: bool = False) -> None:
             continue  # a Kubernetes job runs on the cluster's worker, not in this process
         if spec["work_pool"].get("work_queue_name") == "gpu" and not include_gpu:
             continue
+        flow = load_flow_from_entrypoint(str(REPO_ROOT / spec["entrypoint"]))
         served.append(
-            finetune.to_deployment(
+            flow.to_deployment(
                 name=spec["name"],
                 description=spec.get("description"),
                 parameters=spec.get("parameters", {}),

@@ -85,39 +85,11 @@ def eval_loss(model, tokenizer, examples, batch_size: int) -> float:
     return total / max(count, 1)
 
 
-@torch.inference_mode()
 def greedy_answers(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy generations for chat or string prompts, batched with left padding."""
-    device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    answers: list[str] = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i : i + batch_size]
-            if isinstance(chunk[0], list):
-                enc = tokenizer.apply_chat_template(
-                    chunk, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
-                )
-            else:
-                enc = tokenizer(chunk, padding=True, return_tensors="pt")
-            enc = {k: v.to(device) for k, v in enc.items()}
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-            )
-            new = out[:, enc["input_ids"].shape[1] :]
-            answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = side
-    return answers
+    from qlora.inference import SamplingSettings, generate_texts
+
+    return generate_texts(model, tokenizer, prompts, SamplingSettings(max_new_tokens=max_new_tokens), batch_size)
 
 
 def evaluate_model(model, tokenizer, data: DatasetSplits, cfg: EvaluationConfig, max_len: int) -> EvalResult:

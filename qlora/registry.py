@@ -168,3 +168,70 @@ def promote(name: str, version: str, reason: str, tracking_uri: str | None = Non
     client.get_model_version(name, version)  # raises a clear MlflowException if it does not exist
     client.set_registered_model_alias(name, CHAMPION, version)
     client.set_model_version_tag(name, version, "promoted_by_hand_reason", reason)
+
+
+MERGED_SUFFIX = "-merged"
+MERGE_EXPERIMENT = "qlora-merges"
+
+
+def source_registry_version(source: str) -> tuple[str, str] | None:
+    """(name, version) of an adapter model URI `models:/NAME@alias` or `models:/NAME/VERSION`; None otherwise."""
+    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", source)
+    if not match:
+        return None
+    name, alias, version = match.groups()
+    if alias:
+        version = MlflowClient().get_model_version_by_alias(name, alias).version
+    return name, str(version)
+
+
+def merged_model_name(loaded) -> str:
+    """`<adapter's registered name>-merged` (the run's registry name for an adapter folder)."""
+    registered = source_registry_version(loaded.source)
+    base = registered[0] if registered else (loaded.config.registry.model_name or default_model_name(loaded.config))
+    return base + MERGED_SUFFIX
+
+
+def register_merged_model(merged_dir: Path, loaded, check: dict, flow_tags: dict[str, str] | None = None) -> dict:
+    """Log the merged model in MLflow's transformers flavor (an OpenAI-style chat signature and an input example for
+    a chat model) as a new version of `<name>-merged`, in its own run of the `qlora-merges` experiment, tagged with
+    the adapter it came from; returns {name, version, run_id}."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = merged_model_name(loaded)
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="auto")
+    chat = bool(tokenizer.chat_template)
+    example_prompt = "Order from Ana Chen: 2 yoga mats, 3 May 2025."
+    source = source_registry_version(loaded.source)
+    tags = {
+        "source_model": loaded.source,
+        "source_adapter_dir": str(loaded.adapter_dir),
+        **({"source_adapter_name": source[0], "source_adapter_version": source[1]} if source else {}),
+    }
+    uri = mlflow.get_tracking_uri()
+    from qlora.tracking import store_lock
+
+    with store_lock(uri):
+        experiment = mlflow.set_experiment(MERGE_EXPERIMENT)
+    with mlflow.start_run(experiment_id=experiment.experiment_id, run_name=f"merge {name}", tags=flow_tags or {}):
+        mlflow.log_params({"source_model": loaded.source, "merged_dir": str(merged_dir), "dtype": str(model.dtype)})
+        mlflow.log_metrics({k: float(v) for k, v in check.items() if isinstance(v, int | float)})
+        with store_lock(uri):
+            info = mlflow.transformers.log_model(
+                {"model": model, "tokenizer": tokenizer},
+                name="model",
+                task="llm/v1/chat" if chat else "text-generation",
+                input_example={"messages": [{"role": "user", "content": example_prompt}]} if chat else example_prompt,
+                registered_model_name=name,
+                tags={"mlflow.user": getpass.getuser()},
+            )
+        version = str(info.registered_model_version)
+        client = MlflowClient()
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+        client.update_model_version(
+            name, version, description=f"{loaded.source} merged into its de-quantized base ({model.dtype})."
+        )
+        run_id = mlflow.active_run().info.run_id
+    return {"name": name, "version": version, "run_id": run_id, "tags": tags}

@@ -24,6 +24,11 @@ from qlora.save import adapter_checksum
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
+def tracking_uri_or_default(explicit: str | None) -> str:
+    """`explicit`, else $MLFLOW_TRACKING_URI, else a SQLite store in the working folder."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
 def resolve_tracking_uri(cfg: TrackingConfig) -> str:
     """Config value, else $MLFLOW_TRACKING_URI, else a SQLite store in the working folder."""
     return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI

@@ -16,9 +16,10 @@ REPO = Path(__file__).resolve().parent.parent
 SPECS = deployment_specs()
 
 
-def test_the_five_deployments_exist():
+def test_the_six_deployments_exist():
     names = {s["name"] for s in SPECS}
     assert names == {
+        "merge-champion",
         "qlora-default",
         "qlora-nightly",
         "qlora-on-dataset-update",
@@ -31,6 +32,9 @@ def test_the_five_deployments_exist():
 def test_entrypoint_and_parameters_validate(spec):
     flow = load_flow_from_entrypoint(str(REPO / spec["entrypoint"]))
     params = flow.validate_parameters(spec["parameters"])
+    if spec["entrypoint"] == "flows/merge.py:merge":
+        assert params["model"].startswith("models:/") and params["dtype"] in ("bf16", "fp16", "fp32")
+        return
     cfg = load_pipeline_config(REPO / params["config_path"], params["overrides"])
     assert cfg.model.name_or_path
     for schedule in spec.get("schedules", []):
