@@ -192,6 +192,12 @@ def merged_model_name(loaded) -> str:
     return base + MERGED_SUFFIX
 
 
+def merged_requirements() -> dict[str, str]:
+    from qlora.provenance import library_versions
+
+    return library_versions(("torch", "transformers", "accelerate", "tokenizers", "safetensors"))
+
+
 def register_merged_model(merged_dir: Path, loaded, check: dict, flow_tags: dict[str, str] | None = None) -> dict:
     """Log the merged model in MLflow's transformers flavor (an OpenAI-style chat signature and an input example for
     a chat model) as a new version of `<name>-merged`, in its own run of the `qlora-merges` experiment, tagged with
@@ -224,6 +230,8 @@ def register_merged_model(merged_dir: Path, loaded, check: dict, flow_tags: dict
                 task="llm/v1/chat" if chat else "text-generation",
                 input_example={"messages": [{"role": "user", "content": example_prompt}]} if chat else example_prompt,
                 registered_model_name=name,
+                # a standalone model needs no peft or bitsandbytes (and MLflow's default list asks for torchvision)
+                pip_requirements=[f"{k}=={v}" for k, v in merged_requirements().items() if v != "missing"],
                 tags={"mlflow.user": getpass.getuser()},
             )
         version = str(info.registered_model_version)
