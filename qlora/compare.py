@@ -39,7 +39,7 @@ def held_out_prompts(loaded: LoadedModel, n: int) -> tuple[list, list[str]]:
 
     if loaded.config is None:
         raise PipelineInputError("compare: give prompts (--prompt or --prompts FILE): this model has no run config")
-    data = held_out_rows(loaded)
+    data = held_out_rows(loaded, "compare asks its prompts when none are given: or pass --prompt / --prompts")
     rows = data.eval.select(range(min(n, len(data.eval))))
     pairs = [eval_prompt_and_reference(r, data.kind, data.response_template) for r in rows]
     pairs = [(p, ref.strip()) for p, ref in pairs if p is not None]

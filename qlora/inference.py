@@ -14,6 +14,7 @@ A model SOURCE is one of:
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -143,6 +144,7 @@ def _load_model_uri(uri: str, tracking_uri: str | None, device: str | None) -> L
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file, 40 files: noise
     target = Path(tempfile.mkdtemp(prefix="qlora-model-"))
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))

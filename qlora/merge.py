@@ -65,7 +65,7 @@ class MergeResult:
     peak_memory_mib: float
 
 
-def held_out_rows(loaded: LoadedModel):
+def held_out_rows(loaded: LoadedModel, purpose: str = "merge checks the merged model on them"):
     """The run's held-out split, formatted as the run formatted it."""
     from qlora.data import load_dataset_splits
 
@@ -73,7 +73,8 @@ def held_out_rows(loaded: LoadedModel):
         return load_dataset_splits(loaded.config.data)
     except Exception as exc:
         raise PipelineInputError(
-            f"merge checks on the run's held-out rows, and its data {loaded.config.data.source} can't be read: {exc}"
+            f"the run's held-out rows are needed ({purpose}), but its data {loaded.config.data.source} can't be "
+            f"read: {exc}"
         ) from None
 
 
@@ -151,7 +152,13 @@ def merge_adapter(
         ][:5],
     )
     if not check.passed:
-        raise MergeRefused(f"the merged model does not behave like base + adapter: {check.describe()}; not saved")
+        hint = ""
+        if abs(check.loss_change_pct) > max_loss_change_pct and dtype != "fp32":
+            hint = (
+                f"; {dtype} rounds away part of the adapter's small updates when they are added to the weights: "
+                "--dtype fp32 keeps them"
+            )
+        raise MergeRefused(f"the merged model does not behave like base + adapter: {check.describe()}; not saved{hint}")
     info = {
         "source": loaded.source,
         "adapter_dir": str(loaded.adapter_dir),
