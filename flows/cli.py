@@ -298,7 +298,9 @@ def compare_command(args) -> int:
     loaded = _load(args)
     rows = compare(loaded, prompts, settings, args.batch_size)
     print(format_table(rows, width=shutil.get_terminal_size((120, 20)).columns))
-    out = write_report(rows, Path(args.out_dir), args.model, settings, args.mlflow_run)
+    out = write_report(
+        rows, Path(args.out_dir), args.model, settings, args.mlflow_run, _tracking_uri(args.tracking_uri)
+    )
     print(
         f"written: {out}/compare.jsonl, {out}/compare.md"
         + (f"; logged to MLflow run {args.mlflow_run}" if args.mlflow_run else "")

@@ -136,7 +136,12 @@ def markdown_report(rows: list[ComparedPrompt], source: str, settings: SamplingS
 
 
 def write_report(
-    rows: list[ComparedPrompt], out_dir: Path, source: str, settings: SamplingSettings, mlflow_run_id: str | None
+    rows: list[ComparedPrompt],
+    out_dir: Path,
+    source: str,
+    settings: SamplingSettings,
+    mlflow_run_id: str | None,
+    tracking_uri: str | None = None,
 ) -> Path:
     """`compare.jsonl` + `compare.md` into `out_dir` (written whole, then moved into place); logged to the MLflow
     run `mlflow_run_id` under `compare/` if given."""
@@ -152,7 +157,7 @@ def write_report(
         from mlflow.tracking import MlflowClient
 
         try:
-            MlflowClient().log_artifacts(mlflow_run_id, str(out_dir), artifact_path="compare")
+            MlflowClient(tracking_uri).log_artifacts(mlflow_run_id, str(out_dir), artifact_path="compare")
         except MlflowException as exc:
             raise PipelineInputError(f"--mlflow-run {mlflow_run_id}: {exc.message.splitlines()[0]}") from None
     return out_dir
