@@ -231,6 +231,8 @@ def _prompts(args) -> tuple[list | None, list[dict] | None]:
 
     if args.prompt and args.prompts:
         raise PipelineInputError("give --prompt or --prompts, not both")
+    if args.batch_size < 1:
+        raise PipelineInputError("--batch-size must be at least 1")
     if args.prompts:
         rows = read_prompts_file(Path(args.prompts))
         return [r.get("prompt", r.get("messages")) for r in rows], rows
