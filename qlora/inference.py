@@ -13,8 +13,10 @@ A model SOURCE is one of:
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -146,6 +148,7 @@ def _load_model_uri(uri: str, tracking_uri: str | None, device: str | None) -> L
         mlflow.set_tracking_uri(tracking_uri)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file, 40 files: noise
     target = Path(tempfile.mkdtemp(prefix="qlora-model-"))
+    atexit.register(shutil.rmtree, target, ignore_errors=True)  # the adapter folder is read again by merge
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
     except MlflowException as exc:
@@ -154,6 +157,7 @@ def _load_model_uri(uri: str, tracking_uri: str | None, device: str | None) -> L
     flavors = mlmodel.get("flavors", {})
     if "transformers" in flavors:
         components = mlflow.transformers.load_model(str(local), return_type="components")
+        shutil.rmtree(target, ignore_errors=True)  # in memory now; a merged model's copy can be gigabytes
         model = components["model"].eval()
         if device:
             model.to(device)
