@@ -18,26 +18,27 @@ def deployment_specs(path: Path = PREFECT_YAML) -> list[dict]:
     return yaml.safe_load(path.read_text())["deployments"]
 
 
-def serve_deployments(include_gpu: bool = False) -> None:
-    """Serve the prefect.yaml deployments from this process (schedules and triggers included)."""
-    from prefect import serve
+def runner_deployments(include_gpu: bool = False) -> list:
+    """prefect.yaml's deployments on the process pool as Prefect runner deployments (schedules and triggers
+    included), for `serve`: Kubernetes ones run on the cluster's worker, the GPU one only when asked."""
     from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
     from prefect.flows import load_flow_from_entrypoint
+    from prefect.schedules import Cron
 
-    served = []
+    deployments = []
     for spec in deployment_specs():
         if spec["work_pool"]["name"] != "qlora-process":
             continue  # a Kubernetes job runs on the cluster's worker, not in this process
         if spec["work_pool"].get("work_queue_name") == "gpu" and not include_gpu:
             continue
         flow = load_flow_from_entrypoint(str(REPO_ROOT / spec["entrypoint"]))
-        served.append(
+        deployments.append(
             flow.to_deployment(
                 name=spec["name"],
                 description=spec.get("description"),
                 parameters=spec.get("parameters", {}),
                 schedules=[
-                    {"cron": s["cron"], "timezone": s.get("timezone"), "active": s.get("active", True)}
+                    Cron(s["cron"], timezone=s.get("timezone"), active=s.get("active", True))
                     for s in spec.get("schedules", [])
                 ]
                 or None,
@@ -48,7 +49,14 @@ def serve_deployments(include_gpu: bool = False) -> None:
                 or None,
             )
         )
-    serve(*served)
+    return deployments
+
+
+def serve_deployments(include_gpu: bool = False) -> None:
+    """Serve the prefect.yaml deployments from this process (schedules and triggers included)."""
+    from prefect import serve
+
+    serve(*runner_deployments(include_gpu))
 
 
 def emit_dataset_updated(path: str, config_path: str = "pipeline_config/default.yaml") -> str:

@@ -90,3 +90,17 @@ def test_kubernetes_job_template_requests_gpus_and_runs_the_flow(prefect_server)
     pod = config.job_manifest["spec"]["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 1}
     assert pod["containers"][0]["image"] == "qlora-flow:latest" and pod["nodeSelector"] == {}
+
+
+def test_serve_builds_every_process_pool_deployment_with_its_schedule_and_trigger():
+    """`qlora-flow serve` turns prefect.yaml's process-pool deployments into runner deployments (it failed on the
+    schedule's form once: found by running it)."""
+    from flows.deployments import runner_deployments
+
+    built = {d.name: d for d in runner_deployments()}
+    assert set(built) == {"qlora-default", "qlora-nightly", "qlora-on-dataset-update", "merge-champion"}
+    (schedule,) = built["qlora-nightly"].schedules
+    assert schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "Europe/Berlin"
+    assert len(built["qlora-on-dataset-update"].triggers) == 1
+    assert built["merge-champion"].parameters["model"] == "models:/smollm2-135m-orders@champion"
+    assert "llama2-7b-chat-guanaco-gpu" in {d.name for d in runner_deployments(include_gpu=True)}
