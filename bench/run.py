@@ -59,6 +59,7 @@ from bench.settings import (  # noqa: F401
     VARIANTS,
     BenchConfig,
 )
+from qlora.distributed import gather_per_rank
 from qlora.files import atomic_folder
 from qlora.integrations.liger import restore_llama_rope
 
@@ -238,17 +239,6 @@ def architecture_params(arch: dict, r: int) -> tuple[int, int]:
     frozen = layers * sum(i * o for i, o in shapes) + d * arch.get("vocab_size", 32000)
     lora = layers * sum(r * (i + o) for i, o in shapes)
     return frozen, lora
-
-
-def per_rank(value: float) -> list[float]:
-    """`value` from every process of a distributed bench, in rank order (a collective); [value] alone."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return [value]
-    values: list[float] = [0.0] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return values
 
 
 def flops_per_token(frozen: int, lora: int, n_layers: int, d_model: int, lengths: list[int]) -> float:
@@ -462,7 +452,7 @@ def run_project(cfg, pipeline_cfg, tokenizer, dataset, device, timer):
         model, splits, tokenizer, pipeline_cfg.lora, t, device, extra_callbacks=[timer], fsdp=fsdp, disable_tqdm=True
     )
     if fsdp:
-        shares = per_rank(result.metrics["fsdp_local_parameter_share"])  # every rank takes part
+        shares = gather_per_rank(result.metrics["fsdp_local_parameter_share"])  # every rank takes part
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"[bench] FSDP: share of the parameters each process holds: {shares}", file=sys.stderr, flush=True)
         check_adapter_reloads(pipeline_cfg, result, device)
@@ -611,9 +601,9 @@ def run_variant(
         result.tokens_per_s = tokens / timed if timed > 0 else 0.0
         result.step_time_s = timed / cfg.steps
         result.tokens_per_step = tokens / cfg.steps
-        peaks = per_rank(timer.peak / 2**30)
+        peaks = gather_per_rank(timer.peak / 2**30)
         result.peak_memory_gib = max(peaks) if device == "cuda" else None
-        result.peak_reserved_gib = max(per_rank(timer.reserved / 2**30))
+        result.peak_reserved_gib = max(gather_per_rank(timer.reserved / 2**30))
         if len(peaks) > 1:
             result.settings["peak_memory_gib_per_rank"] = [round(p, 2) for p in peaks]
         # FLOPs per token from the architecture (under FSDP the local model holds only shards)

@@ -59,20 +59,16 @@ def base_answers(loaded: LoadedModel, prompts: list, settings: SamplingSettings,
 def _merged_models_base(loaded: LoadedModel):
     """The base a merged model was merged into: the run's 4-bit base, de-quantized into the same dtype."""
     from pipeline_config.schema import ModelConfig, QuantizationConfig
-    from qlora.model import load_quantized_model
-    from qlora.model_source import resolve_model_source
+    from qlora.merge import dequantized_base
 
     info = loaded.info
     if not info.get("base_model"):
         raise PipelineInputError(
             f"compare: {loaded.source} has no merge_info.json naming its base: compare the adapter instead"
         )
-    device = str(next(loaded.model.parameters()).device.type)
-    base = load_quantized_model(
-        resolve_model_source(ModelConfig(**info["base_model"])), QuantizationConfig(**info["quantization"]), device
-    )
-    dtype = next(loaded.model.parameters()).dtype
-    return base.dequantize(dtype=dtype).to(dtype).eval()
+    weight = next(loaded.model.parameters())
+    model_cfg, quant_cfg = ModelConfig(**info["base_model"]), QuantizationConfig(**info["quantization"])
+    return dequantized_base(model_cfg, quant_cfg, weight.dtype, weight.device.type).eval()
 
 
 def compare(

@@ -47,7 +47,7 @@ def _not_text(path: Path, data: bytes, error: UnicodeDecodeError, offset: int = 
     )
 
 
-def _text_lines(path: Path) -> Iterator[str]:
+def text_lines(path: Path) -> Iterator[str]:
     """The file's lines, decoded as UTF-8. Raises DataError naming the file and the first byte that is not UTF-8."""
     offset = 0
     with path.open("rb") as fh:
@@ -64,7 +64,7 @@ def _row_count(path: Path) -> int | None:
     obscurely). Raises DataError when the file is not UTF-8 text (.jsonl/.json/.csv) or not Parquet (.parquet)."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return sum(1 for line in _text_lines(path) if line.strip())
+        return sum(1 for line in text_lines(path) if line.strip())
     if suffix == ".json":
         data = path.read_bytes()
         try:
@@ -77,7 +77,7 @@ def _row_count(path: Path) -> int | None:
             return None
         return len(obj) if isinstance(obj, list) else None
     if suffix == ".csv":
-        return max(sum(1 for line in _text_lines(path) if line.strip()) - 1, 0)
+        return max(sum(1 for line in text_lines(path) if line.strip()) - 1, 0)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -124,7 +124,7 @@ def _read_source(source: str, cfg: DataConfig, role: str = "training") -> datase
 
 def _check_jsonl(path: Path) -> None:
     """Name the first malformed line, which the json builder does not."""
-    for lineno, line in enumerate(_text_lines(path), 1):
+    for lineno, line in enumerate(text_lines(path), 1):
         if not line.strip():
             continue
         try:

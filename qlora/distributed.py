@@ -43,6 +43,18 @@ class DistributedTrainingError(RuntimeError):
     """A training process failed; the message names its rank and its error."""
 
 
+def gather_per_rank(value: float) -> list[float]:
+    """`value` from every process, in rank order (a collective: every rank calls it); [value] without a process
+    group."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [value]
+    values: list[float] = [0.0] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def processes_per_machine(cfg: DistributedConfig, device: str) -> int:
     if cfg.num_processes == "auto":
         if device == "cuda":

@@ -18,7 +18,7 @@ from pathlib import Path
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from pipeline_config.schema import ModelConfig, load_pipeline_config
-from qlora.distributed import RESULT_NAME, TRAINED_ADAPTER_DIRNAME
+from qlora.distributed import RESULT_NAME, TRAINED_ADAPTER_DIRNAME, gather_per_rank
 from qlora.files import atomic_folder, write_text_atomic
 from qlora.model import load_base_for_training
 from qlora.model_source import ModelSource
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_base_for_training(source, cfg, device)
     run_dir = Path(spec["run_dir"])
     result = train_run(model, data, tokenizer, cfg, device, str(run_dir), spec["fingerprint"], log)
-    peaks_mib = peak_memory_per_rank(result.metrics["train_peak_memory_mib"])
+    peaks_mib = gather_per_rank(result.metrics["train_peak_memory_mib"])
     if rank == 0:
         with atomic_folder(run_dir / TRAINED_ADAPTER_DIRNAME, replace=True) as tmp:
             # FSDP: the adapter gathered from the shards, saved as one ordinary PEFT adapter
@@ -63,17 +63,6 @@ def main(argv: list[str] | None = None) -> int:
         }
         write_text_atomic(run_dir / RESULT_NAME, json.dumps(summary, indent=1))
     return 0
-
-
-def peak_memory_per_rank(own_mib: float) -> list[float]:
-    """Every rank's peak memory, in rank order (a collective: all ranks call it)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return [own_mib]
-    peaks: list[float] = [0.0] * dist.get_world_size()
-    dist.all_gather_object(peaks, own_mib)
-    return peaks
 
 
 if __name__ == "__main__":

@@ -194,8 +194,10 @@ def read_prompts_file(path: Path) -> list[dict]:
     line."""
     if not path.is_file():
         raise PipelineInputError(f"--prompts {path}: file not found")
+    from qlora.data import text_lines
+
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text_lines(path), start=1):
         if not line.strip():
             continue
         try:

@@ -91,13 +91,12 @@ def behaviour(model, tokenizer, data, loss_rows: int, prompts: int, max_len: int
     return loss, greedy_answers(model, tokenizer, asked, max_new_tokens=32, batch_size=8), len(examples)
 
 
-def dequantized_base(loaded: LoadedModel, dtype: torch.dtype, device: str):
-    """The run's base as training saw it (4-bit, the run's quantization), de-quantized into `dtype`."""
+def dequantized_base(model_cfg, quant_cfg, dtype: torch.dtype, device: str):
+    """A run's base as training saw it (4-bit, the run's quantization), de-quantized into `dtype`."""
     from qlora.model import load_quantized_model
     from qlora.model_source import resolve_model_source
 
-    cfg = loaded.config
-    base = load_quantized_model(resolve_model_source(cfg.model), cfg.quantization, device)
+    base = load_quantized_model(resolve_model_source(model_cfg), quant_cfg, device)
     return base.dequantize(dtype=dtype).to(dtype)
 
 
@@ -136,7 +135,8 @@ def merge_adapter(
     loaded.model = None  # the 4-bit reference is not needed any more: free it before the full-precision copy
     if device == "cuda":
         torch.cuda.empty_cache()
-    merged = merged_model(dequantized_base(loaded, torch_dtype, device), loaded.adapter_dir)
+    base = dequantized_base(loaded.config.model, loaded.config.quantization, torch_dtype, device)
+    merged = merged_model(base, loaded.adapter_dir)
     loss, answers, _ = behaviour(merged, loaded.tokenizer, data, loss_rows, prompts, max_len)
     check = MergeCheck(
         reference_eval_loss=ref_loss,

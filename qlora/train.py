@@ -242,7 +242,7 @@ def train_adapter(
         processing_class=tokenizer,
         callbacks=[RunLoggerProgress(log), *([] if fsdp else _layer_callbacks(cfg)), *(extra_callbacks or [])],
     )
-    full_bytes = parameter_storage_bytes(trainer.model)  # base + LoRA, before FSDP shards them
+    full_bytes = parameter_storage_bytes(trainer.model) if fsdp else 0  # base + LoRA, before FSDP shards them
     if cfg.fused_lora and not fsdp:  # the fused forward reads lora_B's weight, which FSDP keeps sharded there
         fuse_lora_layers(trainer.model)
     started = time.perf_counter()

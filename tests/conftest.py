@@ -92,6 +92,22 @@ def tiny_config_dict(model_dir: Path, tmp_path: Path) -> dict:
     }
 
 
+def train_tiny_champion(model_dir: Path, tmp_path: Path, model_name: str, generation_rows: int = 1, **training):
+    """Run the real flow on the tiny model (a short evaluation, `training` overrides) and register the adapter as
+    `model_name`, which must become champion. Returns (flow summary, the config as data)."""
+    from flows.finetune import finetune
+
+    raw = tiny_config_dict(model_dir, tmp_path)
+    raw["training"].update(training)
+    raw["evaluation"].update(max_loss_rows=4, max_generation_rows=generation_rows)
+    raw["registry"] = {"model_name": model_name, "max_new_tokens": 8}
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    summary = finetune(config_path=str(config))
+    assert summary["registry"]["became_champion"]
+    return summary, raw
+
+
 @pytest.fixture
 def tiny_config_file(tiny_llama_dir, tmp_path) -> Path:
     path = tmp_path / "tiny.yaml"

@@ -15,10 +15,8 @@ import urllib.request
 import mlflow
 import pandas as pd
 import pytest
-import yaml
 
-from flows.finetune import finetune
-from tests.conftest import free_port, tiny_config_dict, wait_for_http
+from tests.conftest import free_port, train_tiny_champion, wait_for_http
 
 pytestmark = pytest.mark.slow
 MODEL_NAME = "tiny-serve"
@@ -39,14 +37,7 @@ def _post(url: str, body: dict) -> tuple[int, str]:
 @pytest.fixture
 def registered_tiny_model(prefect_server, tiny_llama_dir, tmp_path) -> str:
     """Runs the real flow (2 steps) and returns the tracking URI of the store holding `tiny-serve@champion`."""
-    raw = tiny_config_dict(tiny_llama_dir, tmp_path)
-    raw["training"]["max_steps"] = 2
-    raw["evaluation"].update(max_loss_rows=4, max_generation_rows=1)
-    raw["registry"] = {"model_name": MODEL_NAME, "max_new_tokens": 8}
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    summary = finetune(config_path=str(config))
-    assert summary["registry"]["became_champion"]
+    _, raw = train_tiny_champion(tiny_llama_dir, tmp_path, MODEL_NAME, max_steps=2)
     return raw["tracking"]["tracking_uri"]
 
 

@@ -18,13 +18,11 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-import yaml
 from mlflow import MlflowClient
 
 from flows.cli import main
-from flows.finetune import finetune
 from qlora.inference import SamplingSettings, as_prompt, generate_texts, load_for_inference
-from tests.conftest import tiny_config_dict
+from tests.conftest import train_tiny_champion
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -36,13 +34,7 @@ PROMPTS = ["Order: 2 mugs for Ana", "Hi", "Ship three lamps to Lee Wong on 4 Jun
 def trained(prefect_server, tiny_llama_dir, tmp_path_factory) -> dict:
     """A 6-step flow run of the tiny model, registered as tiny-use@champion."""
     tmp = tmp_path_factory.mktemp("use")
-    raw = tiny_config_dict(tiny_llama_dir, tmp)
-    raw["evaluation"].update(max_loss_rows=4, max_generation_rows=2)
-    raw["registry"] = {"model_name": MODEL_NAME, "max_new_tokens": 8}
-    config = tmp / "tiny.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    summary = finetune(config_path=str(config))
-    assert summary["registry"]["became_champion"]
+    summary, raw = train_tiny_champion(tiny_llama_dir, tmp, MODEL_NAME, generation_rows=2)
     return {"tmp": tmp, "adapter": summary["adapter_dir"], "tracking_uri": raw["tracking"]["tracking_uri"]}
 
 
@@ -167,7 +159,9 @@ def test_merged_model_matches_base_plus_adapter_and_loads_without_peft(trained):
 
     from peft import PeftModel
 
-    unmerged = PeftModel.from_pretrained(dequantized_base(loaded, torch.float32, "cpu"), trained["adapter"]).eval()
+    unmerged = PeftModel.from_pretrained(
+        dequantized_base(loaded.config.model, loaded.config.quantization, torch.float32, "cpu"), trained["adapter"]
+    ).eval()
     with torch.inference_mode():
         reference = unmerged(input_ids=ids).logits.float()
     script = (
