@@ -149,6 +149,17 @@ def _add_bench_parser(sub) -> None:
     )
     p.add_argument("--strategy", choices=["ddp", "fsdp"], default=d.strategy, help="with several processes")
     p.add_argument("--num-layers", type=int, default=None, help="build only this many of the model's layers")
+    p.add_argument(
+        "--max-context",
+        action="store_true",
+        help="instead of the variants: the longest single document the lean path trains on, with its memory curve",
+    )
+    p.add_argument(
+        "--context-lengths",
+        default=None,
+        metavar="N,N,...",
+        help="--max-context: document lengths to try in ascending order (default 32k to 512k)",
+    )
     p.add_argument("--model-dir", default=d.model_dir, help="where random-weight models are built and reused")
     p.add_argument("--out-dir", default=d.out_dir, help="bench.json and bench.md go here")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -170,6 +181,8 @@ def bench_command(args) -> int:
         raise PipelineInputError("bench: --steps and --warmup-steps must be at least 1")
     if args.num_processes < 1 or (args.num_layers is not None and args.num_layers < 1):
         raise PipelineInputError("bench: --num-processes and --num-layers must be at least 1")
+    if args.max_context:
+        return max_context_command(args, geometry)
     if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:
         from bench.run import launch_distributed_bench
 
@@ -200,6 +213,38 @@ def bench_command(args) -> int:
     print(markdown_table(report), end="")
     print(f"written: {args.out_dir}/bench.json, {args.out_dir}/bench.md")
     return 0 if not any(v["error"] for v in report["variants"]) else 1
+
+
+def max_context_command(args, geometry: dict) -> int:
+    from bench.long_context import DEFAULT_LENGTHS, markdown, run_max_context, use_expandable_segments
+    from bench.settings import BenchConfig
+
+    if args.num_processes > 1:
+        raise PipelineInputError("bench --max-context measures one GPU: drop --num-processes")
+    try:
+        lengths = tuple(int(x) for x in args.context_lengths.split(",")) if args.context_lengths else DEFAULT_LENGTHS
+    except ValueError:
+        raise PipelineInputError(
+            f"bench --context-lengths {args.context_lengths!r}: give token counts separated by commas, e.g. "
+            "131072,262144"
+        ) from None
+    if not lengths or min(lengths) < 16:
+        raise PipelineInputError("bench --context-lengths: each length must be at least 16 tokens")
+    use_expandable_segments()
+    cfg = BenchConfig(
+        model=args.model,
+        device=args.device,
+        **geometry,
+        learning_rate=args.learning_rate,
+        project_overrides=tuple(args.project_set),
+        model_dir=args.model_dir,
+        out_dir=args.out_dir,
+        num_layers=args.num_layers,
+    )
+    report = run_max_context(cfg, lengths)
+    print(markdown(report), end="")
+    print(f"written: {args.out_dir}/max-context.json, {args.out_dir}/max-context.md")
+    return 0 if report["longest_document_tokens"] else 1
 
 
 def _tracking_uri(explicit: str | None) -> str:

@@ -272,6 +272,19 @@ class TrainingConfig(_Section):
         "epilogue, no defensive copy) instead of peft's three extra passes over each layer's output; peft's own "
         "forward still runs wherever the fused one does not apply (qlora/integrations/fused_lora.py).",
     )
+    metrics_on_device: bool = Field(
+        default=True,
+        description="No host sync inside a training step: token counts and TRL's entropy/accuracy metrics are summed "
+        "on the device and read at logging and saving steps only (transformers and TRL read them back after every "
+        "micro-batch, which stalls the GPU). False = their own per-micro-batch reads.",
+    )
+    activation_offloading: bool = Field(
+        default=False,
+        description="Move saved activations to pinned host memory in forward and back in backward, on a side CUDA "
+        "stream overlapped with compute (TRL's activation offloading). With gradient_checkpointing only the "
+        "checkpointed layer inputs are saved, so this moves them (~0.25 MiB per token for a 7B model) off the GPU: "
+        "the switch for long documents. CUDA only.",
+    )
     bf16: bool = Field(default=False, description="bfloat16 mixed precision.")
     fp16: bool = Field(default=False, description="float16 mixed precision.")
     seed: int = Field(default=42, description="Training seed.")
@@ -478,6 +491,8 @@ def cuda_only_problems(cfg: PipelineConfig) -> list[str]:
         problems.append("training.fp16 needs CUDA, and this run is on the CPU: use bf16 or neither")
     if t.attention == "varlen_flash":
         problems.append("training.attention 'varlen_flash' needs CUDA, and this run is on the CPU: use auto or sdpa")
+    if t.activation_offloading:
+        problems.append("training.activation_offloading needs CUDA (pinned host memory and streams): set it to false")
     if t.liger_kernels is True:
         problems.append("training.liger_kernels needs CUDA (Triton), and this run is on the CPU: use auto or false")
     return problems

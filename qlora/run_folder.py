@@ -57,6 +57,8 @@ NEUTRAL_FIELDS = {
     "training.save_total_limit",
     "training.gpu_concurrency_limit",
     "training.gpu_slots",
+    "training.metrics_on_device",  # when metrics are read, not what is trained
+    "training.activation_offloading",  # where saved activations wait, not their values
     "model.name_or_path",
     "model.cache_dir",
     "model.hub_token_env",

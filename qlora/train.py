@@ -26,7 +26,7 @@ from qlora.data import DatasetSplits
 from qlora.errors import PipelineInputError
 from qlora.integrations.attention import packed_training_attention, resolve_attention
 from qlora.integrations.fused_lora import fuse_lora_layers
-from qlora.integrations.trainer import AtomicCheckpointSFTTrainer, CheckpointFirstLayers, use_one_gpu
+from qlora.integrations.trainer import CheckpointFirstLayers, PipelineSFTTrainer, use_one_gpu
 from qlora.model import build_lora_config
 from qlora.run_folder import write_fingerprint
 
@@ -86,7 +86,7 @@ def use_liger_kernels(requested: bool | str, device: str) -> bool:
 
 
 def latest_complete_checkpoint(run_dir: str) -> str | None:
-    """Newest `checkpoint-N` folder of a run folder (only complete ones exist, see AtomicCheckpointSFTTrainer)."""
+    """Newest `checkpoint-N` folder of a run folder (only complete ones exist, see PipelineSFTTrainer)."""
     return get_last_checkpoint(run_dir) if Path(run_dir).is_dir() else None
 
 
@@ -156,6 +156,10 @@ def build_sft_config(
         use_cpu=device == "cpu",
         dataloader_pin_memory=device != "cpu",
         include_num_input_tokens_seen="non_padding",
+        # The NaN/inf filter of the logged loss reads every micro-batch's loss back to the host: off with the
+        # device-side metrics (a NaN loss then shows in the log as NaN).
+        logging_nan_inf_filter=not cfg.metrics_on_device,
+        activation_offloading=cfg.activation_offloading,
         ddp_find_unused_parameters=False,  # DDP: every LoRA weight gets a gradient; no per-step search for unused ones
         eval_strategy="no",
         save_strategy="steps" if cfg.save_steps else "no",
@@ -234,13 +238,14 @@ def train_adapter(
     resume_from = latest_complete_checkpoint(run_dir) if run_dir else None
     if run_dir and resume_from is None and fingerprint is not None:
         write_fingerprint(run_dir, fingerprint)
-    trainer = AtomicCheckpointSFTTrainer(
+    trainer = PipelineSFTTrainer(
         model=model,
         args=build_sft_config(cfg, device, run_dir or cfg.output_dir, report_to_mlflow, fsdp, **sft_overrides),
         train_dataset=data.train,
         peft_config=build_lora_config(lora_cfg),
         processing_class=tokenizer,
         callbacks=[RunLoggerProgress(log), *([] if fsdp else _layer_callbacks(cfg)), *(extra_callbacks or [])],
+        metrics_on_device=cfg.metrics_on_device,
     )
     full_bytes = parameter_storage_bytes(trainer.model) if fsdp else 0  # base + LoRA, before FSDP shards them
     if cfg.fused_lora and not fsdp:  # the fused forward reads lora_B's weight, which FSDP keeps sharded there

@@ -53,7 +53,7 @@ def test_trainer_private_hooks():
         if ours is not getattr(Trainer, name):
             assert _params(ours) == _params(getattr(Trainer, name)), name
             assert f"super().{name}(" in inspect.getsource(ours), name
-    assert issubclass(trainer.AtomicCheckpointSFTTrainer, SFTTrainer)
+    assert issubclass(trainer.PipelineSFTTrainer, SFTTrainer)
 
 
 def test_one_process_one_gpu_switch():

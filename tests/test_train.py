@@ -83,3 +83,71 @@ def test_an_adapter_saved_from_gathered_weights_equals_the_ordinary_save(tiny_ll
     assert ordinary.keys() == from_gathered.keys() and len(ordinary) == 2 * 7 * 2  # A and B, 7 linears, 2 layers
     for key in ordinary:
         assert torch.equal(ordinary[key], from_gathered[key])
+
+
+def test_metrics_on_device_read_nothing_back_inside_a_step_and_log_the_same_figures(tiny_config_file):
+    """`training.metrics_on_device`: between a step's first micro-batch and its optimizer step, the trainer reads
+    nothing back to the host (`.item()`, `.tolist()`, a tensor's truth value), while transformers' and TRL's own
+    metric code reads several times per micro-batch. Loss, token count and TRL's metrics come out the same either way.
+    Reads inside the model's forward are not counted: on the CPU, SDPA's packed-mask builder makes one (on CUDA the
+    varlen kernel builds no mask)."""
+    from transformers import TrainerCallback
+
+    reads = {"inside": False, "count": 0, "forward": False}
+
+    class Window(TrainerCallback):  # on_step_begin .. on_pre_optimizer_step: the micro-batches of one step
+        def __init__(self):
+            self.logs = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            reads["inside"] = True
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            reads["inside"] = False
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logs.append(dict(logs))
+
+    def counted(original):
+        def read(self, *args, **kwargs):
+            if reads["inside"] and not reads["forward"]:
+                reads["count"] += 1
+            return original(self, *args, **kwargs)
+
+        return read
+
+    cfg = load_pipeline_config(
+        tiny_config_file,
+        ["training.max_steps=4", "training.logging_steps=2", "training.gradient_accumulation_steps=2"],
+    )
+    data = load_dataset_splits(cfg.data)
+    source = resolve_model_source(cfg.model)
+    tokenizer = setup_tokenizer(source, cfg.tokenizer, data.is_conversational)
+    runs = {}
+    patches = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__")}
+    try:
+        for name, original in patches.items():
+            setattr(torch.Tensor, name, counted(original))
+        for on_device in (True, False):
+            training = cfg.training.model_copy(update={"metrics_on_device": on_device})
+            model = load_quantized_model(source, cfg.quantization, "cpu")
+            model.register_forward_pre_hook(lambda *_: reads.update(forward=True))
+            model.register_forward_hook(lambda *_: reads.update(forward=False), always_call=True)
+            window, reads["count"] = Window(), 0
+            result = train_adapter(model, data, tokenizer, cfg.lora, training, "cpu", extra_callbacks=[window])
+            runs[on_device] = (reads["count"], result, [log for log in window.logs if "loss" in log])
+    finally:
+        for name, original in patches.items():
+            setattr(torch.Tensor, name, original)
+    (reads_on, fast, fast_logs), (reads_off, plain, plain_logs) = runs[True], runs[False]
+    assert reads_on == 0, reads_on
+    assert reads_off >= 8, reads_off  # TRL: 2 metric reads, its token count and a comparison, per micro-batch
+    assert fast.metrics["train_tokens"] == plain.metrics["train_tokens"] > 0
+    assert [s for s, _ in fast.loss_history] == [s for s, _ in plain.loss_history] == [2, 4]
+    for (_, a), (_, b) in zip(fast.loss_history, plain.loss_history, strict=True):
+        assert abs(a - b) < 1e-5, (fast.loss_history, plain.loss_history)
+    for a, b in zip(fast_logs, plain_logs, strict=True):
+        assert a["num_tokens"] == b["num_tokens"] and a["num_input_tokens_seen"] == b["num_input_tokens_seen"]
+        # token-weighted over the window here, a mean of per-micro-batch ratios in TRL: close, not equal
+        assert abs(a["mean_token_accuracy"] - b["mean_token_accuracy"]) < 0.05, (a, b)
+        assert abs(a["entropy"] - b["entropy"]) < 0.05 * b["entropy"], (a, b)
