@@ -56,6 +56,8 @@ from bench.settings import (  # noqa: F401
     DEFAULT_VARIANTS,
     GEOMETRY,
     PROJECT_VARIANTS,
+    UNSLOTH_SITE_ENV,
+    UNSLOTH_VARIANTS,
     VARIANTS,
     BenchConfig,
 )
@@ -83,6 +85,7 @@ class VariantResult:
     final_loss: float | None = None  # mean of the last 10% of logged losses
     profile: dict | None = None
     error: str | None = None
+    skipped: str | None = None  # why the variant did not run (not a failure: e.g. no Unsloth environment)
 
 
 class StepTimer(TrainerCallback):
@@ -553,6 +556,80 @@ def summarize_profile(prof, top: int = 25) -> dict:
     }
 
 
+def run_unsloth(name: str, cfg: BenchConfig, model_dir: Path, tokenizer, rows, device: str, arch, matmul_tflops):
+    """The unsloth variants: bench/unsloth_worker.py in a process of its own, with the Unsloth environment's
+    packages in place of this project's (Unsloth pins older transformers and TRL; it is never a dependency here)."""
+    site = cfg.unsloth_site or os.environ.get(UNSLOTH_SITE_ENV)
+    if not (site or cfg.unsloth_python):
+        return VariantResult(
+            name=name,
+            settings={},
+            skipped=f"no Unsloth environment: pass --unsloth-site DIR (or set {UNSLOTH_SITE_ENV}); "
+            "../shared/gpu/unsloth/build-unsloth-site.sh builds one",
+        )
+    if device != "cuda":
+        return VariantResult(name=name, settings={}, skipped="Unsloth trains on CUDA only")
+    if world_size() > 1:
+        return VariantResult(name=name, settings={}, skipped="measured on one GPU only")
+    if not (model_dir / "tokenizer_config.json").is_file():
+        tokenizer.save_pretrained(model_dir)  # Unsloth loads the tokenizer from the model folder
+    work = Path(tempfile.mkdtemp(prefix=f"qlora-bench-{name}-"))
+    batch_rows = max(1, cfg.tokens_per_step // cfg.seq_len)
+    spec = {
+        "model_dir": str(model_dir.resolve()),
+        "rows_file": str(work / "rows.json"),
+        "output_dir": str(work / "out"),
+        "seq_len": cfg.seq_len,
+        "batch_rows": batch_rows,
+        "steps": cfg.steps,
+        "warmup_steps": cfg.warmup_steps,
+        "lean": name == "unsloth_lean",
+        "r": 16,
+        "alpha": 32,
+        "learning_rate": cfg.learning_rate,
+        "seed": cfg.seed,
+    }
+    (work / "rows.json").write_text(json.dumps(rows))
+    (work / "spec.json").write_text(json.dumps(spec))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if site:
+        env["PYTHONPATH"] = site
+    worker = Path(__file__).with_name("unsloth_worker.py")
+    found = None
+    try:
+        proc = subprocess.Popen(
+            [cfg.unsloth_python or sys.executable, str(worker), str(work / "spec.json")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for line in proc.stdout:
+            if line.startswith("RESULT_JSON "):
+                found = json.loads(line.removeprefix("RESULT_JSON "))
+            else:
+                print(f"[{name}] {line.rstrip()}"[:400], file=sys.stderr, flush=True)
+        proc.wait()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if found is None:
+        return VariantResult(name=name, settings=spec, error=f"the Unsloth process ended with code {proc.returncode}")
+    settings = {k: spec[k] for k in ("seq_len", "batch_rows", "lean", "r", "alpha")} | {"versions": found["versions"]}
+    result = VariantResult(name=name, settings=settings)
+    result.tokens_per_s, result.step_time_s = found["tokens_per_s"], found["step_time_s"]
+    result.tokens_per_step = found["tokens_per_step"]
+    result.peak_memory_gib, result.peak_reserved_gib = found["peak_memory_gib"], found["peak_reserved_gib"]
+    frozen, lora = architecture_params(arch, 16)
+    fpt = flops_per_token(frozen, lora, arch["num_hidden_layers"], arch["hidden_size"], [len(r) for r in rows])
+    if peak_tflops(device):
+        result.mfu = result.tokens_per_s * fpt / (peak_tflops(device) * 1e12)
+    if matmul_tflops:
+        result.mfu_of_measured_matmul = result.tokens_per_s * fpt / (matmul_tflops * 1e12)
+    result.loss_history = list(enumerate(found["losses"], start=1))
+    result.first_losses = [round(x, 4) for x in found["losses"][:5]]
+    return result
+
+
 def run_variant(
     name: str, cfg: BenchConfig, model_dir: Path, tokenizer, dataset, device: str, lengths, arch, matmul_tflops
 ):
@@ -698,8 +775,8 @@ def markdown_table(report: dict) -> str:
     ]
     by_name = {v["name"]: v for v in report["variants"]}
     for v in report["variants"]:
-        if v["error"]:
-            lines.append(f"| {v['name']} | {v['error']} | | | | | | | |")
+        if v["error"] or v.get("skipped"):
+            lines.append(f"| {v['name']} | {v['error'] or 'skipped: ' + v['skipped']} | | | | | | | |")
             continue
         mfu = f"{100 * v['mfu']:.1f}%" if v["mfu"] is not None else "n/a"
         peak = "n/a" if v["peak_memory_gib"] is None else f"{v['peak_memory_gib']:.2f}"
@@ -776,19 +853,25 @@ def run_bench(cfg: BenchConfig) -> dict:
     results = []
     for name in cfg.variants:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        result = run_variant(name, cfg, model_dir, tokenizer, dataset, device, lengths, arch, matmul_tflops)
+        if name in UNSLOTH_VARIANTS:
+            result = run_unsloth(name, cfg, model_dir, tokenizer, rows, device, arch, matmul_tflops)
+        else:
+            result = run_variant(name, cfg, model_dir, tokenizer, dataset, device, lengths, arch, matmul_tflops)
         if rank:
             continue
-        print(
-            f"[bench] {name}: {result.tokens_per_s:,.0f} tokens/s, peak {result.peak_memory_gib} GiB"
-            + (f" ({result.error})" if result.error else ""),
-            file=sys.stderr,
-            flush=True,
-        )
+        if result.skipped:
+            print(f"[bench] {name}: skipped ({result.skipped})", file=sys.stderr, flush=True)
+        else:
+            print(
+                f"[bench] {name}: {result.tokens_per_s:,.0f} tokens/s, peak {result.peak_memory_gib} GiB"
+                + (f" ({result.error})" if result.error else ""),
+                file=sys.stderr,
+                flush=True,
+            )
         results.append(result)
     if rank:  # rank 0 reports for all
         return {}
-    by_name = {r.name: r for r in results}
+    by_name = {r.name: r for r in results if not r.skipped}
     report = {
         "num_processes": world_size(),
         "strategy": cfg.strategy if world_size() > 1 else None,
@@ -810,7 +893,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         "ratios": {
             f"{a}/{b}": ratio(by_name.get(a), by_name.get(b))
             for a in ("project", "project_lean")
-            for b in ("recipe", "trl_best")
+            for b in ("recipe", "trl_best", "unsloth", "unsloth_lean")
             if a in by_name and b in by_name
         },
     }

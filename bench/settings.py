@@ -23,9 +23,12 @@ ARCHITECTURES: dict[str, dict] = {
 # Batch geometry per architecture where the defaults (16k tokens/step in 2048-token rows) do not fit: the tiny
 # model is a CPU smoke test, where a 16k-token step through a 32k-vocabulary head takes ~25 s on two cores.
 GEOMETRY = {"tiny": dict(seq_len=1024, tokens_per_step=2048, project_micro_batch_tokens=1024, warmup_steps=1)}
-VARIANTS = ("recipe", "trl_best", "project", "project_lean", "project_fp32")
+VARIANTS = ("recipe", "trl_best", "project", "project_lean", "project_fp32", "unsloth", "unsloth_lean")
 PROJECT_VARIANTS = ("project", "project_lean", "project_fp32")
-DEFAULT_VARIANTS = ("recipe", "trl_best", "project", "project_lean")
+UNSLOTH_VARIANTS = ("unsloth", "unsloth_lean")  # in a process of their own, on an Unsloth environment
+DEFAULT_VARIANTS = ("recipe", "trl_best", "project", "project_lean", "unsloth", "unsloth_lean")
+# Where `bench --unsloth-site` comes from when not given
+UNSLOTH_SITE_ENV = "QLORA_BENCH_UNSLOTH_SITE"
 
 
 @dataclass
@@ -52,3 +55,5 @@ class BenchConfig:
     num_layers: int | None = None  # build only this many decoder layers of the architecture (70B width on 4 GPUs)
     num_processes: int = 1  # training processes (GPUs) through torchrun; batch settings are per process
     strategy: str = "ddp"  # with several processes: 'ddp' or 'fsdp' (FSDP-QLoRA), as distributed.strategy
+    unsloth_site: str | None = None  # folder of packages with Unsloth (PYTHONPATH of the unsloth variants' process)
+    unsloth_python: str | None = None  # Python interpreter for the unsloth variants (default: this one)

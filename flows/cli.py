@@ -150,6 +150,14 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--strategy", choices=["ddp", "fsdp"], default=d.strategy, help="with several processes")
     p.add_argument("--num-layers", type=int, default=None, help="build only this many of the model's layers")
     p.add_argument(
+        "--unsloth-site",
+        default=None,
+        metavar="DIR",
+        help="packages with Unsloth for the unsloth variants' own process (../shared/gpu/unsloth/build-unsloth-site.sh;"
+        " default $QLORA_BENCH_UNSLOTH_SITE); without one those variants are skipped",
+    )
+    p.add_argument("--unsloth-python", default=None, help="Python for the unsloth variants (default: this one)")
+    p.add_argument(
         "--max-context",
         action="store_true",
         help="instead of the variants: the longest single document the lean path trains on, with its memory curve",
@@ -204,6 +212,8 @@ def bench_command(args) -> int:
         num_layers=args.num_layers,
         num_processes=args.num_processes,
         strategy=args.strategy,
+        unsloth_site=args.unsloth_site,
+        unsloth_python=args.unsloth_python,
     )
     report = run_bench(cfg)
     if not report:  # a distributed bench's other ranks: rank 0 reports

@@ -165,8 +165,12 @@ def test_bench_smoke_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
     names = [v["name"] for v in report["variants"]]
-    assert names == ["recipe", "trl_best", "project", "project_lean"]
-    for v in report["variants"]:
+    assert names == ["recipe", "trl_best", "project", "project_lean", "unsloth", "unsloth_lean"]
+    # without an Unsloth environment its variants are skipped with one line each, and the run still succeeds
+    for v in report["variants"][4:]:
+        assert v["skipped"].startswith("no Unsloth environment: pass --unsloth-site") and v["error"] is None
+    assert proc.stderr.count("skipped (no Unsloth environment") == 2
+    for v in report["variants"][:4]:
         assert v["error"] is None and v["tokens_per_s"] > 0 and v["tokens_per_step"] > 0, v
         assert len(v["first_losses"]) >= 3 and all(9 < x < 12 for x in v["first_losses"])  # ~ln(32000) = 10.4
     # packed variants train on full rows; the recipe pads batches of 4 rows up to 1024 tokens
@@ -175,7 +179,38 @@ def test_bench_smoke_cpu(tmp_path):
     assert set(report["ratios"]) == expected
     table = (out / "bench.md").read_text()
     rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ")][2:]  # past header + rule
-    assert rows == ["| recipe", "| trl_best", "| project", "| project_lean"]
+    assert rows == ["| recipe", "| trl_best", "| project", "| project_lean", "| unsloth", "| unsloth_lean"]
+
+
+@pytest.mark.slow
+def test_bench_max_context_trains_one_document_per_length_on_one_loaded_model(tmp_path):
+    """`bench --max-context`: one optimizer step on one document of each length, the lean path, the 4-bit model
+    loaded once and its LoRA layers removed after each length; the report gives the memory curve."""
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "bench", "--model", "tiny", "--device", "cpu", "--max-context"]
+        + ["--context-lengths", "1024,256", "--model-dir", str(tmp_path / "models"), "--out-dir", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "max-context.json").read_text())
+    assert [r["tokens"] for r in report["lengths"]] == [256, 1024]  # ascending
+    for row in report["lengths"]:
+        assert row["result"] == "ok" and row["step_s"] > 0 and row["host_peak_rss_gib"] > 0, row
+        assert 9 < row["loss"] < 12  # one step on random ids: ~ln(32000)
+    assert report["longest_document_tokens"] == 1024
+    assert "| 1,024 | ok |" in (out / "max-context.md").read_text()
+    bad = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "bench", "--max-context", "--context-lengths", "128k"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "--context-lengths '128k'" in bad.stderr
 
 
 @pytest.mark.slow
