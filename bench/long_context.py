@@ -130,6 +130,8 @@ def train_one_document(cfg: BenchConfig, model, model_dir: Path, tokenizer, leng
         del result
     except torch.cuda.OutOfMemoryError as exc:  # train_adapter has removed the LoRA layers again
         row |= {"result": "out of memory", "error": str(exc).splitlines()[0][:200]}
+    except Exception as exc:  # e.g. host memory for the offloaded activations: reported, and the search ends
+        row |= {"result": f"failed: {type(exc).__name__}", "error": str(exc).splitlines()[0][:200] if str(exc) else ""}
     finally:
         clock.stop()
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -151,7 +153,8 @@ def run_max_context(cfg: BenchConfig, lengths: tuple[int, ...]) -> dict:
     arch = architecture(cfg)
     tokenizer = synthetic_tokenizer(32000)
     model_dir = build_model_dir(cfg, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, device)
-    rows = []
+    rows: list[dict] = []
+    report = {}
     with restore_llama_rope():
         first = project_config(cfg, model_dir, tempfile.gettempdir(), device, ("training.gradient_checkpointing=true",))
         model = load_base_for_training(resolve_model_source(first.model), first, device)
@@ -160,8 +163,13 @@ def run_max_context(cfg: BenchConfig, lengths: tuple[int, ...]) -> dict:
             row = train_one_document(cfg, model, model_dir, tokenizer, length, device)
             print(f"[bench] {row}", file=sys.stderr, flush=True)
             rows.append(row)
+            report = write_report(cfg, arch, device, rows)  # after every length: a long search keeps what it found
             if row["result"] != "ok":
                 break
+    return report
+
+
+def write_report(cfg: BenchConfig, arch: dict, device: str, rows: list[dict]) -> dict:
     fits = [r["tokens"] for r in rows if r["result"] == "ok"]
     left_out = arch_layers_left_out(cfg)
     report = {
