@@ -198,7 +198,8 @@ class TrainingConfig(_Section):
         default=None,
         gt=0,
         description="With gradient_checkpointing: recompute only the first N decoder layers (as many as memory "
-        "needs). Unset = all but the last, whose recompute would save no peak memory.",
+        "needs). Unset = all but the last, whose recompute would save no peak memory (all of them with "
+        "activation_offloading, which would otherwise move the last layer's full activations to the host and back).",
     )
     max_grad_norm: float = Field(default=0.3, gt=0, description="Gradient clipping norm.")
     learning_rate: float = Field(default=2e-4, gt=0, description="Peak learning rate.")

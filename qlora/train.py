@@ -184,7 +184,7 @@ def loss_history(trainer) -> list[tuple[int, float]]:
 
 def _layer_callbacks(cfg: TrainingConfig) -> list[TrainerCallback]:
     if cfg.gradient_checkpointing:
-        return [CheckpointFirstLayers(cfg.gradient_checkpointing_layers)]
+        return [CheckpointFirstLayers(cfg.gradient_checkpointing_layers, cfg.activation_offloading)]
     return []
 
 

@@ -110,6 +110,8 @@ def test_checkpoint_first_layers_only(tiny_llama_dir, tmp_path):
     assert flags() == [True, True]
     CheckpointFirstLayers(None).on_train_begin(None, None, None, model=model)  # default: all but the last
     assert flags() == [True, False]
+    CheckpointFirstLayers(None, offloading=True).on_train_begin(None, None, None, model=model)  # offloaded: all
+    assert flags() == [True, True]
 
 
 def test_fast_switches_are_validated(tiny_config_file):
