@@ -279,6 +279,12 @@ class TrainingConfig(_Section):
         "on the device and read at logging and saving steps only (transformers and TRL read them back after every "
         "micro-batch, which stalls the GPU). False = their own per-micro-batch reads.",
     )
+    compile_layers: bool = Field(
+        default=False,
+        description="torch.compile each decoder layer (regional compilation: one compiled graph shared by all layers, "
+        "dynamic sequence lengths), fusing the elementwise work around the 4-bit GEMMs (norms, residual and "
+        "gradient adds, LoRA scaling). Costs a compile of a minute or two at the start. Not with FSDP.",
+    )
     activation_offloading: bool = Field(
         default=False,
         description="Move saved activations to pinned host memory in forward and back in backward, on a side CUDA "
@@ -469,6 +475,10 @@ def fsdp_problems(cfg: PipelineConfig) -> list[str]:
         problems.append(
             "distributed.strategy 'fsdp' needs one dtype per sharded layer, but lora.upcast_base_to_fp32 is true: set "
             "it to false"
+        )
+    if t.compile_layers:
+        problems.append(
+            "distributed.strategy 'fsdp' wraps decoder layers in FSDP units: set training.compile_layers: false"
         )
     if t.gradient_checkpointing_layers is not None:
         problems.append(

@@ -59,6 +59,7 @@ NEUTRAL_FIELDS = {
     "training.gpu_slots",
     "training.metrics_on_device",  # when metrics are read, not what is trained
     "training.activation_offloading",  # where saved activations wait, not their values
+    "training.compile_layers",  # the same computation, fused (the CPU test checks it against eager)
     "model.name_or_path",
     "model.cache_dir",
     "model.hub_token_env",

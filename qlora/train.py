@@ -188,6 +188,18 @@ def _layer_callbacks(cfg: TrainingConfig) -> list[TrainerCallback]:
     return []
 
 
+def compile_decoder_layers(model) -> int:
+    """`torch.compile` every decoder layer in place (`nn.Module.compile`): the layers share one compiled graph (their
+    modules are graph inputs), with dynamic shapes because packed micro-batches change length. Inside activation
+    checkpointing the recompute runs the compiled forward too. Returns how many layers."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
 def parameter_storage_bytes(model) -> int:
     """Bytes of the distinct storage behind the model's parameters (storage FSDP has freed counts 0)."""
     storages = {}
@@ -250,6 +262,8 @@ def train_adapter(
     full_bytes = parameter_storage_bytes(trainer.model) if fsdp else 0  # base + LoRA, before FSDP shards them
     if cfg.fused_lora and not fsdp:  # the fused forward reads lora_B's weight, which FSDP keeps sharded there
         fuse_lora_layers(trainer.model)
+    if cfg.compile_layers and not fsdp:
+        compile_decoder_layers(trainer.model)
     started = time.perf_counter()
     padding_free = bool(getattr(trainer, "padding_free", False))
     try:

@@ -148,7 +148,7 @@ def test_bench_recipe_variant_is_the_shipped_recipe(tmp_path):
     assert (t.fp16, t.bf16, t.learning_rate) == (False, False, 2e-4)
     # the recipe predates the fast path: none of its levers
     assert (t.attention, t.liger_kernels, t.fused_lora) == ("sdpa", False, False)
-    assert (t.metrics_on_device, t.activation_offloading) == (False, False)
+    assert (t.metrics_on_device, t.activation_offloading, t.compile_layers) == (False, False, False)
     assert recipe_config(BenchConfig(), tmp_path, str(tmp_path), "cpu").training.optim == "adamw_torch"
 
 
