@@ -281,9 +281,10 @@ class TrainingConfig(_Section):
     )
     compile_layers: bool = Field(
         default=False,
-        description="torch.compile each decoder layer (regional compilation: one compiled graph shared by all layers, "
-        "dynamic sequence lengths), fusing the elementwise work around the 4-bit GEMMs (norms, residual and "
-        "gradient adds, LoRA scaling). Costs a compile of a minute or two at the start. Not with FSDP.",
+        description="torch.compile each decoder layer while training (regional compilation: one compiled graph shared "
+        "by all layers, dynamic sequence lengths), fusing the elementwise work around the 4-bit GEMMs; +6 % on an "
+        "H100 (docs/benchmarks.md). Liger's kernels are then not used (inductor fuses norms, SwiGLU and RoPE "
+        "itself). Costs a compile at the start. Not with gradient_checkpointing or FSDP.",
     )
     activation_offloading: bool = Field(
         default=False,
@@ -307,6 +308,16 @@ class TrainingConfig(_Section):
             raise ValueError(
                 "training.gradient_checkpointing_layers is set but gradient_checkpointing is false: set "
                 "gradient_checkpointing: true, or drop gradient_checkpointing_layers"
+            )
+        if self.compile_layers and self.gradient_checkpointing:
+            raise ValueError(
+                "training.compile_layers and gradient_checkpointing are both true: compiled layers keep the "
+                "activations checkpointing would drop (25.8 GiB instead of 7.5 on a 7B model): choose one"
+            )
+        if self.compile_layers and self.liger_kernels is True:
+            raise ValueError(
+                "training.compile_layers and liger_kernels true: torch.compile can't trace Liger's kernels (it fuses "
+                "norms, SwiGLU and RoPE itself): set liger_kernels to auto or false"
             )
         if self.packing and self.packing_strategy == "wrapped" and self.completion_only_loss:
             raise ValueError(

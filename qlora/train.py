@@ -26,6 +26,7 @@ from qlora.data import DatasetSplits
 from qlora.errors import PipelineInputError
 from qlora.integrations.attention import packed_training_attention, resolve_attention
 from qlora.integrations.fused_lora import fuse_lora_layers
+from qlora.integrations.regional_compile import compile_decoder_layers, uncompile_decoder_layers
 from qlora.integrations.trainer import CheckpointFirstLayers, PipelineSFTTrainer, use_one_gpu
 from qlora.model import build_lora_config
 from qlora.run_folder import write_fingerprint
@@ -139,7 +140,8 @@ def build_sft_config(
         gradient_checkpointing=cfg.gradient_checkpointing,
         # Non-reentrant checkpointing needs no input that requires grad and works with frozen 4-bit layers.
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        use_liger_kernel=use_liger_kernels(cfg.liger_kernels, device),
+        # compiled layers get inductor's fused norm/SwiGLU/RoPE: dynamo can't trace Liger's autograd Functions
+        use_liger_kernel=use_liger_kernels(cfg.liger_kernels, device) and not cfg.compile_layers,
         max_grad_norm=cfg.max_grad_norm,
         learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
@@ -186,18 +188,6 @@ def _layer_callbacks(cfg: TrainingConfig) -> list[TrainerCallback]:
     if cfg.gradient_checkpointing:
         return [CheckpointFirstLayers(cfg.gradient_checkpointing_layers, cfg.activation_offloading)]
     return []
-
-
-def compile_decoder_layers(model) -> int:
-    """`torch.compile` every decoder layer in place (`nn.Module.compile`): the layers share one compiled graph (their
-    modules are graph inputs), with dynamic shapes because packed micro-batches change length. Inside activation
-    checkpointing the recompute runs the compiled forward too. Returns how many layers."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    for layer in layers:
-        layer.compile(dynamic=True)
-    return len(layers)
 
 
 def parameter_storage_bytes(model) -> int:
@@ -273,6 +263,9 @@ def train_adapter(
         if not fsdp:  # (an FSDP run is a process of its own, and ends here)
             trainer.model.unload()  # the base model without LoRA layers, as it came in
         raise
+    finally:
+        if cfg.compile_layers:
+            uncompile_decoder_layers(trainer.model)  # evaluation, generation and saving run eager
     wall_s = time.perf_counter() - started
     tokens = float(trainer.state.num_input_tokens_seen)  # restored from the checkpoint when resuming
     metrics = {

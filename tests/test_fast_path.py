@@ -114,6 +114,13 @@ def test_checkpoint_first_layers_only(tiny_llama_dir, tmp_path):
     assert flags() == [True, True]
 
 
+def test_compile_layers_refuses_checkpointing_and_liger(tiny_config_file):
+    with pytest.raises(ConfigError, match="compile_layers and gradient_checkpointing are both true"):
+        load_pipeline_config(tiny_config_file, ["training.compile_layers=true", "training.gradient_checkpointing=true"])
+    with pytest.raises(ConfigError, match="compile_layers and liger_kernels true"):
+        load_pipeline_config(tiny_config_file, ["training.compile_layers=true", "training.liger_kernels=true"])
+
+
 def test_fast_switches_are_validated(tiny_config_file):
     with pytest.raises(ConfigError, match="gradient_checkpointing_layers is set but gradient_checkpointing is false"):
         load_pipeline_config(tiny_config_file, ["training.gradient_checkpointing_layers=4"])

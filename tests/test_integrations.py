@@ -13,9 +13,9 @@ import inspect
 import pytest
 from packaging.version import Version
 
-from qlora.integrations import attention, fused_lora, liger, mlflow_pyfunc, trainer
+from qlora.integrations import attention, fused_lora, liger, mlflow_pyfunc, regional_compile, trainer
 
-MODULES = [attention, fused_lora, liger, mlflow_pyfunc, trainer]
+MODULES = [attention, fused_lora, liger, mlflow_pyfunc, regional_compile, trainer]
 
 
 def _params(func) -> list[str]:
@@ -131,3 +131,14 @@ def test_mlflow_reads_the_skip_flag():
     assert getattr(QLoRAChatModel, mlflow_pyfunc.SKIP_FLAG) is True
     # MLflow left predict as written (its validating wrapper would carry __wrapped__).
     assert not hasattr(QLoRAChatModel.__dict__["predict"], "__wrapped__")
+
+
+def test_module_compile_keeps_its_compiled_call_where_uncompile_drops_it():
+    import torch
+
+    layer = torch.nn.Linear(2, 2)
+    assert layer._compiled_call_impl is None
+    layer.compile()
+    assert layer._compiled_call_impl is not None  # what __call__ runs instead of the eager forward
+    layer._compiled_call_impl = None
+    assert layer(torch.ones(1, 2)).shape == (1, 2)

@@ -6,8 +6,10 @@ breaks one fails there, loudly, before it silently changes a run.
 
 | module | library | what it overrides |
 | --- | --- | --- |
-| trainer.py | transformers Trainer | `_save_checkpoint`, `_load_from_checkpoint`, `_get_output_dir`; |
+| trainer.py | transformers Trainer, TRL SFTTrainer | `_save_checkpoint`, `_load_from_checkpoint`, `_get_output_dir`, |
+| | | `_track_num_input_tokens`, `compute_loss` and `log` (metrics on the device); |
 | | | the `gradient_checkpointing` flag of decoder layers |
+| regional_compile.py | torch `nn.Module.compile` | drops `_compiled_call_impl` to run compiled layers eager again |
 | attention.py | transformers | registers an attention function; toggles `config._attn_implementation` while training |
 | fused_lora.py | peft LoRA layers over bitsandbytes Linear4bit | replaces each layer's `forward` on the instance |
 | liger.py | Liger kernels / transformers' Llama module | undoes Liger's module-wide RoPE patch (bench) |
