@@ -68,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     resume = p.add_mutually_exclusive_group()
     resume.add_argument("--resume", dest="resume_dir", metavar="SWEEP_DIR", help="continue this sweep folder")
-    resume.add_argument("--no-resume", action="store_true", help="start a new sweep (default: continue an unfinished one)")
+    resume.add_argument(
+        "--no-resume", action="store_true", help="start a new sweep (default: continue an unfinished one)"
+    )
     p.add_argument(
         "--trial-deployment",
         default=None,
@@ -432,7 +434,7 @@ def sweep_command(args) -> int:
 def format_sweep_summary(summary: dict, space, tracking_uri: str, wall_s: float) -> str:
     from qlora.sweep_report import results_markdown
 
-    lines = ["", "=== QLoRA sweep summary ===", results_markdown(summary["trials"], space)]
+    lines = ["", "=== QLoRA sweep summary ===", results_markdown(summary["trials"], space, bold=False)]
     lines.append(f"sweep folder: {summary['sweep_dir']} ({summary['sweep_dir_reason']})")
     lines.append(
         f"MLflow parent run: {summary['mlflow_run_id']} (experiment {summary['mlflow_experiment_id']}) in "

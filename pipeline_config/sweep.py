@@ -107,8 +107,8 @@ class SweepSpaceConfig(_Section):
 
     method: Literal["grid", "random", "tpe"] = Field(
         default="grid",
-        description="'grid': every combination of the listed values once, in an order shuffled by `seed` (optuna "
-        "GridSampler); 'random': `n_trials` independent "
+        description="'grid': every combination of the listed values once, in the order listed (the first parameter "
+        "varies slowest); 'random': `n_trials` independent "
         "draws (optuna RandomSampler); 'tpe': `n_trials` draws guided by the finished ones (optuna TPESampler).",
     )
     n_trials: int | None = Field(
@@ -245,9 +245,7 @@ def parse_parameter(key: str, raw: Any) -> ParameterSpec:
             raise ValueError(f"{raw} lists a value twice")
         return ParameterSpec(key, "choice", tuple(raw))
     if not isinstance(raw, str):
-        raise ValueError(
-            f"{raw!r} is one value, not a search: put it under overrides:, or give {DISTRIBUTION_HELP}"
-        )
+        raise ValueError(f"{raw!r} is one value, not a search: put it under overrides:, or give {DISTRIBUTION_HELP}")
     match = _CALL.match(raw)
     if not match or match.group(1) not in DISTRIBUTIONS:
         raise ValueError(f"{raw!r} is not a distribution: write {DISTRIBUTION_HELP}")
@@ -267,8 +265,10 @@ def parse_parameter(key: str, raw: Any) -> ParameterSpec:
 
 def _tunable_problem(key: str) -> str | None:
     keys = key.split(".")
-    if _field_annotation(keys) is None or isinstance(_field_annotation(keys), type) and issubclass(
-        _field_annotation(keys), BaseModel
+    if (
+        _field_annotation(keys) is None
+        or isinstance(_field_annotation(keys), type)
+        and issubclass(_field_annotation(keys), BaseModel)
     ):
         close = difflib.get_close_matches(key, _known_keys(PipelineConfig), n=1, cutoff=0.6)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -330,7 +330,10 @@ def load_sweep_space(source: str | Path, cfg: PipelineConfig) -> SweepSpace:
     for key, value in space_cfg.overrides.items():
         if key in space_cfg.parameters:
             problems.append(f"{_at(lines, 'overrides', key)}overrides.{key}: also under parameters: keep one")
-        problems += [f"{_at(lines, 'overrides', key)}overrides.{key}: {p}" for p in _config_problems(base_raw, {key: value})]
+        problems += [
+            f"{_at(lines, 'overrides', key)}overrides.{key}: {p.removeprefix(key + ': ')}"
+            for p in _config_problems(base_raw, {key: value})
+        ]
     if problems:
         raise SweepSpaceError(problems, name)
     base = load_pipeline_config(base_raw, space_cfg.overrides)
@@ -391,7 +394,8 @@ def load_sweep_space(source: str | Path, cfg: PipelineConfig) -> SweepSpace:
             if ranges:
                 problems += [
                     f"{_at(lines, 'parameters', k)}parameters.{k}: {specs[k].describe()} is a range, and method grid "
-                    "needs a list of values: list them, or use method: random" for k in ranges
+                    "needs a list of values: list them, or use method: random"
+                    for k in ranges
                 ]
             elif n_trials is not None and n_trials != grid_size:
                 what = "larger than" if grid_size > n_trials else "smaller than"

@@ -10,10 +10,11 @@ of the same config, space, data, base model and numerics libraries):
     trial-<N>/                             trial N's `training.output_dir`: its run folder(s), checkpoints, adapter
     RUN_FINISHED                           the sweep ended; never continued
 
-Optuna picks the trials (GridSampler / RandomSampler / TPESampler, seeded so that a continued sweep draws what the
-interrupted one would have) and judges them (MedianPruner / PercentilePruner) on the eval loss a
-trial reports every few steps while it trains. A trial that a crashed sweep left RUNNING runs again (its run folder
-resumes from its newest checkpoint); finished trials (COMPLETE, PRUNED, FAIL) never do.
+Optuna holds the trials: a grid's combinations queued in the order listed, or draws of RandomSampler /
+TPESampler (seeded per trial, so that a continued sweep draws what the interrupted one would have). It judges them
+(MedianPruner / PercentilePruner) on the eval loss a trial reports every few steps while it trains. A trial that
+a crashed sweep left RUNNING runs again (its run folder resumes from its newest checkpoint); finished trials
+(COMPLETE, PRUNED, FAIL) never do.
 
 MLflow: one parent run per sweep (the space as params; a results table and plot); each trial a child run that the
 sweep creates with the trial's params and the trial's finetune flow continues (so a trial that fails before its
@@ -23,6 +24,7 @@ flow opens MLflow still has its run, marked FAILED).
 from __future__ import annotations
 
 import getpass
+import itertools
 import logging
 import math
 import tempfile
@@ -162,17 +164,21 @@ def build_pruner(cfg: PruningConfig) -> optuna.pruners.BasePruner:
 
 
 def build_sampler(space: SweepSpace, trial_number: int) -> optuna.samplers.BaseSampler:
-    """The sampler for trial `trial_number`. Random / TPE: seeded by the space's seed and that number, so a sweep
-    continued after a crash draws the same trials as an uninterrupted one (a sampler seeded once would start its
-    draws over)."""
-    if space.config.method == "grid":
-        # Trial N gets point N of the grid as shuffled by the seed: the same seed, the same order, after a crash too.
-        grid = {k: list(p.choices) for k, p in space.parameters.items()}
-        return optuna.samplers.GridSampler(grid, seed=space.config.seed)
+    """The sampler for trial `trial_number`, seeded by the space's seed and that number, so a sweep continued after
+    a crash draws the same trials as an uninterrupted one (a sampler seeded once would start its draws over). A
+    grid's trials are queued when the study is created (`open_study`) and need no sampler."""
     seed = space.config.seed * 1_000_003 + trial_number
     if space.config.method == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
     return optuna.samplers.RandomSampler(seed=seed)
+
+
+def grid_points(space: SweepSpace) -> list[dict[str, Any]]:
+    """Every combination of a grid's values, in the order listed (the first parameter varies slowest)."""
+    keys = list(space.parameters)
+    return [
+        dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(space.parameters[k].choices for k in keys))
+    ]
 
 
 def distributions(space: SweepSpace) -> dict[str, BaseDistribution]:
@@ -188,9 +194,12 @@ def distributions(space: SweepSpace) -> dict[str, BaseDistribution]:
 
 
 def open_study(space: SweepSpace, sweep_dir: Path) -> optuna.Study:
-    """The sweep's Optuna study, created in the sweep folder or loaded from it (a continued sweep)."""
+    """The sweep's Optuna study, created in the sweep folder or loaded from it (a continued sweep). A new grid
+    sweep queues its combinations in the order listed (`enqueue_trial`), so trial N is combination N; Optuna's
+    GridSampler would shuffle them, and it stops the study from inside `tell` (optuna#5141), which only works
+    within `study.optimize`."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep logs each trial itself
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=sweep_dir.name,
         storage=journal_storage(sweep_dir),
         sampler=build_sampler(space, 0),
@@ -198,6 +207,10 @@ def open_study(space: SweepSpace, sweep_dir: Path) -> optuna.Study:
         direction="maximize" if space.greater_is_better else "minimize",
         load_if_exists=True,
     )
+    if space.config.method == "grid":
+        for point in grid_points(space):  # a study continued after a crash keeps what it has (and its order)
+            study.enqueue_trial(point, skip_if_exists=True)
+    return study
 
 
 def trial_handle(study: optuna.Study, storage: optuna.storages.BaseStorage, number: int) -> optuna.trial.Trial:
@@ -260,7 +273,9 @@ def trial_config(space: SweepSpace, params: dict[str, Any], sweep_dir: Path, num
 
 def parent_params(space: SweepSpace) -> dict[str, Any]:
     """The parent run's params: the space, and the config every trial shares (the swept settings left out)."""
-    shared = {k: v for k, v in config_params(space.base).items() if k not in space.parameters and k != "training.resume"}
+    shared = {
+        k: v for k, v in config_params(space.base).items() if k not in space.parameters and k != "training.resume"
+    }
     return shared | space.flat()
 
 
@@ -326,10 +341,6 @@ def record_trial(study: optuna.Study, spec: TrialSpec, outcome: TrialOutcome) ->
         spec.trial.set_user_attr(FLOW_RUN_ATTR, outcome.flow_run_id)
     if outcome.error:
         spec.trial.set_user_attr(ERROR_ATTR, outcome.error[:500])
-    # GridSampler.after_trial calls study.stop() once the grid is done, which raises outside study.optimize()
-    # (optuna#5141). The sweep stops by itself at n_trials and picks the sampler anew for each ask, so it tells
-    # through one that does nothing after a trial.
-    study.sampler = optuna.samplers.RandomSampler()
     if outcome.state == "COMPLETE":
         study.tell(spec.trial, outcome.value)
     else:
@@ -351,10 +362,12 @@ class ReportEvalLossToStudy(TrainerCallback):
     same loss the run reports at the end), reported to the trial's Optuna study and logged to its MLflow run as
     `sweep_eval_loss`; training stops when the study's pruner judges the trial hopeless."""
 
-    def __init__(self, trial: optuna.trial.Trial, examples, tokenizer, batch_size: int, every_steps: int, log=None):
+    def __init__(self, trial: optuna.trial.Trial, examples, tokenizer, batch_size: int, every_steps: int, logger=None):
         self.trial, self.examples, self.tokenizer = trial, examples, tokenizer
         self.batch_size, self.every_steps = batch_size, every_steps
-        self.log = log or logging.getLogger(__name__)
+        # A function that returns the logger of the moment: the callback runs inside the training step, whose run
+        # log it belongs in, not in that of the step that built it.
+        self.logger = logger or (lambda: logging.getLogger(__name__))
         self.pruned_at_step: int | None = None
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -377,14 +390,15 @@ class ReportEvalLossToStudy(TrainerCallback):
             control.should_training_stop = True
             if mlflow.active_run() is not None:
                 mlflow.set_tag(PRUNED_TAG, str(step))
-            self.log.info("pruned at step %d: eval loss %.4f is hopeless next to the earlier trials", step, loss)
+            self.logger().info("pruned at step %d: eval loss %.4f is hopeless next to the earlier trials", step, loss)
         else:
-            self.log.info("step %d: eval loss %.4f reported to the sweep", step, loss)
+            self.logger().info("step %d: eval loss %.4f reported to the sweep", step, loss)
 
 
-def trial_callbacks(trial: SweepTrial, data, tokenizer, cfg: PipelineConfig, log=None) -> list[TrainerCallback]:
+def trial_callbacks(trial: SweepTrial, data, tokenizer, cfg: PipelineConfig, logger=None) -> list[TrainerCallback]:
     """The Trainer callbacks of a sweep's trial: the eval-loss report and pruning check when the sweep prunes.
-    None for a training in several processes (torchrun), which cannot take callbacks from the flow."""
+    None for a training in several processes (torchrun), which cannot take callbacks from the flow. `logger`: a
+    function returning the logger to report to."""
     if trial.pruning.pruner == "none":
         return []
     from qlora.distributed import is_distributed
@@ -392,7 +406,7 @@ def trial_callbacks(trial: SweepTrial, data, tokenizer, cfg: PipelineConfig, log
     from qlora.model import pick_device
 
     if is_distributed(cfg, pick_device(cfg.training.device)):
-        (log or logging.getLogger(__name__)).warning("distributed training: this trial is not pruned")
+        (logger or (lambda: logging.getLogger(__name__)))().warning("distributed training: this trial is not pruned")
         return []
     storage = journal_storage(trial.sweep_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -406,7 +420,7 @@ def trial_callbacks(trial: SweepTrial, data, tokenizer, cfg: PipelineConfig, log
     examples = scored_examples(data, tokenizer, trial.pruning.eval_rows, cfg.training.max_seq_length)
     handle = trial_handle(study, storage, trial.number)
     every = trial.pruning.eval_every_steps
-    return [ReportEvalLossToStudy(handle, examples, tokenizer, cfg.evaluation.batch_size, every, log)]
+    return [ReportEvalLossToStudy(handle, examples, tokenizer, cfg.evaluation.batch_size, every, logger)]
 
 
 # --- the best trial's adapter into the registry ------------------------------------------------------------------
@@ -437,7 +451,9 @@ def register_best_trial(space: SweepSpace, sweep_dir: Path, best: optuna.trial.F
     adapter_dir = Path(tags["adapter_dir"])
     with tempfile.TemporaryDirectory(prefix="sweep-best-") as tmp:
         if not adapter_dir.is_dir():  # trained on a worker whose disk this process does not see
-            adapter_dir = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter", dst_path=tmp))
+            adapter_dir = Path(
+                mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter", dst_path=tmp)
+            )
         with mlflow.start_run(run_id=run_id, nested=True):
             return register_adapter(
                 cfg, source, str(adapter_dir), metrics, tags["dataset_digest"], tags.get("adapter_dtype", "bfloat16")

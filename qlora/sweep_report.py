@@ -57,13 +57,16 @@ def trial_rows(study: optuna.Study, space: SweepSpace) -> list[dict[str, Any]]:
     return rows
 
 
-def results_markdown(rows: list[dict[str, Any]], space: SweepSpace, registered: str | None = None) -> str:
-    """The trials as a markdown table, the best one in bold and marked."""
+def results_markdown(
+    rows: list[dict[str, Any]], space: SweepSpace, registered: str | None = None, bold: bool = True
+) -> str:
+    """The trials as a markdown table, the best one marked (and in bold, for a page that renders it)."""
     direction = "higher" if space.greater_is_better else "lower"
     metric_cols = [space.metric] + [k for k in ("finetuned_eval_loss", "finetuned_exact_match") if k != space.metric]
     cols = ["trial", "state", *space.parameters, *metric_cols, "steps"]
     lines = [
-        f"Sweep: {space.config.method}, {space.n_trials} trials, `{space.metric}` picks the best ({direction} is better)",
+        f"Sweep: {space.config.method}, {space.n_trials} trials; `{space.metric}` picks the best "
+        f"({direction} is better)",
         "",
         "| " + " | ".join(cols) + " | MLflow run |",
         "|" + " --- |" * (len(cols) + 1),
@@ -76,8 +79,9 @@ def results_markdown(rows: list[dict[str, Any]], space: SweepSpace, registered: 
             cells[cols.index("state")] = f"FAILED: {row['error'][:80]}"
         cells.append(f"`{row['mlflow_run_id']}`" if row["mlflow_run_id"] else "")
         if row["best"]:
-            cells = [f"**{c}**" if c != "" else c for c in cells]
-            cells[0] = f"**{row['trial']} (best)**"
+            cells[0] = f"{row['trial']} (best)"
+            if bold:
+                cells = [f"**{c}**" if c != "" else c for c in cells]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     best = next((r for r in rows if r["best"]), None)
     lines.append("")

@@ -186,7 +186,9 @@ def log_results(cfg: PipelineConfig, train_result, comparison, adapter_dir: str)
         "resumed_from_checkpoint", Path(train_result.resumed_from).name if train_result.resumed_from else "none"
     )
     mlflow.log_artifacts(adapter_dir, artifact_path="adapter")
-    mlflow.set_tags({"adapter_sha256": adapter_checksum(Path(adapter_dir)), "adapter_dtype": train_result.adapter_dtype})
+    mlflow.set_tags(
+        {"adapter_sha256": adapter_checksum(Path(adapter_dir)), "adapter_dtype": train_result.adapter_dtype}
+    )
     mlflow.log_text(dump_pipeline_config(cfg), "pipeline_config.yaml")
     if comparison.samples:
         columns = {key: [row[key] for row in comparison.samples] for key in comparison.samples[0]}

@@ -262,7 +262,10 @@ def registered_line(space: SweepSpace, study: optuna.Study, decision) -> str | N
     name = space.base.registry.model_name or default_model_name(space.base)
     role = "champion" if decision.became_champion else "challenger"
     best = best_trial(study)
-    return f"Registry: trial {best.number}'s adapter is `{name}` version {decision.version}, **{role}** ({decision.reason})."
+    return (
+        f"Registry: trial {best.number}'s adapter is `{name}` version {decision.version}, **{role}** "
+        f"({decision.reason})."
+    )
 
 
 @task(name="log-sweep-results", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=[5, 30])
@@ -316,4 +319,5 @@ def prepare_trial_pruning_task(trial: SweepTrial, data, tokenizer, cfg: Pipeline
     every few steps and stops the trial when the pruner judges it hopeless (none when the sweep does not prune)."""
     from qlora.sweep import trial_callbacks
 
-    return trial_callbacks(trial, data, tokenizer, cfg, get_run_logger())
+    # get_run_logger, called when the callback logs: the train-adapter step's run log
+    return trial_callbacks(trial, data, tokenizer, cfg, get_run_logger)

@@ -93,7 +93,7 @@ def test_space_is_resolved_against_its_config(tiny_config_file, tmp_path):
 
 def test_samplers_draw_the_same_trials_after_a_restart(tiny_config_file, tmp_path):
     """Random: a study continued from its journal by a new process draws what an uninterrupted one would have.
-    Grid: every combination once, in the same (seeded) order after a restart."""
+    Grid: every combination once, in the order listed, after a restart too."""
     from qlora.sweep import ask_trial, open_study
 
     cfg = load_pipeline_config(tiny_config_file)
@@ -118,11 +118,46 @@ def test_samplers_draw_the_same_trials_after_a_restart(tiny_config_file, tmp_pat
     (tmp_path / "g").mkdir(), (tmp_path / "h").mkdir()
     study = open_study(grid, tmp_path / "g")
     order = [(p["lora.r"], p["training.learning_rate"]) for p in (ask_trial(study, grid).params for _ in range(4))]
-    assert sorted(order) == [(4, 1e-4), (4, 1e-3), (8, 1e-4), (8, 1e-3)]
+    assert order == [(4, 1e-3), (4, 1e-4), (8, 1e-3), (8, 1e-4)]
     first = open_study(grid, tmp_path / "h")
     again = [ask_trial(first, grid).params for _ in range(3)]
     again.append(ask_trial(open_study(grid, tmp_path / "h"), grid).params)
     assert [(p["lora.r"], p["training.learning_rate"]) for p in again] == order
+
+
+@pytest.mark.filterwarnings("ignore:Logger 'prefect.task_runs' attempted to send logs")  # the task runs alone here
+def test_trials_in_flight_are_bounded_by_the_gpu_slots(prefect_server, tiny_config_file, tmp_path):
+    """Through a deployment: as many trials at once as the GPU limit has slots for (training.gpu_slots each), never
+    more than max_parallel_trials; in the sweep's own process one at a time; a missing deployment is bad input."""
+    import uuid
+
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from flows.finetune import finetune
+    from qlora.errors import PipelineInputError
+    from tasks.sweep import plan_trial_slots_task
+
+    name = f"trials-{uuid.uuid4().hex[:8]}"
+    finetune.to_deployment(name=name).apply()
+    limit = f"gpu-{uuid.uuid4().hex[:8]}"
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=4))
+
+    def slots(gpu_slots: int, **space) -> int:
+        cfg = load_pipeline_config(
+            tiny_config_file, [f"training.gpu_concurrency_limit={limit}", f"training.gpu_slots={gpu_slots}"]
+        )
+        path = _write(tmp_path / "space.yaml", {"parameters": {"lora.r": [4, 8]}, **space})
+        return plan_trial_slots_task(load_sweep_space(path, cfg), f"qlora-finetune/{name}")
+
+    assert slots(1) == 4 and slots(2) == 2 and slots(3) == 1
+    assert slots(1, max_parallel_trials=3) == 3 and slots(2, max_parallel_trials=3) == 2
+    cfg = load_pipeline_config(tiny_config_file)
+    space = load_sweep_space(_write(tmp_path / "one.yaml", {"parameters": {"lora.r": [4, 8]}}), cfg)
+    assert plan_trial_slots_task(space, None) == 1
+    with pytest.raises(PipelineInputError, match="trial deployment 'qlora-finetune/nope' not found"):
+        plan_trial_slots_task(space, "qlora-finetune/nope")
 
 
 # --- sweeps of the tiny model (slow) -----------------------------------------------------------------------------
@@ -195,7 +230,9 @@ def test_three_trials_parent_and_children_best_registered_failed_trial_recorded(
     with get_client(sync_client=True) as prefect:
         sweep_run = prefect.read_flow_run(sweep_run_id)
         assert sweep_run.state.is_completed()
-        trial_runs = {str(c.data.tags["prefect.flow_run_id"]): c for c in children if "prefect.flow_run_id" in c.data.tags}
+        trial_runs = {
+            str(c.data.tags["prefect.flow_run_id"]): c for c in children if "prefect.flow_run_id" in c.data.tags
+        }
         states = {}
         for run in prefect.read_flow_runs(flow_run_filter=FlowRunFilter(id={"any_": list(trial_runs)})):
             assert run.parent_task_run_id is not None
@@ -209,3 +246,104 @@ def test_three_trials_parent_and_children_best_registered_failed_trial_recorded(
     best_number = int(children[[c.info.run_id for c in children].index(best_run)].data.tags["sweep.trial_number"])
     assert f"**{best_number} (best)**" in summary_md and "FAILED: " in summary_md
     assert Path(summary["sweep_dir"], "RUN_FINISHED").is_file()
+
+
+def _finished_trials(sweeps: Path) -> int:
+    from qlora.sweep import STUDY_JOURNAL, journal_storage
+
+    journals = list(sweeps.glob(f"*/{STUDY_JOURNAL}"))
+    if not journals:
+        return 0
+    folder = journals[0].parent
+    study = optuna.load_study(study_name=folder.name, storage=journal_storage(folder))
+    return sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+
+
+@pytest.mark.slow
+def test_sweep_killed_half_way_continues_without_running_finished_trials_again(
+    prefect_server, tiny_llama_dir, tmp_path
+):
+    """SIGKILL a 3-trial sweep once two trials are told; the re-run continues the same sweep (same folder, parent
+    run and study), runs only the third trial, whose eval loss (learning rate ~0) its pruner finds hopeless next to
+    the first two, and registers the best of those."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter
+    from prefect.settings import get_current_settings
+
+    from flows.sweep import sweep
+
+    config = _tiny_config(tiny_llama_dir, tmp_path, max_steps=8, logging_steps=1)
+    lrs = [1e-3, 3e-3, 1e-9]
+    space = _write(
+        tmp_path / "space.yaml",
+        {
+            "parameters": {"training.learning_rate": lrs},
+            "metric": "finetuned_eval_loss",
+            "pruning": {"pruner": "median", "eval_every_steps": 2, "eval_rows": 8, "n_startup_trials": 2},
+        },
+    )
+    env = {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url), "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "killed.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.sweep", "--config", str(config), "--space", str(space)],
+        cwd=REPO,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    sweeps = tmp_path / "out" / "sweeps"
+    try:
+        deadline = time.monotonic() + 300
+        while _finished_trials(sweeps) < 2:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "two trials did not finish within 300 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    (killed,) = [p for p in sweeps.iterdir() if p.is_dir()]
+    assert not (killed / "RUN_FINISHED").exists()
+    cfg = load_pipeline_config(config)
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id
+    (parent_before,) = [r for r in client.search_runs([experiment]) if "sweep.dir" in r.data.tags]
+    assert parent_before.info.status == "RUNNING"  # SIGKILL gave it no chance to close
+    done_before = {c.data.tags["sweep.trial_number"]: c for c in _children(client, parent_before.info.run_id)}
+    assert [done_before[n].info.status for n in ("0", "1")] == ["FINISHED", "FINISHED"]
+    folders_before = {n: sorted((killed / f"trial-{n}").iterdir()) for n in ("0", "1")}
+
+    summary = sweep(config_path=str(config), space_path=str(space))
+
+    assert summary["sweep_dir"] == str(killed) and summary["sweep_dir_reason"].startswith("resuming")
+    assert summary["mlflow_run_id"] == parent_before.info.run_id  # one parent run per sweep, continued
+    parent = client.get_run(parent_before.info.run_id)
+    assert parent.info.status == "FINISHED"
+    children = _children(client, parent.info.run_id)
+    by_trial: dict[str, list] = {}
+    for child in children:
+        by_trial.setdefault(child.data.tags["sweep.trial_number"], []).append(child)
+    # the finished trials were not run again: the same single run each, and nothing new in their folders
+    for n in ("0", "1"):
+        assert [c.info.run_id for c in by_trial[n]] == [done_before[n].info.run_id]
+        assert sorted((killed / f"trial-{n}").iterdir()) == folders_before[n]
+    last = by_trial["2"][-1]
+    assert last.info.status == "FINISHED" and float(last.data.params["training.learning_rate"]) == lrs[2]
+    assert all(c.info.status == "KILLED" for c in by_trial["2"][:-1])  # an attempt the kill interrupted, if any
+    # the hopeless trial was pruned: it stopped early, at a step its pruner checked
+    rows = {r["trial"]: r for r in summary["trials"]}
+    assert [rows[n]["state"] for n in (0, 1, 2)] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    pruned_at = int(last.data.tags["sweep.pruned_at_step"])
+    assert pruned_at % 2 == 0 and pruned_at < 8 and last.data.metrics["train_steps"] == pruned_at
+    reported = client.get_metric_history(last.info.run_id, "sweep_eval_loss")
+    assert [m.step for m in reported][-1] == pruned_at
+    losses = {n: rows[n]["finetuned_eval_loss"] for n in (0, 1)}
+    best = min(losses, key=losses.get)
+    assert summary["best"]["trial"] == best
+    assert client.get_model_version_by_alias("tiny-sweep", "champion").run_id == rows[best]["mlflow_run_id"]
+
+    # Prefect: the continued sweep's flow run ran one trial, trial 2
+    with get_client(sync_client=True) as prefect:
+        resumed_id = parent.data.tags["prefect.flow_run_id"]
+        tasks = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [resumed_id]}))
+        assert sorted(t.name for t in tasks if t.name.startswith("run-trial")) == ["run-trial-2"]
