@@ -455,6 +455,9 @@ def register_best_trial(space: SweepSpace, sweep_dir: Path, best: optuna.trial.F
                 mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter", dst_path=tmp)
             )
         with mlflow.start_run(run_id=run_id, nested=True):
-            return register_adapter(
+            decision = register_adapter(
                 cfg, source, str(adapter_dir), metrics, tags["dataset_digest"], tags.get("adapter_dtype", "bfloat16")
             )
+    # Reopening the run to log the model into it moved its end; the trial's run ended when the trial did.
+    MlflowClient().set_terminated(run_id, status="FINISHED", end_time=run.info.end_time)
+    return decision

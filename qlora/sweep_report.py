@@ -94,9 +94,10 @@ def results_markdown(
     return "\n".join(lines)
 
 
-def results_figure(study: optuna.Study, space: SweepSpace):
+def results_figure(study: optuna.Study, space: SweepSpace, rows: list[dict[str, Any]]):
     """Left: each trial's reported eval loss by step (pruned trials dashed, the best one thick). Right: each
-    trial's metric (failed trials have none), the best one highlighted."""
+    trial's metric as its run logged it (`rows`; a pruned trial's at the step it stopped, failed trials have none),
+    the best one highlighted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,7 +128,8 @@ def results_figure(study: optuna.Study, space: SweepSpace):
     curves.grid(alpha=0.3)
     colors = {TrialState.COMPLETE: "tab:blue", TrialState.PRUNED: "tab:orange", TrialState.FAIL: "tab:red"}
     numbers = [t.number for t in trials]
-    values = [t.value if t.value is not None and t.state != TrialState.FAIL else 0.0 for t in trials]
+    logged = {r["trial"]: r[space.metric] for r in rows}
+    values = [logged.get(t.number) or 0.0 for t in trials]
     bar_colors = [
         "tab:green" if best is not None and t.number == best.number else colors.get(t.state, "gray") for t in trials
     ]
@@ -150,7 +152,7 @@ def log_sweep_results(study: optuna.Study, space: SweepSpace, registered: str | 
     columns = {key: [_value(r[key]) for r in rows] for key in rows[0]} if rows else {"trial": []}
     mlflow.log_table(columns, artifact_file=RESULTS_TABLE)
     mlflow.log_text(results_markdown(rows, space, registered), RESULTS_MARKDOWN)
-    fig = results_figure(study, space)
+    fig = results_figure(study, space, rows)
     mlflow.log_figure(fig, RESULTS_PLOT)
     plt.close(fig)
     states = [r["state"] for r in rows]

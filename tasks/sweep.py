@@ -153,11 +153,11 @@ def open_study_task(space: SweepSpace, folder: RunFolder) -> optuna.Study:
 def run_trial_task(
     number: int, cfg: PipelineConfig, trial: SweepTrial, metric: str, trial_flow, trial_deployment: str | None
 ) -> TrialOutcome:
-    """Trial `number` as a flow run of `qlora-finetune`: a subflow here, or a run of `trial_deployment` on a worker
-    (a subflow of this flow run too); waits for it. Raises TrialFailed when it fails (this task run then shows
-    Failed; the sweep records the trial and goes on)."""
+    """Trial `number` as a flow run of `qlora-finetune` named `<sweep flow run>-trial-<number>`: a subflow here, or
+    a run of `trial_deployment` on a worker (a subflow of this flow run too); waits for it. Raises TrialFailed when
+    it fails (this task run then shows Failed; the sweep records the trial and goes on)."""
     log = get_run_logger()
-    name = f"{trial.study_name}-trial-{number}"
+    name = f"{flow_run.name or 'sweep'}-trial-{number}"
     if trial_deployment:
         from prefect.deployments import run_deployment
 

@@ -219,6 +219,7 @@ def test_three_trials_parent_and_children_best_registered_failed_trial_recorded(
     # the best trial by the metric is registered from its own run, champion by the usual rule
     version = client.get_model_version_by_alias("tiny-sweep", "champion")
     assert version.run_id == best_run
+    assert client.get_run(best_run).info.end_time < version.creation_timestamp  # registering kept the trial's end
     assert float(version.tags["metric.finetuned_eval_loss"]) == pytest.approx(losses[best_run], rel=1e-5)
     assert summary["best"]["mlflow_run_id"] == best_run and summary["registry"]["became_champion"]
     assert parent.data.tags["sweep.best_run_id"] == best_run
@@ -347,3 +348,35 @@ def test_sweep_killed_half_way_continues_without_running_finished_trials_again(
         resumed_id = parent.data.tags["prefect.flow_run_id"]
         tasks = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [resumed_id]}))
         assert sorted(t.name for t in tasks if t.name.startswith("run-trial")) == ["run-trial-2"]
+
+
+def test_two_sweeps_at_once_get_folders_of_their_own(tiny_config_file, tmp_path):
+    """A sweep's state (folder, lock, study journal, fingerprint) is its own: a second sweep of the same config and
+    space started while the first holds its folder gets a new one; once both let go, the next continues the newest
+    unfinished one; another space never continues it."""
+    from qlora.sweep import STUDY_JOURNAL, claim_sweep_folder, open_study, sweep_fingerprint
+
+    cfg = load_pipeline_config(tiny_config_file)
+    space = load_sweep_space(_write(tmp_path / "a.yaml", {"parameters": {"lora.r": [4, 8]}}), cfg)
+    fingerprint = sweep_fingerprint(space, "data-digest", "model-digest")
+    first = claim_sweep_folder(space, fingerprint, "first", {}, "auto", None)
+    second = claim_sweep_folder(space, fingerprint, "second", {}, "auto", None)
+    assert first.path != second.path and first.path.parent == second.path.parent == tmp_path / "out" / "sweeps"
+    assert "held by a live process" in second.reason
+    studies = [open_study(space, f.path) for f in (first, second)]
+    assert [s.study_name for s in studies] == [first.path.name, second.path.name]
+    assert all((f.path / STUDY_JOURNAL).is_file() for f in (first, second))
+    studies[0].ask()  # one sweep's trial is not the other's
+    assert len(studies[1].get_trials(states=(optuna.trial.TrialState.RUNNING,))) == 0
+    first.release(), second.release()
+
+    again = claim_sweep_folder(space, fingerprint, "third", {}, "auto", None)
+    assert again.path == second.path and again.reason.startswith("resuming")
+    again.release()
+    other = load_sweep_space(_write(tmp_path / "b.yaml", {"parameters": {"lora.r": [4, 16]}}), cfg)
+    fresh = claim_sweep_folder(
+        other, sweep_fingerprint(other, "data-digest", "model-digest"), "fourth", {}, "auto", None
+    )
+    assert fresh.path not in (first.path, second.path)
+    assert "space.parameters.lora.r: [4, 8] -> [4, 16]" in fresh.reason
+    fresh.release()
