@@ -8,6 +8,7 @@
     qlora-flow compare  --model SOURCE [--prompt TEXT | --prompts FILE]  base vs fine-tuned, side by side
     qlora-flow merge    --model SOURCE --output DIR [--dtype bf16]      a standalone merged model (checked first)
     qlora-flow run --resume RUN_DIR | --no-resume                       continue a given run folder / always a new one
+    qlora-flow sweep --config FILE --space SPACE.yaml [--set ...]       trials of a search space, the best registered
     qlora-flow runs [--config FILE]                                     run folders: finished / unfinished / locked
     qlora-flow gc --keep N [--config FILE] [--dry-run]                  remove checkpoints of older finished runs
     qlora-flow serve                                                    serve prefect.yaml's deployments here
@@ -59,6 +60,25 @@ def _parser() -> argparse.ArgumentParser:
                 "--resume", dest="resume_dir", metavar="RUN_DIR", help="continue this run folder (see `runs`)"
             )
             resume.add_argument("--no-resume", action="store_true", help="start in a new run folder")
+    p = sub.add_parser("sweep", help="run the trials of a search space on a config; register the best")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), help="YAML config (default: %(default)s)")
+    p.add_argument("--space", required=True, help="search space YAML (e.g. pipeline_config/sweeps/default-space.yaml)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting"
+    )
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", dest="resume_dir", metavar="SWEEP_DIR", help="continue this sweep folder")
+    resume.add_argument(
+        "--no-resume", action="store_true", help="start a new sweep (default: continue an unfinished one)"
+    )
+    p.add_argument(
+        "--trial-deployment",
+        default=None,
+        metavar="FLOW/DEPLOYMENT",
+        help="run the trials as runs of this finetune deployment on workers (e.g. qlora-finetune/qlora-default; needs "
+        "PREFECT_API_URL); default: as subflows in this process",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     for name, help_text in (
         ("runs", "list the run folders under training.output_dir: status and size"),
         ("gc", "remove checkpoints of finished runs (never of unfinished or locked ones)"),
@@ -437,6 +457,55 @@ def run_command(
     return 0
 
 
+def sweep_command(args) -> int:
+    from pipeline_config.schema import load_pipeline_config
+    from pipeline_config.sweep import load_sweep_space
+
+    cfg = load_pipeline_config(args.config, args.overrides)  # a bad config or space fails here, before Prefect starts
+    space = load_sweep_space(args.space, cfg)
+    from flows.sweep import sweep
+    from qlora.tracking import resolve_tracking_uri
+    from tasks.sweep import SweepFailed
+
+    if not args.debug:
+        _quiet_input_error_tracebacks()
+    started = time.perf_counter()
+    try:
+        summary = sweep(
+            config_path=args.config,
+            space_path=args.space,
+            resume="never" if args.no_resume else "auto",
+            resume_dir=args.resume_dir,
+            trial_deployment=args.trial_deployment,
+            config=cfg,
+        )
+    except SweepFailed as exc:
+        print(f"sweep failed: {exc}", file=sys.stderr)
+        return 1
+    print(format_sweep_summary(summary, space, resolve_tracking_uri(cfg.tracking), time.perf_counter() - started))
+    return 0
+
+
+def format_sweep_summary(summary: dict, space, tracking_uri: str, wall_s: float) -> str:
+    from qlora.sweep_report import results_markdown
+
+    lines = ["", "=== QLoRA sweep summary ===", results_markdown(summary["trials"], space, bold=False)]
+    lines.append(f"sweep folder: {summary['sweep_dir']} ({summary['sweep_dir_reason']})")
+    lines.append(
+        f"MLflow parent run: {summary['mlflow_run_id']} (experiment {summary['mlflow_experiment_id']}) in "
+        f"{tracking_uri}; each trial is a child run"
+    )
+    if summary.get("registry"):
+        reg = summary["registry"]
+        role = "champion" if reg["became_champion"] else "challenger"
+        lines.append(
+            f"registered: {summary['registered_model']} v{reg['version']} (trial {summary['best']['trial']}) -> "
+            f"{role} ({reg['reason']})"
+        )
+    lines.append(f"sweep wall time: {wall_s:.0f} s")
+    return "\n".join(lines)
+
+
 def format_summary(summary: dict, tracking_uri: str, wall_s: float) -> str:
     base, tuned = summary["base"], summary["finetuned"]
     lines = ["", "=== QLoRA fine-tuning summary ==="]
@@ -544,6 +613,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"emitted dataset.updated {emit_dataset_updated(args.path, args.config)}")
             return 0
+        if args.command == "sweep":
+            return sweep_command(args)
         if args.command == "runs":
             return runs_command(args.config, args.output_dir)
         if args.command == "gc":

@@ -8,6 +8,8 @@ Steps, in order (each a task in tasks/, each over plain functions in qlora/):
   -> preflight -> [MLflow run] log-dataset -> claim-run-folder (this run's own folder, locked)
   -> [GPU slot] load-quantized-model -> train-adapter (SFTTrainer applies LoRA) -> evaluate-models (base vs
   fine-tuned) -> save-adapter -> log-results -> register-adapter -> publish-summary
+As a sweep's trial (flows/sweep.py passes `trial`), prepare-trial-pruning comes before the MLflow run, which is
+the one the sweep created for the trial; train-adapter then reports its eval loss to the sweep and may stop early.
 Models travel between tasks in memory only; no task caches or persists them (prepare-dataset caches a reference
 to prepared Arrow files, nothing else).
 """
@@ -22,6 +24,7 @@ from pipeline_config.schema import PipelineConfig
 from qlora.distributed import is_distributed
 from qlora.model import pick_device
 from qlora.registry import default_model_name
+from qlora.sweep import SweepTrial
 from tasks.config import resolve_model_source_task, validate_config_task
 from tasks.dataset import open_prepared_dataset_task, prepare_dataset_task
 from tasks.evaluate import evaluate_models_task
@@ -32,6 +35,7 @@ from tasks.registry import register_adapter_task
 from tasks.report import publish_summary_task
 from tasks.run_folder import claimed_run_folder
 from tasks.save import save_adapter_task
+from tasks.sweep import prepare_trial_pruning_task
 from tasks.tokenizer import setup_tokenizer_task
 from tasks.tracking import log_dataset_task, log_results_task, mlflow_run_of_flow_run
 from tasks.train import train_adapter_task
@@ -45,6 +49,7 @@ def finetune(
     resume: Literal["auto", "never"] | None = None,
     resume_dir: str | None = None,
     config: PipelineConfig | None = None,
+    trial: SweepTrial | None = None,
 ) -> dict:
     """Fine-tune the configured base model with QLoRA; returns a summary (metrics, adapter dir, MLflow run).
 
@@ -55,6 +60,8 @@ def finetune(
         resume: replaces `training.resume` ('never' = always a new run folder).
         resume_dir: continue this run folder (refused if it would mix two runs).
         config: an already validated config; `config_path` and `overrides` are then not read.
+        trial: set by a sweep (flows/sweep.py) for its trials: continue the MLflow run the sweep created, report
+            the eval loss to the sweep's Optuna study while training, stop early when its pruner says so.
     """
     cfg = validate_config_task(config, config_path, overrides, data_source)
     device = pick_device(cfg.training.device)
@@ -65,14 +72,15 @@ def finetune(
     data = open_prepared_dataset_task(prepared, cfg.data)
     # Bad input stops the run here, before any weights load and before an MLflow run exists.
     preflight_task(cfg, source, data, tokenizer, device)
-    with mlflow_run_of_flow_run(cfg) as run:
+    callbacks = prepare_trial_pruning_task(trial, data, tokenizer, cfg) if trial else None
+    with mlflow_run_of_flow_run(cfg, trial.mlflow_run_id if trial else None) as run:
         log_dataset_task(data)
         # This flow run's own folder, locked until the flow ends; then its share of the GPU, until the flow ends.
         with claimed_run_folder(cfg, source, data.digest, resume, resume_dir) as run_folder, gpu_slots(cfg.training):
             # Several training processes (`distributed`) load their own copies; the flow's comes after training.
             model = None if is_distributed(cfg, device) else load_quantized_model_task(source, cfg, device)
             train = train_adapter_task.with_options(retries=cfg.training.task_retries)
-            trained = train(model, data, tokenizer, cfg, device, run_folder, source, prepared)
+            trained = train(model, data, tokenizer, cfg, device, run_folder, source, prepared, callbacks)
             comparison = evaluate_models_task(
                 trained.model, tokenizer, data, cfg.evaluation, cfg.training.max_seq_length
             )

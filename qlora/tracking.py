@@ -68,10 +68,25 @@ def open_experiment(cfg: PipelineConfig):
         return mlflow.set_experiment(cfg.tracking.experiment_name)
 
 
+def config_params(cfg: PipelineConfig) -> dict[str, object]:
+    """The resolved config as MLflow params ('section.key' -> value; unset values as '')."""
+    return {k: "" if v is None else v for k, v in cfg.to_flat_dict().items()}
+
+
 @contextlib.contextmanager
-def tracking_run(cfg: PipelineConfig, orchestrator_tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+def tracking_run(
+    cfg: PipelineConfig,
+    orchestrator_tags: dict[str, str] | None = None,
+    run_id: str | None = None,
+    params: dict[str, object] | None = None,
+    system_metrics: bool | None = None,
+) -> Iterator[mlflow.ActiveRun]:
     """Open the MLflow run of this flow run: resolved config as params, provenance as tags (plus
-    `orchestrator_tags`, e.g. the Prefect flow run id)."""
+    `orchestrator_tags`, e.g. the Prefect flow run id).
+
+    `run_id`: continue that run instead of starting one (a sweep's trial run, which the sweep created with the
+    trial's params; a resumed sweep's own run). `params`: log these instead of the resolved config.
+    `system_metrics`: overrides `tracking.system_metrics`."""
     experiment = open_experiment(cfg)
     output_dir = str(Path(cfg.training.output_dir).resolve())
     close_interrupted_runs(experiment.experiment_id)
@@ -90,9 +105,14 @@ def tracking_run(cfg: PipelineConfig, orchestrator_tags: dict[str, str] | None =
         "process.start_time": repr(me["start_time"]),
     }
     mlflow.set_system_metrics_sampling_interval(cfg.tracking.system_metrics_interval_s)
-    run = mlflow.start_run(run_name=cfg.tracking.run_name, tags=tags, log_system_metrics=cfg.tracking.system_metrics)
+    run = mlflow.start_run(
+        run_id=run_id,
+        run_name=None if run_id else cfg.tracking.run_name,
+        tags=tags,
+        log_system_metrics=cfg.tracking.system_metrics if system_metrics is None else system_metrics,
+    )
     try:
-        mlflow.log_params({k: "" if v is None else v for k, v in cfg.to_flat_dict().items()})
+        mlflow.log_params(config_params(cfg) if params is None else params)
         yield run
     except KeyboardInterrupt:
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
@@ -166,7 +186,9 @@ def log_results(cfg: PipelineConfig, train_result, comparison, adapter_dir: str)
         "resumed_from_checkpoint", Path(train_result.resumed_from).name if train_result.resumed_from else "none"
     )
     mlflow.log_artifacts(adapter_dir, artifact_path="adapter")
-    mlflow.set_tag("adapter_sha256", adapter_checksum(Path(adapter_dir)))
+    mlflow.set_tags(
+        {"adapter_sha256": adapter_checksum(Path(adapter_dir)), "adapter_dtype": train_result.adapter_dtype}
+    )
     mlflow.log_text(dump_pipeline_config(cfg), "pipeline_config.yaml")
     if comparison.samples:
         columns = {key: [row[key] for row in comparison.samples] for key in comparison.samples[0]}

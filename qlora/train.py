@@ -322,9 +322,12 @@ def save_trained_adapter(result: TrainResult, folder) -> None:
     skeleton.save_pretrained(folder, safe_serialization=True, state_dict=result.adapter_state_dict)
 
 
-def train_run(model, data, tokenizer, cfg, device: str, run_dir: str, fingerprint: dict, log=None) -> TrainResult:
+def train_run(
+    model, data, tokenizer, cfg, device: str, run_dir: str, fingerprint: dict, log=None, callbacks=None
+) -> TrainResult:
     """`train_adapter` as a flow run trains: the run's settings, its own run folder, loss logged to MLflow; sharded
-    with FSDP when `distributed.strategy` says so and this is one of several processes."""
+    with FSDP when `distributed.strategy` says so and this is one of several processes. `callbacks`: more Trainer
+    callbacks (a sweep trial's pruning check)."""
     return train_adapter(
         model,
         data,
@@ -337,4 +340,5 @@ def train_run(model, data, tokenizer, cfg, device: str, run_dir: str, fingerprin
         fingerprint=fingerprint,
         log=log,
         fsdp=cfg.distributed.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        extra_callbacks=callbacks,
     )

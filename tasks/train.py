@@ -25,16 +25,28 @@ from tasks.retries import retry_unless_input_error
     retry_condition_fn=retry_unless_input_error,
 )
 def train_adapter_task(
-    model, data, tokenizer, cfg: PipelineConfig, device: str, run_folder: RunFolder, source=None, prepared=None
+    model,
+    data,
+    tokenizer,
+    cfg: PipelineConfig,
+    device: str,
+    run_folder: RunFolder,
+    source=None,
+    prepared=None,
+    callbacks=None,
 ) -> TrainResult:
     """A retry (`training.task_retries`) continues from the newest complete checkpoint of this flow run's own
     folder, never from step 0 (one process: the failed attempt unloaded its adapter, so the same base is reused).
 
     `model` None: a distributed run. The processes train and rank 0 writes the adapter; the base is loaded here only
-    afterwards, with that adapter, for evaluation (the GPUs are the training processes' until then)."""
+    afterwards, with that adapter, for evaluation (the GPUs are the training processes' until then).
+
+    `callbacks`: more Trainer callbacks (a sweep trial's pruning check), in the flow's own process only."""
     log = get_run_logger()
     if model is not None:
-        return train_run(model, data, tokenizer, cfg, device, str(run_folder.path), run_folder.fingerprint, log)
+        return train_run(
+            model, data, tokenizer, cfg, device, str(run_folder.path), run_folder.fingerprint, log, callbacks
+        )
     active = mlflow.active_run()
     env = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
     if active is not None:

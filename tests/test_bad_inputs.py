@@ -257,3 +257,109 @@ def test_debug_flag_shows_traceback(tiny_llama_dir, tmp_path, capsys):
     path.write_text(yaml.safe_dump(config))
     assert main(["validate", "--config", str(path), "--debug"]) == 2
     assert "Traceback" in capsys.readouterr().err
+
+
+# --- sweep spaces: `qlora-flow sweep --space FILE` ----------------------------------------------------------------
+
+GOOD_SPACE = {"parameters": {"training.learning_rate": [1e-3, 3e-3]}, "metric": "finetuned_eval_loss"}
+
+
+def _space(**changes) -> dict:
+    return {**GOOD_SPACE, **changes}
+
+
+SPACE_CASES = {
+    "unknown config key": (
+        _space(parameters={"training.learning_rte": [1e-3, 3e-3]}),
+        "line 2, parameters.training.learning_rte: unknown config setting (did you mean 'training.learning_rate'?)",
+    ),
+    "bad distribution syntax": (
+        _space(parameters={"training.learning_rate": "logunifrom(1e-5, 1e-3)"}, method="random", n_trials=2),
+        "parameters.training.learning_rate: 'logunifrom(1e-5, 1e-3)' is not a distribution: write a list of values, "
+        "uniform(low, high)",
+    ),
+    "distribution with one bound": (
+        _space(parameters={"training.learning_rate": "loguniform(1e-5)"}, method="random", n_trials=2),
+        "loguniform takes two numbers, loguniform(low, high)",
+    ),
+    "log range from zero": (
+        _space(parameters={"training.learning_rate": "loguniform(0, 1e-3)"}, method="random", n_trials=2),
+        "a log scale needs low > 0",
+    ),
+    "n_trials below 1": (_space(n_trials=0), "n_trials: Input should be greater than or equal to 1 (got 0)"),
+    "grid larger than n_trials": (
+        _space(parameters={"lora.r": [4, 8, 16], "training.learning_rate": [1e-3, 3e-3]}, n_trials=4),
+        "n_trials: the grid has 6 combinations, larger than n_trials 4: drop n_trials",
+    ),
+    "range in a grid": (
+        _space(parameters={"training.learning_rate": "loguniform(1e-5, 1e-3)"}),
+        "loguniform(1e-05, 0.001) is a range, and method grid needs a list of values",
+    ),
+    "random without n_trials": (_space(method="random"), "n_trials: required for method random"),
+    "value that makes an invalid config": (
+        _space(parameters={"lora.r": [0, 8]}),
+        "parameters.lora.r: value 0 makes an invalid config: lora.r: Input should be greater than 0",
+    ),
+    "combination that makes an invalid config": (
+        _space(parameters={"training.bf16": [False, True], "quantization.compute_dtype": ["float32", "float16"]}),
+        "the combination {'training.bf16': True, 'quantization.compute_dtype': 'float16'} makes an invalid config: "
+        "training.bf16 is true but quantization.compute_dtype is float16",
+    ),
+    "setting that is not a hyperparameter": (
+        _space(parameters={"data.source": ["bundled:orders", "other.jsonl"]}),
+        "parameters.data.source: not a setting a sweep varies",
+    ),
+    "single value instead of a search": (
+        _space(parameters={"lora.r": 8}),
+        "parameters.lora.r: 8 is one value, not a search: put it under overrides:",
+    ),
+    "unknown top-level key": (_space(n_trails=4), "line 6, n_trails: unknown key (did you mean 'n_trials'?)"),
+    "pruning on a metric that rises": (
+        _space(metric="finetuned_exact_match", pruning={"pruner": "median"}),
+        "pruning.pruner: median compares the eval loss trials report while they train",
+    ),
+    "unknown metric": (_space(metric="accuracy"), "metric: 'accuracy' is not a metric every trial logs"),
+    "bad override": (
+        _space(overrides={"training.max_step": 4}),
+        "line 7, overrides.training.max_step: unknown key (did you mean 'training.max_steps'?)",
+    ),
+}
+
+
+def _run_sweep(tiny_llama_dir, tmp_path, space_text: str, capsys) -> tuple[int, str]:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(tiny_llama_dir, tmp_path)))
+    space = tmp_path / "space.yaml"
+    space.write_text(space_text)
+    code = main(["sweep", "--config", str(config), "--space", str(space)])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", list(SPACE_CASES))
+def test_bad_sweep_space_exits_2_naming_file_field_and_line(case, tiny_llama_dir, tmp_path, capsys):
+    space, expected = SPACE_CASES[case]
+    code, err = _run_sweep(tiny_llama_dir, tmp_path, yaml.safe_dump(space, sort_keys=False), capsys)
+
+    assert code == 2
+    message = err[err.rindex("error: ") :]
+    assert f"invalid sweep space in {tmp_path / 'space.yaml'}" in message and expected in message
+    assert "Traceback" not in err and len(message.splitlines()) <= 8
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "out").exists()  # nothing written
+
+
+def test_sweep_space_yaml_error_and_missing_file_exit_2(tiny_llama_dir, tmp_path, capsys):
+    code, err = _run_sweep(tiny_llama_dir, tmp_path, "parameters:\n  lora.r: [4, 8\n", capsys)
+    assert code == 2 and "line 3, column 1: YAML syntax error" in err
+    config = tmp_path / "tiny.yaml"
+    assert main(["sweep", "--config", str(config), "--space", str(tmp_path / "none.yaml")]) == 2
+    assert "none.yaml not found" in capsys.readouterr().err
+
+
+def test_sweep_stops_at_preflight_before_weights_or_records(tiny_llama_dir, tmp_path, capsys):
+    """A space whose trials' data cannot train (every row longer than max_seq_length) passes the schema, and the
+    sweep's preflight stops it: exit 2, no MLflow run, no sweep folder, nothing registered."""
+    space = yaml.safe_dump(_space(overrides={"training.max_seq_length": 8}))
+    code, err = _run_sweep(tiny_llama_dir, tmp_path, space, capsys)
+    assert code == 2 and "every training row is longer than training.max_seq_length 8" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "out" / "sweeps").exists()

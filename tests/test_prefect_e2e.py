@@ -167,3 +167,52 @@ def test_deployments_run_on_demand_and_on_dataset_event(prefect_stack, tiny_conf
         assert ARTIFACT_KEYS <= set(_artifacts(client, runs[0].id))
         summary = _artifacts(client, runs[0].id)["qlora-summary"].data
         assert str(data_file) in summary
+
+
+def test_sweep_deployment_spreads_trials_over_the_worker_as_finetune_deployment_runs(
+    prefect_stack, tiny_config_file, tmp_path
+):
+    """The `qlora-sweep` deployment with a 2-trial space: each trial a run of qlora-finetune/qlora-default that the
+    worker picks up (a subflow run of the sweep), two at once because the GPU limit has two slots; the best one
+    registered; the sweep's summary artifact lists both."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    api, _ = prefect_stack
+    raw = yaml.safe_load(tiny_config_file.read_text())
+    raw["training"].update(gpu_concurrency_limit="gpu-e2e", gpu_slots=1)
+    raw["registry"] = {"model_name": "tiny-deployed-sweep", "max_new_tokens": 8}
+    tiny_config_file.write_text(yaml.safe_dump(raw))
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"parameters": {"lora.r": [4, 8]}, "metric": "finetuned_eval_loss"}))
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="gpu-e2e", limit=2))
+        deployment = client.read_deployment_by_name("qlora-sweep/qlora-sweep")
+        assert deployment.parameters["trial_deployment"] == "qlora-finetune/qlora-default"
+        flow_run = client.create_flow_run_from_deployment(
+            deployment.id, parameters={"config_path": str(tiny_config_file), "space_path": str(space)}
+        )
+        run = _wait_final(client, flow_run.id, timeout_s=600)
+        assert run.state.is_completed(), (tmp_path / "worker.log").read_text()[-4000:]
+        trials_deployment = client.read_deployment_by_name("qlora-finetune/qlora-default")
+        trials = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[trials_deployment.id]))
+        )
+        assert len(trials) == 2 and all(t.state.is_completed() for t in trials)
+        for trial in trials:  # subflow runs of the sweep, through its run-trial tasks
+            assert client.read_task_run(trial.parent_task_run_id).flow_run_id == flow_run.id
+            assert trial.parameters["trial"]["study_name"] and "config" in trial.parameters
+        (first, second) = sorted(trials, key=lambda t: t.start_time)
+        assert second.start_time < first.end_time  # two slots: the worker ran them at the same time
+        summary = _artifacts(client, flow_run.id)["qlora-sweep-summary"].data
+    assert "**0 (best)**" in summary or "**1 (best)**" in summary
+    mlflow = MlflowClient(raw["tracking"]["tracking_uri"])
+    version = mlflow.get_model_version_by_alias("tiny-deployed-sweep", "champion")
+    best = mlflow.get_run(version.run_id)
+    parent = mlflow.get_run(best.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["prefect.flow_run_id"] == str(flow_run.id) and parent.info.status == "FINISHED"
+    assert best.data.tags["prefect.flow_run_id"] in {str(t.id) for t in trials}

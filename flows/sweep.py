@@ -1,0 +1,103 @@
+"""The sweep flow: many fine-tunes of one config, varying what a space file says; the best one registered.
+
+    qlora-flow sweep --config pipeline_config/default.yaml --space pipeline_config/sweeps/default-space.yaml
+    prefect deployment run qlora-sweep/qlora-sweep          (prefect.yaml's deployment: trials on the workers)
+
+Steps, in order (tasks/sweep.py over qlora/sweep.py; the preparation steps are the finetune flow's):
+  validate-sweep (config + space, every problem with its line) -> resolve-model-source -> setup-tokenizer ->
+  prepare-dataset -> open-prepared-dataset -> preflight -> plan-trial-slots -> claim-sweep-folder (this sweep's
+  own folder, locked: a crashed sweep of the same config and space is continued) -> [MLflow parent run] open-study
+  -> run-trial x n_trials (each a `qlora-finetune` flow run: a subflow here, or a run of `trial_deployment` on a
+  worker; at most as many at once as the GPU slots allow; a failed trial is recorded and the sweep goes on) ->
+  register-best-trial (champion rule) -> log-sweep-results -> publish-sweep-summary -> finish-sweep
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from prefect import flow
+
+from flows.finetune import finetune
+from pipeline_config.schema import PipelineConfig
+from qlora.model import pick_device
+from qlora.registry import default_model_name
+from tasks.config import resolve_model_source_task
+from tasks.dataset import open_prepared_dataset_task, prepare_dataset_task
+from tasks.preflight import preflight_task
+from tasks.sweep import (
+    claimed_sweep_folder,
+    finish_sweep_task,
+    log_sweep_results_task,
+    open_study_task,
+    plan_trial_slots_task,
+    publish_sweep_summary_task,
+    register_best_trial_task,
+    run_trials,
+    sweep_parent_run,
+    validate_sweep_task,
+)
+from tasks.tokenizer import setup_tokenizer_task
+
+
+@flow(name="qlora-sweep")
+def sweep(
+    config_path: str = "pipeline_config/default.yaml",
+    space_path: str = "pipeline_config/sweeps/default-space.yaml",
+    overrides: list[str] | None = None,
+    resume: Literal["auto", "never"] = "auto",
+    resume_dir: str | None = None,
+    trial_deployment: str | None = None,
+    config: PipelineConfig | None = None,
+) -> dict:
+    """Run the trials of `space_path` on `config_path`, register the best one; returns the trials and the best.
+
+    Args:
+        config_path: the config every trial starts from, relative to the working folder.
+        space_path: the search space (pipeline_config/sweep.py says what it holds).
+        overrides: `section.key=value` overrides of the config, validated with it.
+        resume: 'auto' continues the newest unfinished sweep of the same config and space that no live process
+            holds (its finished trials are not run again); 'never' always starts a new sweep.
+        resume_dir: continue this sweep folder (refused if it is another sweep's).
+        trial_deployment: run each trial as a flow run of this finetune deployment ('flow/deployment', e.g.
+            qlora-finetune/qlora-default), picked up by workers; unset: as subflows in this process.
+        config: an already validated config; `config_path` and `overrides` are then not read.
+    """
+    space = validate_sweep_task(config, config_path, overrides, space_path)
+    cfg = space.base
+    device = pick_device(cfg.training.device)
+    source = resolve_model_source_task(cfg.model)
+    tokenizer = setup_tokenizer_task(source, cfg.tokenizer, needs_chat_template=False)
+    prepared = prepare_dataset_task(cfg.data, tokenizer, cfg.training)
+    data = open_prepared_dataset_task(prepared, cfg.data)
+    # Bad input stops the sweep here, before any weights load and before anything is written.
+    preflight_task(cfg, source, data, tokenizer, device)
+    parallel = plan_trial_slots_task(space, trial_deployment)
+    with (
+        claimed_sweep_folder(space, data.digest, source.digest or "", resume, resume_dir) as folder,
+        sweep_parent_run(space, folder) as parent,
+    ):
+        study = open_study_task(space, folder)
+        run_trials(study, space, folder, parent, finetune, trial_deployment, parallel)
+        decision = register_best_trial_task(study, space, folder, source)
+        rows = log_sweep_results_task(study, space, decision)
+        publish_sweep_summary_task(space, study, rows, folder, parent, decision)
+        finish_sweep_task(study, folder)
+    return {
+        "trials": rows,
+        "best": next((r for r in rows if r["best"]), None),
+        "metric": space.metric,
+        "greater_is_better": space.greater_is_better,
+        "sweep_dir": str(folder.path),
+        "sweep_dir_reason": folder.reason,
+        "mlflow_run_id": parent.info.run_id,
+        "mlflow_experiment_id": parent.info.experiment_id,
+        "registry": decision.__dict__ if decision else None,
+        "registered_model": cfg.registry.model_name or default_model_name(cfg),
+    }
+
+
+if __name__ == "__main__":
+    from flows.cli import main
+
+    raise SystemExit(main(["sweep", *__import__("sys").argv[1:]]))

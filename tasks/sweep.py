@@ -1,0 +1,323 @@
+"""Steps of the sweep flow (flows/sweep.py) over qlora/sweep.py and qlora/sweep_report.py, and `run_trials`, which
+fans the trials out as `run-trial` task runs, each a flow run of `qlora-finetune`: a subflow in this process, or a
+run of a finetune deployment that a worker picks up (`trial_deployment`). At most as many trials are in flight as
+the GPU slots allow; each trial's flow run also holds its slots itself (tasks/gpu_slots.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+from prefect import get_run_logger, tags, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.runtime import flow_run
+
+from pipeline_config.schema import PipelineConfig, load_pipeline_config
+from pipeline_config.sweep import SweepSpace, load_sweep_space
+from qlora.errors import PipelineInputError
+from qlora.report import mlflow_run_url
+from qlora.run_folder import RunFolder, mark_finished
+from qlora.sweep import (
+    SweepTrial,
+    TrialFailed,
+    TrialOutcome,
+    TrialSpec,
+    ask_trial,
+    best_trial,
+    claim_sweep_folder,
+    close_interrupted_trial_run,
+    interrupted_trials,
+    open_study,
+    parent_params,
+    record_trial,
+    register_best_trial,
+    start_trial_run,
+    sweep_fingerprint,
+    trial_config,
+    trial_outcome,
+    trials_to_ask,
+)
+from qlora.sweep_report import SPACE_ARTIFACT, log_sweep_results, results_markdown
+from qlora.tracking import resolve_tracking_uri, tracking_run
+
+SWEEP_SUMMARY_ARTIFACT_KEY = "qlora-sweep-summary"
+SWEEP_MLFLOW_LINK_KEY = "qlora-sweep-mlflow-run"
+
+
+@task(name="validate-sweep", cache_policy=NO_CACHE, persist_result=False)
+def validate_sweep_task(
+    config: PipelineConfig | None, config_path: str | None, overrides: list[str] | None, space_path: str
+) -> SweepSpace:
+    """The config (`config` as given, else the file with its overrides) and the space file checked against it.
+    Raises ConfigError / SweepSpaceError listing every problem."""
+    return load_sweep_space(space_path, config or load_pipeline_config(config_path, overrides))
+
+
+@task(name="plan-trial-slots", cache_policy=NO_CACHE, persist_result=False)
+def plan_trial_slots_task(space: SweepSpace, trial_deployment: str | None) -> int:
+    """How many trials may be in flight. In this process: one (they would share its CPUs / GPU). Through a
+    deployment: `max_parallel_trials`, at most as many as the GPU concurrency limit has slots for (each trial holds
+    `training.gpu_slots`). Raises PipelineInputError if the deployment does not exist."""
+    log = get_run_logger()
+    if not trial_deployment:
+        log.info("trials run one after another as subflows of this flow run")
+        return 1
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    t = space.base.training
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(trial_deployment)
+        except ObjectNotFound:
+            raise PipelineInputError(
+                f"trial deployment {trial_deployment!r} not found on the Prefect server: deploy it (make deploy, or "
+                "qlora-flow serve) or run the trials in this process (no --trial-deployment)"
+            ) from None
+        try:
+            limit = client.read_global_concurrency_limit_by_name(t.gpu_concurrency_limit).limit if t.gpu_slots else None
+        except ObjectNotFound:
+            limit = None
+    wanted = space.config.max_parallel_trials
+    if limit is None:
+        parallel = wanted or 1
+        why = "no GPU concurrency limit to bound it" if t.gpu_slots else "trials take no GPU slots"
+    else:
+        slots = max(1, limit // t.gpu_slots)
+        parallel = min(wanted or slots, slots)
+        why = f"{limit} slot(s) of {t.gpu_concurrency_limit!r}, {t.gpu_slots} per trial"
+    log.info("up to %d trial(s) at once through deployment %r (%s)", parallel, trial_deployment, why)
+    return parallel
+
+
+@task(name="claim-sweep-folder", cache_policy=NO_CACHE, persist_result=False)
+def claim_sweep_folder_task(
+    space: SweepSpace, data_digest: str, model_digest: str, resume: str | None, resume_dir: str | None
+) -> RunFolder:
+    name = flow_run.name or f"local-{os.getpid()}"
+    fingerprint = sweep_fingerprint(space, data_digest, model_digest)
+    identity = {"flow_run_id": str(flow_run.id or ""), "flow_run_name": name}
+    folder = claim_sweep_folder(space, fingerprint, name, identity, resume, resume_dir)
+    get_run_logger().info("sweep folder %s (%s)", folder.path, folder.reason)
+    return folder
+
+
+@contextlib.contextmanager
+def claimed_sweep_folder(space, data_digest: str, model_digest: str, resume, resume_dir) -> Iterator[RunFolder]:
+    """The sweep's folder, held until the flow ends (or by the kernel, if the process dies)."""
+    folder = claim_sweep_folder_task(space, data_digest, model_digest, resume, resume_dir)
+    try:
+        yield folder
+    finally:
+        folder.release()
+
+
+@contextlib.contextmanager
+def sweep_parent_run(space: SweepSpace, folder: RunFolder) -> Iterator:
+    """The sweep's MLflow parent run (the space and shared config as params; no system metrics, the trials have
+    theirs): the run an interrupted attempt of this sweep opened, continued, else a new one. FAILED / KILLED if the
+    flow fails."""
+    name = f"sweep-{folder.path.name}"
+    tracking = space.base.tracking.model_copy(update={"run_name": name})
+    cfg = space.base.model_copy(update={"tracking": tracking})
+    run_tags = {
+        "prefect.flow_run_id": str(flow_run.id or "none"),
+        "sweep.name": folder.path.name,
+        "sweep.dir": str(folder.path.resolve()),
+        "sweep.space_file": space.source,
+    }
+    previous = folder.continues_mlflow_run_id
+    with tracking_run(cfg, run_tags, run_id=previous, params=parent_params(space), system_metrics=False) as run:
+        if run.info.run_id != previous:
+            folder.record_mlflow_run(run.info.run_id)
+        import mlflow
+
+        mlflow.log_text(space.text, SPACE_ARTIFACT)
+        yield run
+
+
+@task(name="open-study", cache_policy=NO_CACHE, persist_result=False)
+def open_study_task(space: SweepSpace, folder: RunFolder) -> optuna.Study:
+    study = open_study(space, folder.path)
+    done = len(study.get_trials(deepcopy=False))
+    get_run_logger().info("Optuna study %s: %d of %d trial(s) started before", study.study_name, done, space.n_trials)
+    return study
+
+
+@task(name="run-trial", cache_policy=NO_CACHE, persist_result=False)
+def run_trial_task(
+    number: int, cfg: PipelineConfig, trial: SweepTrial, metric: str, trial_flow, trial_deployment: str | None
+) -> TrialOutcome:
+    """Trial `number` as a flow run of `qlora-finetune` named `<sweep flow run>-trial-<number>`: a subflow here, or
+    a run of `trial_deployment` on a worker (a subflow of this flow run too); waits for it. Raises TrialFailed when
+    it fails (this task run then shows Failed; the sweep records the trial and goes on)."""
+    log = get_run_logger()
+    name = f"{flow_run.name or 'sweep'}-trial-{number}"
+    if trial_deployment:
+        from prefect.deployments import run_deployment
+
+        parameters = {"config": cfg.model_dump(mode="json"), "trial": trial.model_dump(mode="json")}
+        run = run_deployment(
+            trial_deployment, parameters=parameters, flow_run_name=name, tags=["sweep", trial.study_name], timeout=None
+        )
+        state, flow_run_id = run.state, str(run.id)
+    else:
+        with tags("sweep", trial.study_name):
+            state = trial_flow.with_options(flow_run_name=name)(config=cfg, trial=trial, return_state=True)
+        flow_run_id = str(state.state_details.flow_run_id)
+    failure = None if state is not None and state.is_completed() else f"flow run {state.name}: {state.message}"
+    outcome = trial_outcome(number, trial.mlflow_run_id, metric, flow_run_id, failure)
+    if outcome.state == "FAIL":
+        raise TrialFailed(outcome)
+    log.info("trial %d %s: %s %.4f", number, outcome.state, metric, outcome.value)
+    return outcome
+
+
+def _ended(future, spec: TrialSpec, run_id: str, metric: str) -> TrialOutcome:
+    result = future.result(raise_on_failure=False)
+    if isinstance(result, TrialOutcome):
+        return result
+    if isinstance(result, TrialFailed):
+        return result.outcome
+    # The task itself broke (e.g. the tracking store was unreachable): the trial failed all the same.
+    return trial_outcome(spec.number, run_id, metric, None, f"{type(result).__name__}: {result}")
+
+
+def run_trials(
+    study: optuna.Study,
+    space: SweepSpace,
+    folder: RunFolder,
+    parent_run,
+    trial_flow,
+    trial_deployment: str | None,
+    parallel: int,
+) -> None:
+    """Run the sweep's trials until `n_trials` have finished: first those an interrupted attempt left RUNNING, then
+    new ones from the sampler; at most `parallel` `run-trial` task runs at once, each told to the study as it ends
+    (COMPLETE, PRUNED or FAIL: a failed trial never fails the sweep) and the parent run's results refreshed."""
+    log = get_run_logger()
+    again = interrupted_trials(study, folder.path)
+    for spec in again:
+        close_interrupted_trial_run(spec.previous_run_id)
+        log.info("trial %d was interrupted by a crash: running it again with %s", spec.number, spec.params)
+    in_flight: dict = {}
+    while True:
+        while len(in_flight) < parallel:
+            if again:
+                spec = again.pop(0)
+            elif trials_to_ask(study, space, len(in_flight)):
+                spec = ask_trial(study, space)
+            else:
+                break
+            cfg = trial_config(space, spec.params, folder.path, spec.number)
+            run_id = start_trial_run(parent_run.info.experiment_id, parent_run.info.run_id, spec, cfg, folder.path.name)
+            trial = SweepTrial(
+                sweep_dir=str(folder.path.resolve()),
+                study_name=study.study_name,
+                number=spec.number,
+                mlflow_run_id=run_id,
+                pruning=space.config.pruning,
+            )
+            log.info("trial %d: %s (MLflow run %s)", spec.number, spec.params, run_id)
+            run = run_trial_task.with_options(task_run_name=f"run-trial-{spec.number}")
+            in_flight[run.submit(spec.number, cfg, trial, space.metric, trial_flow, trial_deployment)] = (spec, run_id)
+        if not in_flight:
+            return
+        done = next(as_completed(list(in_flight)))
+        spec, run_id = in_flight.pop(done)
+        outcome = _ended(done, spec, run_id, space.metric)
+        record_trial(study, spec, outcome)
+        if outcome.state == "FAIL":
+            log.warning("trial %d FAILED (recorded; the sweep goes on): %s", spec.number, outcome.error)
+        elif outcome.state == "PRUNED":
+            log.info("trial %d PRUNED at step %d", spec.number, outcome.pruned_at_step)
+        log_sweep_results(study, space)
+
+
+@task(name="register-best-trial", cache_policy=NO_CACHE, persist_result=False)
+def register_best_trial_task(study: optuna.Study, space: SweepSpace, folder: RunFolder, source):
+    """The best trial's adapter as a model version, champion by the usual rule; None when no trial completed or
+    the config turns the registry off."""
+    best = best_trial(study)
+    log = get_run_logger()
+    if best is None or not space.base.registry.enabled:
+        log.info("nothing registered: %s", "no trial completed" if best is None else "registry.enabled is false")
+        return None
+    decision = register_best_trial(space, folder.path, best, source)
+    role = "champion" if decision.became_champion else "challenger"
+    log.info("best trial %d registered as version %s: %s (%s)", best.number, decision.version, role, decision.reason)
+    return decision
+
+
+def registered_line(space: SweepSpace, study: optuna.Study, decision) -> str | None:
+    if decision is None:
+        return None
+    from qlora.registry import default_model_name
+
+    name = space.base.registry.model_name or default_model_name(space.base)
+    role = "champion" if decision.became_champion else "challenger"
+    best = best_trial(study)
+    return (
+        f"Registry: trial {best.number}'s adapter is `{name}` version {decision.version}, **{role}** "
+        f"({decision.reason})."
+    )
+
+
+@task(name="log-sweep-results", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=[5, 30])
+def log_sweep_results_task(study: optuna.Study, space: SweepSpace, decision) -> list[dict]:
+    """The final results table, plot and counts on the parent run. Retried: the store can fail transiently."""
+    return log_sweep_results(study, space, registered_line(space, study, decision))
+
+
+@task(name="publish-sweep-summary", cache_policy=NO_CACHE, persist_result=False)
+def publish_sweep_summary_task(
+    space: SweepSpace, study: optuna.Study, rows: list[dict], folder: RunFolder, parent_run, decision
+) -> str:
+    """Prefect artifacts of the sweep: the trials as a markdown table with the best one marked, and a link to the
+    MLflow parent run."""
+    uri = resolve_tracking_uri(space.base.tracking)
+    markdown = "\n".join(
+        [
+            f"# Sweep of `{space.base.model.name_or_path}` on `{space.base.data.source}`",
+            f"- space: `{space.source}`; sweep folder: `{folder.path}`",
+            f"- MLflow parent run: `{parent_run.info.run_id}` (each trial a child run)",
+            "",
+            results_markdown(rows, space, registered_line(space, study, decision)),
+        ]
+    )
+    create_markdown_artifact(markdown=markdown, key=SWEEP_SUMMARY_ARTIFACT_KEY, description="trials, best marked")
+    url = mlflow_run_url(uri, parent_run.info.experiment_id, parent_run.info.run_id)
+    create_link_artifact(link=url, link_text=f"MLflow sweep run {parent_run.info.run_id}", key=SWEEP_MLFLOW_LINK_KEY)
+    return markdown
+
+
+class SweepFailed(RuntimeError):
+    """No trial of the sweep completed."""
+
+
+@task(name="finish-sweep", cache_policy=NO_CACHE, persist_result=False)
+def finish_sweep_task(study: optuna.Study, folder: RunFolder) -> None:
+    """Mark the sweep folder finished (never continued: its trials are all told). Raises SweepFailed when no trial
+    completed, so the sweep's flow run ends Failed."""
+    mark_finished(folder.path)
+    if best_trial(study) is None:
+        states = [t.state.name for t in study.get_trials(deepcopy=False)]
+        raise SweepFailed(
+            f"no trial of sweep {Path(folder.path).name} completed ({', '.join(states)}): see its summary; nothing "
+            "was registered"
+        )
+
+
+@task(name="prepare-trial-pruning", cache_policy=NO_CACHE, persist_result=False)
+def prepare_trial_pruning_task(trial: SweepTrial, data, tokenizer, cfg: PipelineConfig) -> list:
+    """In a sweep's trial (the finetune flow): the Trainer callback that reports the eval loss to the sweep's study
+    every few steps and stops the trial when the pruner judges it hopeless (none when the sweep does not prune)."""
+    from qlora.sweep import trial_callbacks
+
+    # get_run_logger, called when the callback logs: the train-adapter step's run log
+    return trial_callbacks(trial, data, tokenizer, cfg, get_run_logger)
