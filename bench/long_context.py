@@ -39,6 +39,7 @@ from transformers import TrainerCallback
 
 from bench.run import _free, architecture, build_model_dir, project_config, synthetic_tokenizer
 from bench.settings import BenchConfig
+from qlora.files import write_text_atomic
 
 DEFAULT_LENGTHS = (32768, 65536, 131072, 196608, 262144, 327680, 393216, 458752, 524288)
 
@@ -187,9 +188,7 @@ def write_report(cfg: BenchConfig, arch: dict, device: str, rows: list[dict]) ->
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("max-context.json", json.dumps(report, indent=1)), ("max-context.md", markdown(report))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        write_text_atomic(out / name, text)
     return report
 
 

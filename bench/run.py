@@ -62,7 +62,7 @@ from bench.settings import (  # noqa: F401
     BenchConfig,
 )
 from qlora.distributed import gather_per_rank
-from qlora.files import atomic_folder
+from qlora.files import atomic_folder, write_text_atomic
 from qlora.integrations.liger import restore_llama_rope
 
 # Dense bf16 tensor-core peaks from the datasheets (no sparsity), by device-name fragment.
@@ -900,9 +900,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for fname, text in (("bench.json", json.dumps(report, indent=1)), ("bench.md", markdown_table(report))):
-        tmp = out / f".{fname}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / fname)
+        write_text_atomic(out / fname, text)
     return report
 
 

@@ -215,7 +215,21 @@ def bench_command(args) -> int:
         from bench.run import launch_distributed_bench
 
         return launch_distributed_bench(args.num_processes, sys.argv[1:])
-    cfg = BenchConfig(
+    report = run_bench(_bench_config(args, geometry))
+    if not report:  # a distributed bench's other ranks: rank 0 reports
+        return 0
+    from bench.run import markdown_table
+
+    print(markdown_table(report), end="")
+    print(f"written: {args.out_dir}/bench.json, {args.out_dir}/bench.md")
+    return 0 if not any(v["error"] for v in report["variants"]) else 1
+
+
+def _bench_config(args, geometry: dict):
+    """One bench invocation's settings from its command line (both the variants and --max-context read them)."""
+    from bench.settings import BenchConfig
+
+    return BenchConfig(
         model=args.model,
         device=args.device,
         steps=args.steps,
@@ -235,19 +249,10 @@ def bench_command(args) -> int:
         unsloth_site=args.unsloth_site,
         unsloth_python=args.unsloth_python,
     )
-    report = run_bench(cfg)
-    if not report:  # a distributed bench's other ranks: rank 0 reports
-        return 0
-    from bench.run import markdown_table
-
-    print(markdown_table(report), end="")
-    print(f"written: {args.out_dir}/bench.json, {args.out_dir}/bench.md")
-    return 0 if not any(v["error"] for v in report["variants"]) else 1
 
 
 def max_context_command(args, geometry: dict) -> int:
     from bench.long_context import DEFAULT_LENGTHS, markdown, run_max_context, use_expandable_segments
-    from bench.settings import BenchConfig
 
     if args.num_processes > 1:
         raise PipelineInputError("bench --max-context measures one GPU: drop --num-processes")
@@ -261,17 +266,7 @@ def max_context_command(args, geometry: dict) -> int:
     if not lengths or min(lengths) < 16:
         raise PipelineInputError("bench --context-lengths: each length must be at least 16 tokens")
     use_expandable_segments()
-    cfg = BenchConfig(
-        model=args.model,
-        device=args.device,
-        **geometry,
-        learning_rate=args.learning_rate,
-        project_overrides=tuple(args.project_set),
-        model_dir=args.model_dir,
-        out_dir=args.out_dir,
-        num_layers=args.num_layers,
-    )
-    report = run_max_context(cfg, lengths)
+    report = run_max_context(_bench_config(args, geometry), lengths)
     print(markdown(report), end="")
     print(f"written: {args.out_dir}/max-context.json, {args.out_dir}/max-context.md")
     return 0 if report["longest_document_tokens"] else 1

@@ -41,6 +41,20 @@ from tasks.tracking import log_dataset_task, log_results_task, mlflow_run_of_flo
 from tasks.train import train_adapter_task
 
 
+def prepare_inputs(cfg: PipelineConfig, device: str):
+    """The steps every run of `cfg` starts with (this flow's and the sweep's): resolve-model-source ->
+    setup-tokenizer -> prepare-dataset (cached) -> open-prepared-dataset -> preflight. Bad input stops the run
+    there, before any weights load and before an MLflow run or anything else is written. Returns (model source,
+    tokenizer, prepared dataset reference, opened dataset splits)."""
+    source = resolve_model_source_task(cfg.model)
+    # The tokenizer comes before the data: it is part of the prepared dataset's cache key.
+    tokenizer = setup_tokenizer_task(source, cfg.tokenizer, needs_chat_template=False)
+    prepared = prepare_dataset_task(cfg.data, tokenizer, cfg.training)
+    data = open_prepared_dataset_task(prepared, cfg.data)
+    preflight_task(cfg, source, data, tokenizer, device)
+    return source, tokenizer, prepared, data
+
+
 @flow(name="qlora-finetune")
 def finetune(
     config_path: str = "pipeline_config/default.yaml",
@@ -65,13 +79,7 @@ def finetune(
     """
     cfg = validate_config_task(config, config_path, overrides, data_source)
     device = pick_device(cfg.training.device)
-    source = resolve_model_source_task(cfg.model)
-    # The tokenizer comes before the data: it is part of the prepared dataset's cache key.
-    tokenizer = setup_tokenizer_task(source, cfg.tokenizer, needs_chat_template=False)
-    prepared = prepare_dataset_task(cfg.data, tokenizer, cfg.training)
-    data = open_prepared_dataset_task(prepared, cfg.data)
-    # Bad input stops the run here, before any weights load and before an MLflow run exists.
-    preflight_task(cfg, source, data, tokenizer, device)
+    source, tokenizer, prepared, data = prepare_inputs(cfg, device)
     callbacks = prepare_trial_pruning_task(trial, data, tokenizer, cfg) if trial else None
     with mlflow_run_of_flow_run(cfg, trial.mlflow_run_id if trial else None) as run:
         log_dataset_task(data)

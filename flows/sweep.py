@@ -18,13 +18,10 @@ from typing import Literal
 
 from prefect import flow
 
-from flows.finetune import finetune
+from flows.finetune import finetune, prepare_inputs
 from pipeline_config.schema import PipelineConfig
 from qlora.model import pick_device
 from qlora.registry import default_model_name
-from tasks.config import resolve_model_source_task
-from tasks.dataset import open_prepared_dataset_task, prepare_dataset_task
-from tasks.preflight import preflight_task
 from tasks.sweep import (
     claimed_sweep_folder,
     finish_sweep_task,
@@ -37,7 +34,6 @@ from tasks.sweep import (
     sweep_parent_run,
     validate_sweep_task,
 )
-from tasks.tokenizer import setup_tokenizer_task
 
 
 @flow(name="qlora-sweep")
@@ -66,12 +62,7 @@ def sweep(
     space = validate_sweep_task(config, config_path, overrides, space_path)
     cfg = space.base
     device = pick_device(cfg.training.device)
-    source = resolve_model_source_task(cfg.model)
-    tokenizer = setup_tokenizer_task(source, cfg.tokenizer, needs_chat_template=False)
-    prepared = prepare_dataset_task(cfg.data, tokenizer, cfg.training)
-    data = open_prepared_dataset_task(prepared, cfg.data)
-    # Bad input stops the sweep here, before any weights load and before anything is written.
-    preflight_task(cfg, source, data, tokenizer, device)
+    source, _, _, data = prepare_inputs(cfg, device)  # the finetune flow's first steps, preflight included
     parallel = plan_trial_slots_task(space, trial_deployment)
     with (
         claimed_sweep_folder(space, data.digest, source.digest or "", resume, resume_dir) as folder,
