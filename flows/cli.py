@@ -110,7 +110,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", help="show tracebacks")
         if name == "merge":
             p.add_argument("--output", required=True, help="new folder for the merged model")
-            p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="merged weights' dtype")
+            p.add_argument(
+                "--dtype",
+                choices=["auto", "bf16", "fp16", "fp32"],
+                default="auto",
+                help="merged weights' dtype (default: auto, the base model's own dtype)",
+            )
             p.add_argument("--max-loss-change-pct", type=float, default=1.0, help="allowed eval-loss change, %%")
             p.add_argument("--min-agreement", type=float, default=0.9, help="greedy answers that must agree (0-1)")
             continue
@@ -127,8 +132,15 @@ def _parser() -> argparse.ArgumentParser:
         if name == "generate":
             p.add_argument("--output", default=None, help="JSONL answers for --prompts (default: FILE.out.jsonl)")
         else:
-            p.add_argument("--out-dir", default="compare-results", help="compare.jsonl and compare.md go here")
+            p.add_argument(
+                "--out-dir", default="compare-results", help="new (or empty) folder for compare.jsonl and compare.md"
+            )
             p.add_argument("--mlflow-run", default=None, help="also log the report to this MLflow run")
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace the output this command wrote there earlier (never anything else)",
+        )
     p = sub.add_parser("serve", help="serve the prefect.yaml deployments from this process (no worker needed)")
     p.add_argument("--include-gpu", action="store_true", help="also serve the GPU (Llama-2) deployment")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -281,8 +293,12 @@ def _tracking_uri(explicit: str | None) -> str:
 
 def promote_command(name: str, version: str, reason: str, tracking_uri: str | None) -> int:
     from qlora.registry import promote
+    from qlora.services import tracking_store_problem
 
-    promote(name, version, reason, _tracking_uri(tracking_uri))
+    uri = _tracking_uri(tracking_uri)
+    if problem := tracking_store_problem(uri):  # MLflow's client would retry for minutes
+        raise PipelineInputError(problem)
+    promote(name, version, reason, uri)
     print(f"{name} v{version} is now champion ({reason})")
     return 0
 
@@ -320,13 +336,16 @@ def generate_command(args) -> int:
     import json
     from pathlib import Path
 
-    from qlora.files import write_text_atomic
-    from qlora.inference import as_prompt, generate_texts
+    from qlora.files import check_output_target, write_text_atomic
+    from qlora.inference import as_prompt, generate_texts, is_answers_file
 
     settings = _sampling(args)
     prompts, rows = _prompts(args)
     if not prompts:
         raise PipelineInputError("generate needs --prompt TEXT (repeatable) or --prompts FILE.jsonl")
+    output = Path(args.output or Path(args.prompts).with_suffix(".out.jsonl")) if rows is not None else None
+    if output is not None:  # before the model loads
+        check_output_target(output, "--output", False, args.overwrite, is_answers_file)
     loaded = _load(args)
     asked = [as_prompt(p, loaded.has_chat_template) for p in prompts]
     if rows is None and len(asked) == 1:
@@ -346,7 +365,6 @@ def generate_command(args) -> int:
 
     with tqdm(total=len(asked), desc="generating", unit="prompt", file=sys.stderr) as bar:
         answers = generate_texts(loaded.model, loaded.tokenizer, asked, settings, args.batch_size, on_batch=bar.update)
-    output = Path(args.output or Path(args.prompts).with_suffix(".out.jsonl"))
     write_text_atomic(output, "".join(json.dumps(r | {"output": a}) + "\n" for r, a in zip(rows, answers, strict=True)))
     print(f"{len(answers)} answers written to {output}")
     return 0
@@ -363,15 +381,22 @@ def compare_command(args) -> int:
     import shutil
     from pathlib import Path
 
-    from qlora.compare import compare, format_table, write_report
+    from qlora.compare import check_report_folder, compare, format_table, write_report
 
     settings = _sampling(args)
     prompts, _ = _prompts(args)
+    check_report_folder(Path(args.out_dir), args.overwrite)  # before the model loads
     loaded = _load(args)
     rows = compare(loaded, prompts, settings, args.batch_size)
     print(format_table(rows, width=shutil.get_terminal_size((120, 20)).columns))
     out = write_report(
-        rows, Path(args.out_dir), args.model, settings, args.mlflow_run, _tracking_uri(args.tracking_uri)
+        rows,
+        Path(args.out_dir),
+        args.model,
+        settings,
+        args.mlflow_run,
+        _tracking_uri(args.tracking_uri),
+        args.overwrite,
     )
     print(
         f"written: {out}/compare.jsonl, {out}/compare.md"
@@ -383,10 +408,12 @@ def compare_command(args) -> int:
 def merge_command(args) -> int:
     from pathlib import Path
 
+    from qlora.files import check_output_target
     from qlora.merge import MergeRefused, merge_adapter
 
     if not 0 <= args.min_agreement <= 1 or args.max_loss_change_pct < 0:
         raise PipelineInputError("--min-agreement must be in [0, 1] and --max-loss-change-pct at least 0")
+    check_output_target(Path(args.output), "--output", is_folder=True)  # before the model loads
     if Path(args.output).exists():
         raise PipelineInputError(f"--output {args.output} exists: choose a new folder (nothing is overwritten)")
     loaded = _load(args)
@@ -531,11 +558,15 @@ def format_summary(summary: dict, tracking_uri: str, wall_s: float) -> str:
 
 
 def _runs_root(config: str, output_dir: str | None) -> str:
-    if output_dir:
-        return output_dir
-    from pipeline_config.schema import load_pipeline_config
+    from pathlib import Path
 
-    return load_pipeline_config(config).training.output_dir
+    if output_dir is None:
+        from pipeline_config.schema import load_pipeline_config
+
+        output_dir = load_pipeline_config(config).training.output_dir
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise PipelineInputError(f"--output-dir {output_dir} is a file: give the folder that holds the run folders")
+    return output_dir
 
 
 def _size(n: int) -> str:

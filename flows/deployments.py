@@ -63,12 +63,22 @@ def emit_dataset_updated(path: str, config_path: str = "pipeline_config/default.
     """Emit `dataset.updated` for a local data file; the event-triggered deployment trains on it. Returns the id."""
     from prefect.events import emit_event
     from prefect.events.worker import EventsWorker
+    from prefect.settings import PREFECT_API_URL
+
+    from qlora.errors import DataError, PipelineInputError
+    from qlora.services import prefect_api_problem
 
     data_path = Path(path).resolve()
     if not data_path.is_file():
-        from qlora.errors import DataError
-
         raise DataError(f"{path}: no such data file")
+    api_url = PREFECT_API_URL.value()
+    if not api_url:  # a temporary server would take the event and vanish with it
+        raise PipelineInputError(
+            "emit-dataset-updated needs the Prefect server the deployments run on: set PREFECT_API_URL (`make server` "
+            "starts one at http://127.0.0.1:4200/api)"
+        )
+    if problem := prefect_api_problem(api_url):
+        raise PipelineInputError(problem)
     digest = file_digest(data_path)[:16]
     event = emit_event(
         event=DATASET_EVENT,

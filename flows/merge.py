@@ -31,7 +31,7 @@ from tasks.merge import (
 def merge(
     model: str = "models:/smollm2-135m-orders@champion",
     output_dir: str = "outputs/merged",
-    dtype: Literal["bf16", "fp16", "fp32"] = "bf16",
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto",
     max_loss_change_pct: float = 1.0,
     min_agreement: float = 0.9,
     tracking_uri: str | None = None,
@@ -41,7 +41,7 @@ def merge(
     Args:
         model: the adapter: models:/NAME@alias, models:/NAME/VERSION, runs:/ID/model, or an adapter folder.
         output_dir: the merged model goes into a new folder of this run below it.
-        dtype: the merged weights' dtype.
+        dtype: the merged weights' dtype; auto = the base model's own dtype.
         max_loss_change_pct: allowed eval-loss change of the merged model against base + adapter in 4-bit.
         min_agreement: share of held-out prompts whose greedy answers must be identical.
         tracking_uri: MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).
@@ -59,7 +59,7 @@ def merge(
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="merge an adapter into its base and register it")
     parser.add_argument("--model", default="models:/smollm2-135m-orders@champion")
-    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    parser.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
     parser.add_argument("--output-dir", default="outputs/merged")
     args = parser.parse_args()
     print(merge(model=args.model, dtype=args.dtype, output_dir=args.output_dir))

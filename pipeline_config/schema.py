@@ -36,7 +36,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `inf` or `nan` in any number field is an input error, not a run that diverges.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -108,6 +109,15 @@ class LoraAdapterConfig(_Section):
         "output head.",
     )
     bias: Literal["none", "all", "lora_only"] = Field(default="none", description="Which biases to train.")
+
+    @model_validator(mode="after")
+    def _some_targets(self) -> LoraAdapterConfig:
+        if isinstance(self.target_modules, list) and not [m for m in self.target_modules if m.strip()]:
+            raise ValueError(
+                "lora.target_modules is empty: list module names (e.g. [q_proj, v_proj]) or use 'all-linear'"
+            )
+        return self
+
     upcast_base_to_fp32: bool = Field(
         default=False,
         description="Run peft's prepare_model_for_kbit_training: fp32 copies of every non-4-bit weight (norms, "
@@ -186,7 +196,9 @@ class TrainingConfig(_Section):
         "`<output_dir>/<UTC time>-<flow run name>`.",
     )
     num_train_epochs: float = Field(default=1.0, gt=0, description="Epochs over the training rows.")
-    max_steps: int = Field(default=-1, ge=-1, description="Optimizer steps to run (-1 = run `num_train_epochs`).")
+    max_steps: int = Field(
+        default=-1, ge=-1, description="Optimizer steps to run (-1 = run `num_train_epochs`; 0 is refused)."
+    )
     per_device_train_batch_size: int = Field(default=4, gt=0, description="Rows per micro-batch.")
     gradient_accumulation_steps: int = Field(default=1, gt=0, description="Micro-batches per optimizer step.")
     gradient_checkpointing: bool = Field(
@@ -202,7 +214,12 @@ class TrainingConfig(_Section):
         "activation_offloading, which would otherwise move the last layer's full activations to the host and back).",
     )
     max_grad_norm: float = Field(default=0.3, gt=0, description="Gradient clipping norm.")
-    learning_rate: float = Field(default=2e-4, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(
+        default=2e-4,
+        gt=0,
+        le=1,
+        description="Peak learning rate, in (0, 1] (QLoRA uses 1e-5 .. 1e-3; above 1 every optimizer here diverges).",
+    )
     weight_decay: float = Field(default=0.001, ge=0, description="AdamW weight decay.")
     optim: str = Field(
         default="adamw_torch",
@@ -243,6 +260,13 @@ class TrainingConfig(_Section):
         description="Each flow run trains in its own folder under output_dir. 'auto': continue the newest unfinished "
         "run folder when no live process holds it and its fingerprint (settings, data, base model, library versions) "
         "equals this run's, else start a new folder; 'never': always a new folder.",
+    )
+    stop_grace_s: float = Field(
+        default=25.0,
+        gt=0,
+        description="Seconds a run has to stop after SIGTERM / SIGINT / a Prefect cancellation: training stops at the "
+        "next optimizer step and writes a checkpoint of it if one fits in this time (Kubernetes gives 30 s by "
+        "default), then the run exits. A second Ctrl-C stops at once.",
     )
     gpu_concurrency_limit: str = Field(
         default="gpu",
@@ -302,6 +326,10 @@ class TrainingConfig(_Section):
 
     @model_validator(mode="after")
     def _one_precision(self) -> TrainingConfig:
+        if self.max_steps == 0:
+            raise ValueError(
+                "training.max_steps is 0, which trains nothing: use -1 (run num_train_epochs) or at least 1"
+            )
         if self.bf16 and self.fp16:
             raise ValueError("training.bf16 and training.fp16 are both true: choose one")
         if self.gradient_checkpointing_layers is not None and not self.gradient_checkpointing:
@@ -348,7 +376,9 @@ class TrackingConfig(_Section):
         description="MLflow tracking URI. Unset: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working "
         "folder. Credentials come from the environment only.",
     )
-    experiment_name: str = Field(default="qlora-finetune", description="MLflow experiment.")
+    experiment_name: str = Field(
+        default="qlora-finetune", min_length=1, pattern=r"\S", description="MLflow experiment (not blank)."
+    )
     artifact_location: str | None = Field(
         default=None,
         description="Artifact root for a new experiment (local folder or URI). Unset: the tracking server's default "
@@ -589,9 +619,24 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ValueError(f"--set {item!r}: expected section.key=value")
     key, raw = item.split("=", 1)
     keys = key.strip().split(".")
-    if _takes_text_verbatim(_field_annotation(keys)):
+    annotation = _field_annotation(keys)
+    if raw.strip() in ("null", "~") and _accepts_none(annotation):
+        return keys, None  # an optional field set back to unset (`--set model.gguf_file=null`)
+    if _takes_text_verbatim(annotation):
         return keys, raw
-    return keys, yaml.safe_load(raw) if raw.strip() else ""
+    if not raw.strip():
+        return keys, ""
+    try:
+        return keys, yaml.safe_load(raw)
+    except yaml.YAMLError as exc:  # includes tags such as !!python/name:..., which safe_load refuses
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"--set {item!r}: the value is not a plain YAML value ({problem})") from None
+
+
+def _accepts_none(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(
+        annotation
+    )
 
 
 def _read_config_text(source: str) -> str:

@@ -24,11 +24,10 @@ logger = logging.getLogger(__name__)
 ADAPTABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, Conv1D)
 
 
-def build_meta_model(model_cfg: ModelConfig, model_path: str, gguf_file: str | None = None) -> nn.Module | None:
-    """The model's module tree with its parameters on the meta device (no weights read or allocated), or None
-    when its config cannot be read (a hub id without network, an unknown architecture, a broken GGUF)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+def read_model_config(model_cfg: ModelConfig, model_path: str, gguf_file: str | None = None):
+    """The model's transformers config (no weights read), or None when it cannot be read (a hub id without network,
+    an unknown architecture, a broken GGUF): the model-source check reports an unreachable model."""
+    from transformers import AutoConfig
 
     def read_config(local_files_only: bool):
         return AutoConfig.from_pretrained(
@@ -44,18 +43,40 @@ def build_meta_model(model_cfg: ModelConfig, model_path: str, gguf_file: str | N
         try:
             # The local folder or the HF cache first: a cached hub model without network would otherwise cost
             # half a minute of retries.
-            config = read_config(local_files_only=True)
+            return read_config(local_files_only=True)
         except OSError:
             if Path(model_path).is_dir():
                 raise
-            config = read_config(local_files_only=False)
+            return read_config(local_files_only=False)
+    except Exception as exc:  # advisory check
+        logger.debug("cannot read the config of %s: %s", model_path, exc)
+        return None
+
+
+def build_meta_model(model_cfg: ModelConfig, model_path: str, gguf_file: str | None = None) -> nn.Module | None:
+    """The model's module tree with its parameters on the meta device (no weights read or allocated), or None
+    when its config cannot be read or the model not built."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = read_model_config(model_cfg, model_path, gguf_file)
+    if config is None:
+        return None
+    try:
         # Parameters go to the meta device; buffers (rotary frequencies) stay real because some model __init__s
         # compute with them, which fails on meta tensors.
         with init_empty_weights():
             return AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
-    except Exception as exc:  # advisory check: the model-source check reports an unreachable model
+    except Exception as exc:  # advisory check
         logger.debug("cannot build %s on the meta device: %s", model_path, exc)
         return None
+
+
+def context_length(config) -> int | None:
+    """Positions the model was built for (`max_position_embeddings` of its text part), if it says."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text_config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def _matches(entry: str, name: str) -> bool:

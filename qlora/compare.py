@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora.errors import PipelineInputError
-from qlora.files import atomic_folder
+from qlora.files import atomic_folder, check_output_target
 from qlora.inference import LoadedModel, SamplingSettings, as_prompt, generate_texts
 
 
@@ -131,6 +131,20 @@ def markdown_report(rows: list[ComparedPrompt], source: str, settings: SamplingS
     return "\n".join(lines) + "\n"
 
 
+REPORT_FILES = ("compare.jsonl", "compare.md")
+
+
+def is_compare_report(folder: Path) -> bool:
+    """True for a folder holding only what `write_report` writes (what `--overwrite` may replace)."""
+    names = {p.name for p in Path(folder).iterdir()}
+    return bool(names) and names <= set(REPORT_FILES)
+
+
+def check_report_folder(out_dir: Path, overwrite: bool = False) -> None:
+    """Raise PipelineInputError unless `out_dir` is new, empty, or (with `overwrite`) an earlier compare report."""
+    check_output_target(out_dir, "--out-dir", is_folder=True, overwrite=overwrite, written_by_us=is_compare_report)
+
+
 def write_report(
     rows: list[ComparedPrompt],
     out_dir: Path,
@@ -138,10 +152,13 @@ def write_report(
     settings: SamplingSettings,
     mlflow_run_id: str | None,
     tracking_uri: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """`compare.jsonl` + `compare.md` into `out_dir` (written whole, then moved into place); logged to the MLflow
-    run `mlflow_run_id` under `compare/` if given."""
+    run `mlflow_run_id` under `compare/` if given. An existing folder is replaced only with `overwrite` and only
+    when it holds an earlier report and nothing else (`check_report_folder`)."""
     out_dir = Path(out_dir)
+    check_report_folder(out_dir, overwrite)
     with atomic_folder(out_dir, replace=True) as tmp:
         with (tmp / "compare.jsonl").open("w") as fh:
             for r in rows:

@@ -161,6 +161,58 @@ REQUIRED_COLUMNS = {
 }
 
 
+def _kind_of(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def check_cell_types(ds: datasets.Dataset, fmt: str, cfg: DataConfig, where: str) -> None:
+    """Every cell the format reads holds text (a chat turn's content too): a null, a number or a list would fail
+    deep inside tokenization. Raises DataError naming the first bad row (1-based, in file order) and column."""
+    c = cfg.columns
+    text_fields = {
+        "text": ("text",),
+        "prompt_completion": ("prompt", "completion"),
+        "alpaca": ("instruction", "output"),
+        "messages": (),
+    }[fmt]
+    for field in text_fields:
+        col = getattr(c, field)
+        if col not in ds.column_names:
+            continue  # format_rows names the missing column
+        for i, value in enumerate(ds[col], 1):
+            if not isinstance(value, str):
+                raise DataError(
+                    f"{where}: row {i}, column {col!r} (data.columns.{field}) is {_kind_of(value)}, not text: fix or "
+                    "remove that row"
+                )
+    if fmt == "alpaca" and c.input in ds.column_names:
+        for i, value in enumerate(ds[c.input], 1):
+            if value is not None and not isinstance(value, str):
+                raise DataError(f"{where}: row {i}, column {c.input!r} is {_kind_of(value)}, not text or null")
+    if fmt == "messages" and c.messages in ds.column_names:
+        for i, turns in enumerate(ds[c.messages], 1):
+            if not isinstance(turns, list) or not turns:
+                raise DataError(f"{where}: row {i}, column {c.messages!r} is {_kind_of(turns)}, not a list of turns")
+            for n, turn in enumerate(turns, 1):
+                if not isinstance(turn, dict) or not isinstance(turn.get("role"), str):
+                    raise DataError(f"{where}: row {i}, turn {n} is not a {{role, content}} object")
+                if not isinstance(turn.get("content"), str):
+                    raise DataError(
+                        f"{where}: row {i}, turn {n} ({turn['role']}): content is {_kind_of(turn.get('content'))}, "
+                        "not text: fix or remove that row"
+                    )
+
+
 def format_rows(ds: datasets.Dataset, fmt: str, cfg: DataConfig, where: str) -> tuple[datasets.Dataset, str]:
     """Rename/convert columns into one of TRL's formats; returns (dataset, kind)."""
     c = cfg.columns
@@ -213,20 +265,36 @@ def digest_rows(*splits: datasets.Dataset) -> str:
     return h.hexdigest()[:16]
 
 
+def _row_key(row: dict) -> str:
+    return hashlib.sha256(json.dumps(row, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def held_out_overlap(data: DatasetSplits) -> tuple[int, int]:
+    """(held-out rows that are also training rows, held-out rows): a held-out score over rows the model trained on
+    measures memorization, not the task."""
+    train_keys = {_row_key(row) for row in data.train}
+    shared = sum(_row_key(row) in train_keys for row in data.eval)
+    return shared, len(data.eval)
+
+
 def load_dataset_splits(cfg: DataConfig) -> DatasetSplits:
     """Read the source, pick/carve the held-out split, format both, and digest them. Raises DataError."""
     raw = _read_source(cfg.source, cfg)
     if cfg.train_split not in raw:
         raise DataError(f"data.train_split {cfg.train_split!r} not in {cfg.source}; splits: {', '.join(raw)}")
     train = raw[cfg.train_split]
+    fmt = detect_format(train.column_names, cfg)
+    check_cell_types(train, fmt, cfg, cfg.source)  # before any shuffle: row numbers are the file's
     if cfg.eval_source:
         eval_raw = _read_source(cfg.eval_source, cfg, role="held-out")
         eval_ds = eval_raw[cfg.eval_split or next(iter(eval_raw))]
+        check_cell_types(eval_ds, fmt, cfg, cfg.eval_source)
     elif cfg.eval_split or (cfg.source.startswith(BUNDLED_PREFIX)):
         split = cfg.eval_split or "test"
         if split not in raw:
             raise DataError(f"data.eval_split {split!r} not in {cfg.source}; splits: {', '.join(raw)}")
         eval_ds = raw[split]
+        check_cell_types(eval_ds, fmt, cfg, f"{cfg.source} ({split} split)")
     else:
         if len(train) < 2:
             raise DataError(f"{cfg.source}: {len(train)} row(s); need at least 2 to hold some out")
@@ -236,7 +304,6 @@ def load_dataset_splits(cfg: DataConfig) -> DatasetSplits:
         raise DataError(f"{cfg.source}: the training split is empty")
     if len(eval_ds) == 0:
         raise DataError(f"{cfg.eval_source or cfg.source}: the held-out split is empty")
-    fmt = detect_format(train.column_names, cfg)
     train, kind = format_rows(train, fmt, cfg, cfg.source)
     eval_ds, _ = format_rows(eval_ds, fmt, cfg, cfg.eval_source or cfg.source)
     if cfg.max_train_rows:

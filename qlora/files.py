@@ -7,10 +7,11 @@ temporary sibling name and renamed into place, so a reader, another run, or a cr
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -77,3 +78,90 @@ def atomic_folder(target: str | os.PathLike, replace: bool = False) -> Iterator[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output_target(
+    path: str | os.PathLike,
+    option: str,
+    is_folder: bool,
+    overwrite: bool = False,
+    written_by_us: Callable[[Path], bool] | None = None,
+) -> None:
+    """Refuse an output path that would delete or overwrite something the command did not write, before any work.
+
+    A new path, or an empty folder, is taken. An existing file or non-empty folder is replaced only with `overwrite`
+    and only when `written_by_us(path)` says the command wrote it earlier (compare's report folder, generate's
+    answers file). A path of the wrong kind (a file where a folder goes, or the reverse) or under a file is refused.
+    Raises PipelineInputError naming `option`."""
+    from qlora.errors import PipelineInputError
+
+    target = Path(path)
+    kind = "folder" if is_folder else "file"
+    if target.exists():
+        if target.is_dir() != is_folder:
+            raise PipelineInputError(f"{option} {target} is a {'file' if is_folder else 'folder'}: give a {kind} path")
+        if is_folder and not any(target.iterdir()):
+            return
+        if not overwrite:
+            raise PipelineInputError(
+                f"{option} {target} exists{' and is not empty' if is_folder else ''}: choose a new {kind}, or add "
+                "--overwrite to replace what this command wrote there earlier (nothing else is ever replaced)"
+            )
+        if written_by_us is None or not written_by_us(target):
+            raise PipelineInputError(
+                f"{option} {target} holds files this command did not write: it is never replaced; choose a new {kind}"
+            )
+        return
+    ancestor = next((p for p in target.absolute().parents if p.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        raise PipelineInputError(f"{option} {target}: {ancestor} is a file, so nothing can be created under it")
+    if ancestor is not None and not os.access(ancestor, os.W_OK):
+        raise PipelineInputError(f"{option} {target}: {ancestor} is not writable: choose another place")
+
+
+# --- checksums -----------------------------------------------------------------------------------------------------
+
+CHECKSUMS_NAME = "SHA256SUMS.json"
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk_bytes):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(folder: str | os.PathLike) -> None:
+    """`SHA256SUMS.json` in `folder`: the sha256 of every file below it (relative paths), fsynced. Written last into
+    a folder that is about to be renamed into place, so a complete folder always carries its checksums."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS_NAME)
+    sums = {p.relative_to(folder).as_posix(): sha256_file(p) for p in files}
+    with open(folder / CHECKSUMS_NAME, "w") as fh:
+        fh.write(json.dumps(sums, indent=1))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def damaged_files(folder: str | os.PathLike) -> list[str] | None:
+    """Files of `folder` that are missing or differ from its `SHA256SUMS.json` ([] = intact); None when the folder
+    has no checksum file (written before checksums existed: cannot be verified)."""
+    folder = Path(folder)
+    try:
+        sums = json.loads((folder / CHECKSUMS_NAME).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return [CHECKSUMS_NAME]
+    damaged = []
+    for name, digest in sums.items():
+        path = folder / name
+        try:
+            if sha256_file(path) != digest:
+                damaged.append(name)
+        except OSError:
+            damaged.append(name)
+    return damaged

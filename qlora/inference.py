@@ -189,6 +189,16 @@ def as_prompt(item, has_chat_template: bool):
     return [dict(turn) for turn in item]
 
 
+def is_answers_file(path: Path) -> bool:
+    """True for a JSONL file of rows that each carry an `output` (what `generate --prompts` writes, and what its
+    `--overwrite` may replace)."""
+    try:
+        rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return bool(rows) and all(isinstance(r, dict) and "output" in r for r in rows)
+
+
 def read_prompts_file(path: Path) -> list[dict]:
     """JSONL rows with a `prompt` (string) or `messages` (chat turns) field. Raises PipelineInputError naming the
     line."""

@@ -100,6 +100,20 @@ def dequantized_base(model_cfg, quant_cfg, dtype: torch.dtype, device: str):
     return base.dequantize(dtype=dtype).to(dtype)
 
 
+def base_model_dtype(model_cfg) -> str:
+    """The merge dtype (a key of MERGE_DTYPES) the base model's weights are published in, read from its config
+    (`dtype`); fp32 when it names none or another one. Merging into the base's own dtype loses nothing the base
+    had, and the demo's base (converted from GGUF) is fp32, where a bf16 merge rounds away the adapter's updates."""
+    from qlora.architecture import read_model_config
+    from qlora.model_source import resolve_model_source
+
+    source = resolve_model_source(model_cfg)
+    config = read_model_config(model_cfg, source.path, source.gguf_file)
+    published = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    by_name = {v: k for k, v in MERGE_DTYPES.items()}
+    return by_name.get(published.removeprefix("torch."), "fp32")
+
+
 def merged_model(base, adapter_dir: Path):
     """peft's merge of the adapter into the (de-quantized) base: a plain transformers model."""
     from peft import PeftModel
@@ -110,7 +124,7 @@ def merged_model(base, adapter_dir: Path):
 def merge_adapter(
     loaded: LoadedModel,
     output_dir: Path,
-    dtype: str = "bf16",
+    dtype: str = "auto",
     max_loss_change_pct: float = 1.0,
     min_agreement: float = 0.9,
     loss_rows: int = 32,
@@ -120,8 +134,10 @@ def merge_adapter(
     check fails, PipelineInputError for a source that is not an adapter."""
     if loaded.kind != "adapter":
         raise PipelineInputError(f"--model {loaded.source} is already a merged model: pass an adapter to merge")
+    if dtype == "auto":
+        dtype = base_model_dtype(loaded.config.model)
     if dtype not in MERGE_DTYPES:
-        raise PipelineInputError(f"--dtype {dtype!r}: choose one of {', '.join(MERGE_DTYPES)}")
+        raise PipelineInputError(f"--dtype {dtype!r}: choose one of auto, {', '.join(MERGE_DTYPES)}")
     if Path(output_dir).exists():
         raise PipelineInputError(f"--output {output_dir} exists: choose a new folder (nothing is overwritten)")
     torch_dtype = getattr(torch, MERGE_DTYPES[dtype])

@@ -15,10 +15,13 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from pipeline_config.schema import PipelineConfig, cuda_only_problems
-from qlora.data import DatasetSplits
+from qlora.config_checks import library_setting_problems
+from qlora.data import DatasetSplits, held_out_overlap
 from qlora.errors import PipelineInputError
 from qlora.evaluate import chat_token_ids
-from qlora.model_source import ModelSource
+from qlora.model_source import ModelSource, file_digest
+from qlora.services import tracking_store_problem
+from qlora.tracking import resolve_tracking_uri
 
 
 class PreflightError(PipelineInputError):
@@ -93,6 +96,54 @@ def lora_target_problems(cfg: PipelineConfig, source: ModelSource) -> list[str]:
     return target_module_problems(cfg.model, cfg.lora, source.path, source.gguf_file)
 
 
+def sequence_length_problem(cfg: PipelineConfig, source: ModelSource) -> str | None:
+    """`training.max_seq_length` against the positions the model was built for (read from its config, no weights):
+    beyond them the position encoding is extrapolated and training or generation degrade or fail."""
+    from qlora.architecture import context_length, read_model_config
+
+    config = read_model_config(cfg.model, source.path, source.gguf_file)
+    limit = context_length(config) if config is not None else None
+    if limit is not None and cfg.training.max_seq_length > limit:
+        family = type(config).__name__.removesuffix("Config")
+        return (
+            f"training.max_seq_length {cfg.training.max_seq_length} is beyond the {limit} positions {family} was "
+            f"built for (max_position_embeddings): set at most {limit}"
+        )
+    return None
+
+
+def overlap_problem(cfg: PipelineConfig, data: DatasetSplits, report: PreflightReport) -> None:
+    """The held-out rows must not be training rows: the same file for both is an error, a partial overlap a warning
+    with its share."""
+    d = cfg.data
+    if (
+        d.eval_source
+        and d.eval_source == d.source
+        or (
+            d.eval_source
+            and Path(d.source).is_file()
+            and Path(d.eval_source).is_file()
+            and file_digest(Path(d.source)) == file_digest(Path(d.eval_source))
+        )
+    ):
+        report.fatal.append(
+            f"data.eval_source {d.eval_source} holds the same rows as data.source: the held-out score would measure "
+            "memorization; give a separate held-out file, or drop eval_source to hold out a share of data.source"
+        )
+        return
+    shared, total = held_out_overlap(data)
+    if shared == total:
+        report.fatal.append(
+            f"all {total} held-out rows are also training rows: the held-out score would measure memorization; "
+            "give a separate held-out set"
+        )
+    elif shared:
+        report.warnings.append(
+            f"{shared} of {total} held-out rows ({100 * shared / total:.1f} %) are also training rows: their score "
+            "measures memorization; de-duplicate the data"
+        )
+
+
 def run_preflight(
     cfg: PipelineConfig, source: ModelSource, data: DatasetSplits, tokenizer: PreTrainedTokenizerBase, device: str
 ) -> PreflightReport:
@@ -100,9 +151,15 @@ def run_preflight(
     t = cfg.training
     if device == "cpu":
         report.fatal += cuda_only_problems(cfg)
+    report.fatal += library_setting_problems(cfg)
+    if problem := tracking_store_problem(resolve_tracking_uri(cfg.tracking)):
+        report.fatal.append(problem)
     if problem := writable_problem(t.output_dir):
         report.fatal.append(problem)
     report.fatal += lora_target_problems(cfg, source)
+    if problem := sequence_length_problem(cfg, source):
+        report.fatal.append(problem)
+    overlap_problem(cfg, data, report)
     if data.is_conversational and not tokenizer.chat_template:
         report.fatal.append("chat data but the tokenizer has no chat template: set tokenizer.chat_template_file")
     if t.completion_only_loss and data.kind != "prompt_completion":

@@ -7,8 +7,12 @@ adapter, markers) may be read or overwritten by another run. A run folder holds:
     run.json          who started it: flow run id and name, start time, MLflow run ids, host, pid
     fingerprint.json  what is being trained (written when training starts): resolved config without neutral fields,
                       data digest, base model digest, and the versions of the libraries that change numerics
-    checkpoint-N/     complete checkpoints only (qlora/integrations/trainer.py writes them atomically)
-    adapter/          the saved adapter; RUN_FINISHED once it is in place
+    checkpoint-N/     complete checkpoints only (qlora/integrations/trainer.py writes them atomically), each with
+                      SHA256SUMS.json; one found damaged on resume is set aside as damaged-checkpoint-N
+    trained-adapter/  the adapter as training left it, and train-result.json what training measured (written last):
+                      a later attempt whose evaluation, saving or registration failed continues from them
+    adapter/          the saved adapter (tokenizer, resolved config, checksums)
+    RUN_FINISHED      written once every step after training succeeded (registration included): never resumed
 
 Resume (`training.resume: auto`): a new flow run continues the newest unfinished run folder only if no live
 process holds it and its fingerprint equals this run's; otherwise it starts fresh in a new folder and says why in
@@ -34,15 +38,18 @@ from typing import Any
 
 from pipeline_config.schema import PipelineConfig
 from qlora.errors import PipelineInputError
-from qlora.files import folder_size_bytes, write_text_atomic
-from qlora.provenance import NUMERICS_LIBRARIES, library_versions, process_identity
+from qlora.files import damaged_files, folder_size_bytes, write_text_atomic
+from qlora.provenance import NUMERICS_LIBRARIES, library_versions, process_alive, process_identity
 
 LOCK_NAME = "run.lock"
 RECORD_NAME = "run.json"
 FINGERPRINT_NAME = "fingerprint.json"
-FINISHED_MARKER = "RUN_FINISHED"  # written once the run's adapter is in place: the folder is never resumed
+FINISHED_MARKER = "RUN_FINISHED"  # written once every step after training succeeded: the folder is never resumed
 CHECKPOINT_PREFIX = "checkpoint-"
+DAMAGED_PREFIX = "damaged-"
 STAGING_DIRNAME = ".checkpoint-staging"
+TRAINED_ADAPTER_DIRNAME = "trained-adapter"  # the adapter as training left it (rank 0's, in a distributed run)
+TRAIN_RESULT_NAME = "train-result.json"  # what training measured; written after trained-adapter/, so it marks both
 
 # Settings that may differ between an interrupted run and its continuation without changing what is trained:
 # where and how often things are logged or kept, retries, and where the data/model files sit (their content is
@@ -52,6 +59,7 @@ NEUTRAL_FIELDS = {
     "training.output_dir",
     "training.resume",
     "training.task_retries",
+    "training.stop_grace_s",
     "training.logging_steps",
     "training.save_steps",
     "training.save_total_limit",
@@ -191,12 +199,35 @@ def checkpoints(folder: Path) -> list[Path]:
     return sorted((p for p, step in steps.items() if step.isdigit()), key=lambda p: int(steps[p]))
 
 
+def set_aside_damaged_checkpoints(folder: Path) -> list[str]:
+    """Verify the checkpoints newest first against their checksums until an intact one is found; each damaged one
+    is renamed `damaged-checkpoint-N` (kept for a look, never resumed from). Returns one line per damaged checkpoint
+    naming its first damaged file. Checkpoints written before checksums existed are taken as they are."""
+    lines = []
+    for ckpt in reversed(checkpoints(folder)):
+        damaged = damaged_files(ckpt)
+        if not damaged:  # intact, or without checksums
+            break
+        aside = ckpt.with_name(DAMAGED_PREFIX + ckpt.name)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(ckpt, aside)
+        more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+        lines.append(
+            f"{ckpt.name} is damaged ({damaged[0]}{more}: missing or sha256 mismatch): set aside as {aside.name}"
+        )
+    return lines
+
+
 def is_finished(folder: Path) -> bool:
     return (folder / FINISHED_MARKER).exists()
 
 
 def mark_finished(folder: str | os.PathLike) -> None:
-    write_text_atomic(Path(folder) / FINISHED_MARKER, "adapter saved; this run folder is never resumed\n")
+    write_text_atomic(Path(folder) / FINISHED_MARKER, "every step succeeded; this run folder is never resumed\n")
+
+
+def has_trained_adapter(folder: Path) -> bool:
+    return (folder / TRAIN_RESULT_NAME).is_file()
 
 
 def read_record(folder: Path) -> dict[str, Any]:
@@ -227,12 +258,52 @@ class RunFolder:
     continues_mlflow_run_id: str | None = None
 
     def release(self) -> None:
+        if self.lock.held:
+            self._end_attempt()
         self.lock.release()
 
     def record_mlflow_run(self, run_id: str) -> None:
         record = read_record(self.path)
         record["mlflow_run_ids"] = [*record.get("mlflow_run_ids", []), run_id]
         write_text_atomic(self.path / RECORD_NAME, json.dumps(record, indent=1))
+
+    def begin_attempt(self, flow_run: dict[str, Any]) -> None:
+        """Record that this process (the flow run `flow_run`: id, name) now works in the folder: if it dies without
+        `release()`, a later run finds the attempt and reports its flow run as crashed (`lost_attempts`)."""
+        record = read_record(self.path)
+        attempt = {**flow_run, **process_identity(), "started_at": _now_iso()}
+        record["attempts"] = [*record.get("attempts", []), attempt]
+        write_text_atomic(self.path / RECORD_NAME, json.dumps(record, indent=1))
+
+    def _end_attempt(self) -> None:
+        me = process_identity()
+        record = read_record(self.path)
+        for attempt in record.get("attempts", []):
+            if attempt.get("pid") == me["pid"] and attempt.get("host") == me["host"] and "ended_at" not in attempt:
+                attempt["ended_at"] = _now_iso()
+        write_text_atomic(self.path / RECORD_NAME, json.dumps(record, indent=1))
+
+
+def lost_attempts(root: str | os.PathLike) -> list[tuple[Path, dict[str, Any]]]:
+    """(folder, attempt) for every attempt under `root` whose process died without ending it (SIGKILL, a lost
+    machine): its flow run was never told. Only attempts of this host can be judged, and only in folders no live
+    process holds."""
+    lost = []
+    for folder in run_folders(root):
+        attempts = [a for a in read_record(folder).get("attempts", []) if "ended_at" not in a]
+        if not attempts or RunLock(folder).is_held_by_other():
+            continue
+        lost += [(folder, a) for a in attempts if process_alive(a) is False]
+    return lost
+
+
+def end_lost_attempt(folder: Path, attempt: dict[str, Any], note: str) -> None:
+    """Mark a lost attempt as dealt with (so the next run does not report it again)."""
+    record = read_record(folder)
+    for a in record.get("attempts", []):
+        if a.get("pid") == attempt.get("pid") and a.get("started_at") == attempt.get("started_at"):
+            a["ended_at"], a["ended"] = _now_iso(), note
+    write_text_atomic(folder / RECORD_NAME, json.dumps(record, indent=1))
 
 
 def _safe_name(text: str) -> str:
@@ -302,7 +373,10 @@ def claim_run_folder(
 
 def _resumed(folder: Path, lock: RunLock, fingerprint: dict[str, Any], why: str) -> RunFolder:
     done = checkpoints(folder)
-    what = f"from {done[-1].name}" if done else "(no checkpoint yet: from step 0)"
+    if has_trained_adapter(folder):
+        what = "after training (it had finished: its trained adapter is evaluated, saved and registered)"
+    else:
+        what = f"from {done[-1].name}" if done else "(no checkpoint yet: from step 0)"
     previous = read_record(folder).get("mlflow_run_ids") or [None]
     return RunFolder(folder, True, f"resuming {folder.name} {what}: {why}", fingerprint, lock, previous[-1])
 
@@ -380,7 +454,8 @@ def remove_old_checkpoints(root: str | os.PathLike, keep: int, dry_run: bool = F
         if not lock.acquire():
             continue
         try:
-            for ckpt in [*checkpoints(folder), folder / STAGING_DIRNAME]:
+            damaged = sorted(folder.glob(f"{DAMAGED_PREFIX}{CHECKPOINT_PREFIX}*"))
+            for ckpt in [*checkpoints(folder), *damaged, folder / STAGING_DIRNAME]:
                 if not ckpt.exists():
                     continue
                 freed += folder_size_bytes(ckpt)

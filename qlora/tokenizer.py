@@ -58,8 +58,14 @@ def setup_tokenizer(
         raise PipelineInputError(f"the tokenizer of {model_cfg.name_or_path} has no EOS token; set one in the model")
     tokenizer.pad_token = choose_pad_token(tokenizer, tok_cfg.pad_token)
     tokenizer.padding_side = "right"
-    if tok_cfg.chat_template_file and not tokenizer.chat_template:
-        tokenizer.chat_template = Path(tok_cfg.chat_template_file).read_text()
+    if tok_cfg.chat_template_file:
+        template = Path(tok_cfg.chat_template_file)
+        if not template.is_file():
+            raise PipelineInputError(
+                f"tokenizer.chat_template_file {template}: no such file (paths are relative to the working folder)"
+            )
+        if not tokenizer.chat_template:
+            tokenizer.chat_template = template.read_text(encoding="utf-8")
     if needs_chat_template and not tokenizer.chat_template:
         raise PipelineInputError(
             f"the data is chat (messages) but the tokenizer of {model_cfg.name_or_path} has no chat template: "

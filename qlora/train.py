@@ -8,6 +8,8 @@ Training loss per logging step reaches MLflow through transformers' own MLflowCa
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import resource
@@ -23,13 +25,15 @@ from trl import SFTConfig
 
 from pipeline_config.schema import LoraAdapterConfig, TrainingConfig
 from qlora.data import DatasetSplits
-from qlora.errors import PipelineInputError
+from qlora.errors import PipelineInputError, disk_full_error
+from qlora.files import atomic_folder, damaged_files, write_checksums, write_text_atomic
 from qlora.integrations.attention import packed_training_attention, resolve_attention
 from qlora.integrations.fused_lora import fuse_lora_layers
 from qlora.integrations.regional_compile import compile_decoder_layers, uncompile_decoder_layers
 from qlora.integrations.trainer import CheckpointFirstLayers, PipelineSFTTrainer, use_one_gpu
 from qlora.model import build_lora_config
-from qlora.run_folder import write_fingerprint
+from qlora.run_folder import TRAIN_RESULT_NAME, TRAINED_ADAPTER_DIRNAME, write_fingerprint
+from qlora.stop import current as current_stop
 
 
 @dataclass
@@ -72,6 +76,48 @@ class RunLoggerProgress(TrainerCallback):
             elapsed,
             eta_s,
         )
+
+
+class StopAtNextStep(TrainerCallback):
+    """Graceful stop (qlora/stop.py): once a stop is requested, training ends at the end of the current optimizer
+    step, with a checkpoint of that step when the last checkpoint's write time fits in what is left of the grace
+    period (the first one always tries: an interrupted write leaves nothing behind).
+
+    Several processes must agree on both, or one would wait forever in a collective the others never join: every
+    step they combine their requests in one all-reduce over a gloo group on the host (no GPU sync, ~0.1 ms)."""
+
+    def __init__(self, stop, save_seconds) -> None:
+        self.stop = stop
+        self.save_seconds = save_seconds  # () -> seconds the last checkpoint took, None before the first
+        self.group = None
+        self.stopped_at: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self.group = dist.new_group(backend="gloo")  # collective: every rank creates it here
+
+    def _decision(self) -> tuple[bool, bool]:
+        stop = self.stop
+        last = self.save_seconds()
+        fits = last is None or last < stop.seconds_left()
+        requested, no_room = stop.requested, stop.requested and (stop.at_once or not fits)
+        if self.group is not None:
+            import torch.distributed as dist
+
+            flags = torch.tensor([int(requested), int(no_room)])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+            requested, no_room = bool(flags[0]), bool(flags[1])
+        return requested, not no_room
+
+    def on_step_end(self, args, state, control, **kwargs):
+        requested, save = self._decision()
+        if requested:
+            control.should_training_stop = True
+            control.should_save = save
+            self.stopped_at = state.global_step
+        return control
 
 
 def use_liger_kernels(requested: bool | str, device: str) -> bool:
@@ -240,6 +286,7 @@ def train_adapter(
     resume_from = latest_complete_checkpoint(run_dir) if run_dir else None
     if run_dir and resume_from is None and fingerprint is not None:
         write_fingerprint(run_dir, fingerprint)
+    stop = current_stop()
     trainer = PipelineSFTTrainer(
         model=model,
         args=build_sft_config(cfg, device, run_dir or cfg.output_dir, report_to_mlflow, fsdp, **sft_overrides),
@@ -249,6 +296,8 @@ def train_adapter(
         callbacks=[RunLoggerProgress(log), *([] if fsdp else _layer_callbacks(cfg)), *(extra_callbacks or [])],
         metrics_on_device=cfg.metrics_on_device,
     )
+    if stop is not None:
+        trainer.add_callback(StopAtNextStep(stop, lambda: trainer.last_checkpoint_save_s))
     full_bytes = parameter_storage_bytes(trainer.model) if fsdp else 0  # base + LoRA, before FSDP shards them
     if cfg.fused_lora and not fsdp:  # the fused forward reads lora_B's weight, which FSDP keeps sharded there
         fuse_lora_layers(trainer.model)
@@ -257,7 +306,10 @@ def train_adapter(
     started = time.perf_counter()
     padding_free = bool(getattr(trainer, "padding_free", False))
     try:
-        with packed_training_attention(trainer.model, resolve_attention(cfg.attention, device), padding_free):
+        with (
+            stop.training() if stop is not None else contextlib.nullcontext(),
+            packed_training_attention(trainer.model, resolve_attention(cfg.attention, device), padding_free),
+        ):
             output = trainer.train(resume_from_checkpoint=resume_from)
     except BaseException:
         if not fsdp:  # (an FSDP run is a process of its own, and ends here)
@@ -267,6 +319,12 @@ def train_adapter(
         if cfg.compile_layers:
             uncompile_decoder_layers(trainer.model)  # evaluation, generation and saving run eager
     wall_s = time.perf_counter() - started
+    if stop is not None and stop.requested:
+        step = trainer.state.global_step
+        checkpoint = Path(run_dir or cfg.output_dir) / f"checkpoint-{step}"
+        if not fsdp:
+            trainer.model.unload()  # as after any failure: the base model as it came in
+        raise stop.interrupted(step, str(checkpoint) if checkpoint.is_dir() else None)
     tokens = float(trainer.state.num_input_tokens_seen)  # restored from the checkpoint when resuming
     metrics = {
         "train_loss": float(output.training_loss),
@@ -320,6 +378,61 @@ def save_trained_adapter(result: TrainResult, folder) -> None:
         skeleton = AutoModelForCausalLM.from_config(result.model.get_base_model().config)
     skeleton = get_peft_model(skeleton, lora_config)
     skeleton.save_pretrained(folder, safe_serialization=True, state_dict=result.adapter_state_dict)
+
+
+def save_training_outcome(result: TrainResult, run_dir: str | os.PathLike, extra: dict | None = None) -> None:
+    """The trained adapter (`trained-adapter/`, with checksums) and what training measured (`train-result.json`,
+    written last, so it marks both), in the run folder: an attempt whose evaluation, saving or registration fails
+    leaves them, and the re-run continues from them instead of training again."""
+    run_dir = Path(run_dir)
+    target = run_dir / TRAINED_ADAPTER_DIRNAME
+    try:
+        with atomic_folder(target, replace=True) as tmp:
+            try:
+                save_trained_adapter(result, tmp)
+                write_checksums(tmp)
+            except BaseException as exc:
+                if (full := disk_full_error(exc, run_dir, "the trained adapter", None)) is not None:
+                    raise full from None
+                raise
+    except OSError as exc:
+        if (full := disk_full_error(exc, run_dir, "the trained adapter", None)) is not None:
+            raise full from None
+        raise
+    summary = {
+        "metrics": result.metrics,
+        "loss_history": result.loss_history,
+        "resumed_from": result.resumed_from,
+        "adapter_dtype": result.adapter_dtype,
+        **(extra or {}),
+    }
+    write_text_atomic(run_dir / TRAIN_RESULT_NAME, json.dumps(summary, indent=1))
+
+
+def read_training_outcome(run_dir: str | os.PathLike) -> dict | None:
+    """What `save_training_outcome` left in the run folder, when its trained adapter is intact; else None."""
+    run_dir = Path(run_dir)
+    try:
+        outcome = json.loads((run_dir / TRAIN_RESULT_NAME).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    if damaged_files(run_dir / TRAINED_ADAPTER_DIRNAME) != []:  # damaged, or no checksums: train again
+        return None
+    return outcome
+
+
+def trained_result(base: PreTrainedModel, run_dir: str | os.PathLike, outcome: dict) -> TrainResult:
+    """`base` with the run folder's trained adapter, as a TrainResult (what training measured, from `outcome`)."""
+    from qlora.model import load_trained_adapter
+
+    model = load_trained_adapter(base, Path(run_dir) / TRAINED_ADAPTER_DIRNAME, outcome["adapter_dtype"])
+    return TrainResult(
+        model=model,
+        metrics=outcome["metrics"],
+        loss_history=[tuple(x) for x in outcome["loss_history"]],
+        resumed_from=outcome["resumed_from"],
+        adapter_dtype=outcome["adapter_dtype"],
+    )
 
 
 def train_run(

@@ -1,21 +1,31 @@
-"""Retry policy shared by the steps."""
+"""Retry policies shared by the steps: a retry only where it can help."""
 
 from __future__ import annotations
 
 from prefect.cache_policies import NO_CACHE
 
-from qlora.errors import PipelineInputError
+from qlora.errors import PipelineInputError, RunEnvironmentError, is_transient
+
+
+def _failure(state) -> BaseException | None:
+    try:
+        state.result()
+    except BaseException as exc:  # noqa: BLE001 (the failed state's exception, whatever it is)
+        return exc
+    return None
 
 
 def retry_unless_input_error(task, task_run, state) -> bool:
-    """Prefect retry condition: retry transient failures, never a bad-input error (it would fail again)."""
-    try:
-        state.result()
-    except PipelineInputError:
-        return False
-    except Exception:
-        return True
-    return True
+    """Retry anything but bad input and a full disk (they would fail again): for downloads, whose failures come in
+    too many forms to list."""
+    return not isinstance(_failure(state), PipelineInputError | RunEnvironmentError)
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Retry only what a retry can fix (qlora.errors.is_transient): a lost training process, a service outage. An
+    error in the code or the data fails at once, with its message, instead of failing again a minute later."""
+    failure = _failure(state)
+    return failure is not None and is_transient(failure)
 
 
 # Steps that download or reach a server: a hung download fails after an hour and is retried; bad input never is.

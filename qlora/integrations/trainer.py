@@ -11,17 +11,18 @@ fused LM head's outputs (`log_probs`, `entropy`, `is_top1`, `label_mask`), SFTTr
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
+import time
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTTrainer
 
-from qlora.errors import PipelineInputError
-from qlora.files import fsync_dir
+from qlora.errors import disk_full_error
+from qlora.files import folder_size_bytes, fsync_dir, write_checksums
 from qlora.model import cast_params
 from qlora.run_folder import STAGING_DIRNAME
 
@@ -41,9 +42,11 @@ def use_one_gpu(args) -> None:
 class PipelineSFTTrainer(SFTTrainer):
     """SFTTrainer with three changes:
 
-    - Checkpoints appear all at once: written into a staging folder, then renamed into place. transformers writes
-      `checkpoint-N` file by file; a kill in the middle would leave a folder that `get_last_checkpoint` picks up and
-      resume then fails on. Here a `checkpoint-N` folder exists only complete.
+    - Checkpoints appear all at once: written into a staging folder, checksummed (`SHA256SUMS.json`, what a resume
+      verifies), then renamed into place. transformers writes `checkpoint-N` file by file; a kill in the middle would
+      leave a folder that `get_last_checkpoint` picks up and resume then fails on. Here a `checkpoint-N` folder
+      exists only complete. A save that fails (a full disk: one line naming the folder and the space needed) or is
+      interrupted leaves no staging folder behind.
     - A resumed adapter trains in the dtype it was trained in (`_load_from_checkpoint`).
     - `metrics_on_device=True` (`training.metrics_on_device`): no host sync inside a training step. Trainer reads
       the token count of every micro-batch back to the host (`.item()`), and TRL its entropy, token accuracy and
@@ -57,6 +60,7 @@ class PipelineSFTTrainer(SFTTrainer):
     def __init__(self, *args, metrics_on_device: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.metrics_on_device = metrics_on_device
+        self.last_checkpoint_save_s: float | None = None  # how long the last checkpoint took (graceful stop)
         self._device_sums: dict[str, torch.Tensor] = {}
         if metrics_on_device:
             # First in line, so every callback's on_step_end (and the log) sees the flushed counts.
@@ -148,9 +152,11 @@ class PipelineSFTTrainer(SFTTrainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         # Under DDP every process writes its part (its RNG state; the main one the weights and optimizer) into the
-        # staging folder; only the main process clears it before and renames it after, between barriers.
+        # staging folder; only the main process clears it before, checksums and renames it after, between barriers.
+        started = time.perf_counter()
         run_dir = self._get_output_dir(trial=trial)
         staging = os.path.join(run_dir, STAGING_DIRNAME)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
         self.accelerator.wait_for_everyone()
@@ -158,19 +164,18 @@ class PipelineSFTTrainer(SFTTrainer):
         self._get_output_dir = lambda trial=None: staging  # super() writes checkpoint-N under staging
         try:
             super()._save_checkpoint(model, trial)
-        except OSError as exc:
-            shutil.rmtree(staging, ignore_errors=True)
-            if exc.errno == errno.ENOSPC:
-                raise PipelineInputError(
-                    f"disk full while writing a checkpoint in {run_dir}: free space and re-run; training resumes "
-                    "from the newest complete checkpoint"
-                ) from None
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                write_checksums(os.path.join(staging, name))  # what a resume verifies the checkpoint against
+        except BaseException as exc:
+            full = disk_full_error(exc, run_dir, f"checkpoint {name}", self._checkpoint_bytes(run_dir))
+            shutil.rmtree(staging, ignore_errors=True)  # a failed or interrupted save leaves nothing behind
+            if full is not None:
+                raise full from None
             raise
         finally:
             self._get_output_dir = get_output_dir
-        self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             target = os.path.join(run_dir, name)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(os.path.join(staging, name), target)
@@ -178,6 +183,16 @@ class PipelineSFTTrainer(SFTTrainer):
             shutil.rmtree(staging, ignore_errors=True)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
         self.accelerator.wait_for_everyone()
+        self.last_checkpoint_save_s = time.perf_counter() - started
+
+    @staticmethod
+    def _checkpoint_bytes(run_dir: str) -> int | None:
+        """Size of the newest complete checkpoint (what the next one needs), if there is one."""
+        done = [p for p in Path(run_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()]
+        if not done:
+            return None
+        newest = max(done, key=lambda p: int(p.name.split("-")[-1]))
+        return folder_size_bytes(newest)
 
 
 class FlushDeviceCounters(TrainerCallback):
