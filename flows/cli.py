@@ -23,6 +23,7 @@ Bad input exits with code 2 and one short message (add --debug for the traceback
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -446,7 +447,11 @@ class _OneLineInputErrors(logging.Filter):
     exception is an input error (`--debug` keeps it)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], ConfigError | PipelineInputError):
+        from qlora.errors import RunEnvironmentError
+        from qlora.stop import RunInterrupted
+
+        one_line = ConfigError | PipelineInputError | RunEnvironmentError | RunInterrupted
+        if record.exc_info and isinstance(record.exc_info[1], one_line):
             record.exc_info, record.exc_text = None, None
         return True
 
@@ -460,21 +465,63 @@ def _quiet_input_error_tracebacks() -> None:
                 handler.addFilter(_OneLineInputErrors())
 
 
+def _services_ready(cfg) -> None:
+    """The MLflow store and a configured Prefect API answer, found in seconds before anything starts (their clients
+    would retry for minutes). Raises PipelineInputError."""
+    from prefect.settings import PREFECT_API_URL
+
+    from qlora.services import prefect_api_problem, tracking_store_problem
+    from qlora.tracking import resolve_tracking_uri
+
+    problems = [tracking_store_problem(resolve_tracking_uri(cfg.tracking))]
+    if api_url := PREFECT_API_URL.value():
+        problems.append(prefect_api_problem(api_url))
+    if found := [p for p in problems if p]:
+        raise PipelineInputError("; ".join(found))
+
+
+@contextlib.contextmanager
+def _orchestrated(cfg, debug: bool):
+    """What `run` and `sweep` do around their flow: services checked, graceful stop on SIGTERM / SIGINT (qlora/stop.py)
+    from here to the end, the temporary Prefect server started so that it dies with this process (tasks/
+    prefect_server.py). A stop ends the command with one line and exit code 128 + the signal's number."""
+    from qlora.stop import graceful_stop
+
+    _services_ready(cfg)
+    if not debug:
+        _quiet_input_error_tracebacks()
+    with graceful_stop(cfg.training.stop_grace_s):
+        from tasks.prefect_server import start_temporary_server
+
+        start_temporary_server()
+        yield
+
+
+def _stopped(exc) -> int:
+    print(f"stopped: {exc}", file=sys.stderr)
+    if getattr(exc, "checkpoint", None):
+        print(f"checkpoint: {exc.checkpoint}", file=sys.stderr)
+    return exc.exit_code
+
+
 def run_command(
     config: str, overrides: list[str], resume_dir: str | None = None, no_resume: bool = False, debug: bool = False
 ) -> int:
     from pipeline_config.schema import load_pipeline_config
+    from qlora.stop import RunInterrupted
 
     cfg = load_pipeline_config(config, overrides)  # a bad config fails here, before Prefect starts
     from flows.finetune import finetune
     from qlora.tracking import resolve_tracking_uri
 
-    if not debug:
-        _quiet_input_error_tracebacks()
     started = time.perf_counter()
     resume = "never" if no_resume else None
-    # The flow gets the validated config itself; its preflight step checks data and tokenizer before any weights.
-    summary = finetune(config_path=config, config=cfg, resume=resume, resume_dir=resume_dir)
+    try:
+        with _orchestrated(cfg, debug):
+            # The flow gets the validated config itself; its preflight step checks data and tokenizer before weights.
+            summary = finetune(config_path=config, config=cfg, resume=resume, resume_dir=resume_dir)
+    except RunInterrupted as exc:
+        return _stopped(exc)
     print(format_summary(summary, resolve_tracking_uri(cfg.tracking), time.perf_counter() - started))
     return 0
 
@@ -482,6 +529,7 @@ def run_command(
 def sweep_command(args) -> int:
     from pipeline_config.schema import load_pipeline_config
     from pipeline_config.sweep import load_sweep_space
+    from qlora.stop import RunInterrupted
 
     cfg = load_pipeline_config(args.config, args.overrides)  # a bad config or space fails here, before Prefect starts
     space = load_sweep_space(args.space, cfg)
@@ -489,18 +537,19 @@ def sweep_command(args) -> int:
     from qlora.tracking import resolve_tracking_uri
     from tasks.sweep import SweepFailed
 
-    if not args.debug:
-        _quiet_input_error_tracebacks()
     started = time.perf_counter()
     try:
-        summary = sweep(
-            config_path=args.config,
-            space_path=args.space,
-            resume="never" if args.no_resume else "auto",
-            resume_dir=args.resume_dir,
-            trial_deployment=args.trial_deployment,
-            config=cfg,
-        )
+        with _orchestrated(cfg, args.debug):
+            summary = sweep(
+                config_path=args.config,
+                space_path=args.space,
+                resume="never" if args.no_resume else "auto",
+                resume_dir=args.resume_dir,
+                trial_deployment=args.trial_deployment,
+                config=cfg,
+            )
+    except RunInterrupted as exc:
+        return _stopped(exc)
     except SweepFailed as exc:
         print(f"sweep failed: {exc}", file=sys.stderr)
         return 1
@@ -647,12 +696,14 @@ def main(argv: list[str] | None = None) -> int:
             return gc_command(args.config, args.output_dir, args.keep, args.dry_run)
         return run_command(args.config, args.overrides, args.resume_dir, args.no_resume, args.debug)
     except Exception as exc:
-        if not _is_input_error(exc):
+        from qlora.errors import RunEnvironmentError
+
+        if not (_is_input_error(exc) or isinstance(exc, RunEnvironmentError)):
             raise
         if args.debug:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return 1 if isinstance(exc, RunEnvironmentError) else EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ Steps, in order (each a task in tasks/, each over plain functions in qlora/):
   validate-config -> resolve-model-source -> setup-tokenizer -> prepare-dataset (cached) -> open-prepared-dataset
   -> preflight -> [MLflow run] log-dataset -> claim-run-folder (this run's own folder, locked)
   -> [GPU slot] load-quantized-model -> train-adapter (SFTTrainer applies LoRA) -> evaluate-models (base vs
-  fine-tuned) -> save-adapter -> log-results -> register-adapter -> publish-summary
+  fine-tuned) -> save-adapter -> log-results -> register-adapter -> publish-summary; the run folder is marked
+  finished only then (a failure after training leaves it to resume from its trained adapter)
+SIGTERM, SIGINT or a cancellation stop training at the next optimizer step with a checkpoint (tasks/stopping.py).
 As a sweep's trial (flows/sweep.py passes `trial`), prepare-trial-pruning comes before the MLflow run, which is
 the one the sweep created for the trial; train-adapter then reports its eval loss to the sweep and may stop early.
 Models travel between tasks in memory only; no task caches or persists them (prepare-dataset caches a reference
@@ -35,6 +37,7 @@ from tasks.registry import register_adapter_task
 from tasks.report import publish_summary_task
 from tasks.run_folder import claimed_run_folder
 from tasks.save import save_adapter_task
+from tasks.stopping import stop_on_signals
 from tasks.sweep import prepare_trial_pruning_task
 from tasks.tokenizer import setup_tokenizer_task
 from tasks.tracking import log_dataset_task, log_results_task, mlflow_run_of_flow_run
@@ -79,25 +82,34 @@ def finetune(
     """
     cfg = validate_config_task(config, config_path, overrides, data_source)
     device = pick_device(cfg.training.device)
-    source, tokenizer, prepared, data = prepare_inputs(cfg, device)
-    callbacks = prepare_trial_pruning_task(trial, data, tokenizer, cfg) if trial else None
-    with mlflow_run_of_flow_run(cfg, trial.mlflow_run_id if trial else None) as run:
-        log_dataset_task(data)
-        # This flow run's own folder, locked until the flow ends; then its share of the GPU, until the flow ends.
-        with claimed_run_folder(cfg, source, data.digest, resume, resume_dir) as run_folder, gpu_slots(cfg.training):
-            # Several training processes (`distributed`) load their own copies; the flow's comes after training.
-            model = None if is_distributed(cfg, device) else load_quantized_model_task(source, cfg, device)
-            train = train_adapter_task.with_options(retries=cfg.training.task_retries)
-            trained = train(model, data, tokenizer, cfg, device, run_folder, source, prepared, callbacks)
-            comparison = evaluate_models_task(
-                trained.model, tokenizer, data, cfg.evaluation, cfg.training.max_seq_length
-            )
-            adapter_dir = save_adapter_task(trained.model, tokenizer, cfg, run_folder)
-            metrics = log_results_task(cfg, trained, comparison, adapter_dir)
-            decision = None
-            if cfg.registry.enabled:
-                decision = register_adapter_task(cfg, source, adapter_dir, metrics, data.digest, trained.adapter_dtype)
-            publish_summary_task(cfg, comparison, adapter_dir, data.digest, run, decision)
+    # SIGTERM / SIGINT / a cancellation from here on: training stops at the next step with a checkpoint (the folder
+    # stays resumable), the MLflow run ends KILLED, locks and slots are released, and the flow run Cancelled/Crashed.
+    with stop_on_signals(cfg.training.stop_grace_s):
+        source, tokenizer, prepared, data = prepare_inputs(cfg, device)
+        callbacks = prepare_trial_pruning_task(trial, data, tokenizer, cfg) if trial else None
+        with mlflow_run_of_flow_run(cfg, trial.mlflow_run_id if trial else None) as run:
+            log_dataset_task(data)
+            # This flow run's own folder, locked until the flow ends and finished only if every step succeeds; then
+            # its share of the GPU, until the flow ends.
+            with (
+                claimed_run_folder(cfg, source, data.digest, resume, resume_dir) as run_folder,
+                gpu_slots(cfg.training),
+            ):
+                # Several training processes (`distributed`) load their own copies; the flow's comes after training.
+                model = None if is_distributed(cfg, device) else load_quantized_model_task(source, cfg, device)
+                train = train_adapter_task.with_options(retries=cfg.training.task_retries)
+                trained = train(model, data, tokenizer, cfg, device, run_folder, source, prepared, callbacks)
+                comparison = evaluate_models_task(
+                    trained.model, tokenizer, data, cfg.evaluation, cfg.training.max_seq_length
+                )
+                adapter_dir = save_adapter_task(trained.model, tokenizer, cfg, run_folder)
+                metrics = log_results_task(cfg, trained, comparison, adapter_dir)
+                decision = None
+                if cfg.registry.enabled:
+                    decision = register_adapter_task(
+                        cfg, source, adapter_dir, metrics, data.digest, trained.adapter_dtype
+                    )
+                publish_summary_task(cfg, comparison, adapter_dir, data.digest, run, decision)
     return {
         "base": comparison.base.metrics,
         "finetuned": comparison.finetuned.metrics,

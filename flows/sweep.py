@@ -22,6 +22,7 @@ from flows.finetune import finetune, prepare_inputs
 from pipeline_config.schema import PipelineConfig
 from qlora.model import pick_device
 from qlora.registry import default_model_name
+from tasks.stopping import stop_on_signals
 from tasks.sweep import (
     claimed_sweep_folder,
     finish_sweep_task,
@@ -62,18 +63,19 @@ def sweep(
     space = validate_sweep_task(config, config_path, overrides, space_path)
     cfg = space.base
     device = pick_device(cfg.training.device)
-    source, _, _, data = prepare_inputs(cfg, device)  # the finetune flow's first steps, preflight included
-    parallel = plan_trial_slots_task(space, trial_deployment)
-    with (
-        claimed_sweep_folder(space, data.digest, source.digest or "", resume, resume_dir) as folder,
-        sweep_parent_run(space, folder) as parent,
-    ):
-        study = open_study_task(space, folder)
-        run_trials(study, space, folder, parent, finetune, trial_deployment, parallel)
-        decision = register_best_trial_task(study, space, folder, source)
-        rows = log_sweep_results_task(study, space, decision)
-        publish_sweep_summary_task(space, study, rows, folder, parent, decision)
-        finish_sweep_task(study, folder)
+    with stop_on_signals(cfg.training.stop_grace_s):  # a stop reaches every trial in flight (run_trials)
+        source, _, _, data = prepare_inputs(cfg, device)  # the finetune flow's first steps, preflight included
+        parallel = plan_trial_slots_task(space, trial_deployment)
+        with (
+            claimed_sweep_folder(space, data.digest, source.digest or "", resume, resume_dir) as folder,
+            sweep_parent_run(space, folder) as parent,
+        ):
+            study = open_study_task(space, folder)
+            run_trials(study, space, folder, parent, finetune, trial_deployment, parallel)
+            decision = register_best_trial_task(study, space, folder, source)
+            rows = log_sweep_results_task(study, space, decision)
+            publish_sweep_summary_task(space, study, rows, folder, parent, decision)
+            finish_sweep_task(study, folder)
     return {
         "trials": rows,
         "best": next((r for r in rows if r["best"]), None),

@@ -15,7 +15,10 @@ With `distributed.num_processes` above 1 (or several machines), train-adapter do
 4. Rank 0 saves the trained adapter and the training result into the run folder; the flow then loads base +
    adapter in its own process and evaluates, saves and registers them as for a one-process run.
 A failing rank fails the task with the error of the rank that failed first (torchrun's error files, written by
-`@record`), not the broken connections it leaves the others with.
+`@record`), not the broken connections it leaves the others with. A rank killed from outside (no error file) is a
+lost process, which a retry continues from the newest checkpoint. A graceful stop (qlora/stop.py) is forwarded to
+torchrun as one SIGTERM, which passes it to every rank; the ranks agree on the step to stop at. torchrun runs in a
+session of its own and dies with the flow's process, and each rank with torchrun (qlora/processes.py): no orphans.
 """
 
 from __future__ import annotations
@@ -23,19 +26,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from pipeline_config.schema import DistributedConfig, PipelineConfig
+from qlora.errors import LostProcessError
 from qlora.files import write_text_atomic
 from qlora.model_source import ModelSource
+from qlora.processes import die_with_parent
+from qlora.stop import current as current_stop
 
 SPEC_NAME = "launch-spec.json"
-RESULT_NAME = "train-result.json"
-TRAINED_ADAPTER_DIRNAME = "trained-adapter"  # rank 0's adapter, before the flow evaluates and saves it
+STOPPED_NAME = "train-stopped.json"  # rank 0's account of a graceful stop: signal, step, checkpoint
 LOGS_DIRNAME = "launch-logs"
 
 
@@ -129,9 +136,11 @@ def run_distributed_training(
     device: str,
     env: dict[str, str],
     log: logging.Logger | logging.LoggerAdapter,
-) -> dict[str, Any]:
-    """Launch the training processes, stream rank 0's output into `log`, and return rank 0's training result.
-    Raises DistributedTrainingError with the failing rank's error."""
+) -> None:
+    """Launch the training processes and stream rank 0's output into `log`; rank 0 leaves the trained adapter and
+    the training result in the run folder (qlora.train.save_training_outcome). Raises DistributedTrainingError with
+    the failing rank's error, LostProcessError when a process died without one (retried), RunInterrupted on a
+    graceful stop (forwarded to torchrun, which passes it to every rank)."""
     spec = write_launch_spec(run_dir, cfg, source, prepared, fingerprint, device)
     log_dir = run_dir / LOGS_DIRNAME / f"attempt-{len(list((run_dir / LOGS_DIRNAME).glob('attempt-*')))}"
     cmd = launch_command(cfg.distributed, device, spec, log_dir)
@@ -139,18 +148,47 @@ def run_distributed_training(
     repo = str(Path(__file__).resolve().parent.parent)
     child_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, child_env.get("PYTHONPATH")]))
+    stop = current_stop()
+    # torchrun in a session of its own: a Ctrl-C in the terminal reaches only the flow, which forwards one SIGTERM
+    # (torchrun passes it to every rank once); and it dies with the flow's process if that is killed.
     with subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env, bufsize=1
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=child_env,
+        bufsize=1,
+        start_new_session=True,
+        preexec_fn=die_with_parent,
     ) as proc:
-        for line in proc.stdout:
-            line = line.rstrip()
-            if line:
-                log.info("%s", line)
-        code = proc.wait()
+        forwarding = stop.forwarding_to(lambda sig: proc.send_signal(signal.SIGTERM)) if stop else nullcontext()
+        try:
+            with forwarding:
+                for line in proc.stdout:
+                    line = line.rstrip()
+                    if line:
+                        log.info("%s", line)
+                code = proc.wait()
+        except BaseException:  # stopped at once: the ranks go with torchrun (they die with their parent)
+            proc.kill()
+            raise
+    if stop is not None and stop.requested:
+        stopped = _read_json(run_dir / STOPPED_NAME) or {}
+        raise stop.interrupted(stopped.get("step"), stopped.get("checkpoint"))
     if code != 0:
         first_rank = cfg.distributed.machine_rank * processes_per_machine(cfg.distributed, device)
         if failure := first_failure(log_dir, first_rank):
             rank, message = failure
             raise DistributedTrainingError(f"training process rank {rank} failed: {message.splitlines()[-1]}")
-        raise DistributedTrainingError(f"torchrun exited with code {code}; the ranks' logs are in {log_dir}")
-    return json.loads((run_dir / RESULT_NAME).read_text())
+        # No rank wrote an error: one was killed from outside (the OOM killer, a lost node), which a retry can fix.
+        raise LostProcessError(
+            f"torchrun exited with code {code} and no rank reported an error (a process was killed?); the ranks' "
+            f"logs are in {log_dir}"
+        )
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None

@@ -18,23 +18,40 @@ from pathlib import Path
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from pipeline_config.schema import ModelConfig, load_pipeline_config
-from qlora.distributed import RESULT_NAME, TRAINED_ADAPTER_DIRNAME, gather_per_rank
-from qlora.files import atomic_folder, write_text_atomic
+from qlora.distributed import STOPPED_NAME, gather_per_rank
+from qlora.files import write_text_atomic
 from qlora.model import load_base_for_training
 from qlora.model_source import ModelSource
 from qlora.prepare import PreparedDataset, open_prepared
+from qlora.processes import die_with_parent
+from qlora.stop import RunInterrupted, graceful_stop
 from qlora.tokenizer import setup_tokenizer
-from qlora.train import save_trained_adapter, train_run
+from qlora.train import save_training_outcome, train_run
 
 log = logging.getLogger("qlora.train")
 
 
 @record  # a failure is written to torchrun's error file, so the flow can name the rank and its error
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()  # torchrun's child: never outlive it (it dies with the flow's process)
     spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
     cfg = load_pipeline_config(spec["config"])
+    run_dir = Path(spec["run_dir"])
+    # torchrun forwards the flow's stop as SIGTERM; every rank stops at the same step (qlora.train.StopAtNextStep)
+    with graceful_stop(cfg.training.stop_grace_s):
+        try:
+            return _train(spec, cfg, run_dir, rank, local_rank)
+        except RunInterrupted as stopped:
+            if rank == 0:
+                record = {"signal": stopped.signal_name, "step": stopped.step, "checkpoint": stopped.checkpoint}
+                write_text_atomic(run_dir / STOPPED_NAME, json.dumps(record))
+            log.info("%s", stopped)
+            return stopped.exit_code
+
+
+def _train(spec: dict, cfg, run_dir: Path, rank: int, local_rank: int) -> int:
     src = spec["source"]
     source = ModelSource(ModelConfig(**src["model"]), src["path"], src["description"], src["digest"], src["gguf_file"])
     data = open_prepared(PreparedDataset(**spec["prepared"]), cfg.data)
@@ -45,23 +62,14 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.cuda.set_device(local_rank)  # device_map {"": "cuda"} then means this process's GPU
     model = load_base_for_training(source, cfg, device)
-    run_dir = Path(spec["run_dir"])
     result = train_run(model, data, tokenizer, cfg, device, str(run_dir), spec["fingerprint"], log)
     peaks_mib = gather_per_rank(result.metrics["train_peak_memory_mib"])
     if rank == 0:
-        with atomic_folder(run_dir / TRAINED_ADAPTER_DIRNAME, replace=True) as tmp:
-            # FSDP: the adapter gathered from the shards, saved as one ordinary PEFT adapter
-            save_trained_adapter(result, tmp)
         log.info("peak memory per rank (MiB): %s", ", ".join(f"{p:.0f}" for p in peaks_mib))
-        summary = {
-            "metrics": result.metrics | {"train_peak_memory_mib_max_rank": max(peaks_mib)},
-            "peak_memory_mib_per_rank": peaks_mib,
-            "loss_history": result.loss_history,
-            "resumed_from": result.resumed_from,
-            "adapter_dtype": result.adapter_dtype,
-            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-        }
-        write_text_atomic(run_dir / RESULT_NAME, json.dumps(summary, indent=1))
+        result.metrics["train_peak_memory_mib_max_rank"] = max(peaks_mib)
+        # FSDP: the adapter gathered from the shards, saved as one ordinary PEFT adapter
+        extra = {"peak_memory_mib_per_rank": peaks_mib, "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+        save_training_outcome(result, run_dir, extra)
     return 0
 
 

@@ -8,7 +8,7 @@ Prefect flow run Cancelled or Crashed, locks and GPU slots released, no child pr
 
     with graceful_stop(cfg.training.stop_grace_s):      # the flow's body (the CLI's command, a deployment run)
         ...
-        with stop.training():                           # qlora/train.py, around trainer.train()
+        with stop.deferred():                           # qlora/train.py, around trainer.train()
             ...                                         # StopAtNextStep (qlora/integrations/trainer.py) ends it
 
 - First signal: recorded and forwarded to the run's child processes (torchrun, which forwards it to every rank).
@@ -77,7 +77,7 @@ class GracefulStop:
         self.at_once = False
         self._requested = threading.Event()
         self._lock = threading.Lock()
-        self._training = 0
+        self._deferring = 0
         self._forwards: list[Callable[[int], None]] = []
         self._done = threading.Event()
         self._announce = announce or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -87,8 +87,8 @@ class GracefulStop:
         return self._requested.is_set()
 
     @property
-    def is_training(self) -> bool:
-        return self._training > 0
+    def is_deferred(self) -> bool:
+        return self._deferring > 0
 
     def seconds_left(self) -> float:
         """Seconds of the grace period left for stopping before the teardown's share (inf before any signal)."""
@@ -119,7 +119,7 @@ class GracefulStop:
             self.at_once = True
             raise self.interrupted()
         self.request(signum)
-        if not self.is_training:
+        if not self.is_deferred:
             raise self.interrupted()
         self._announce(
             f"{self.signal_name} received: training stops at the next optimizer step and writes a checkpoint of it if "
@@ -127,15 +127,16 @@ class GracefulStop:
         )
 
     @contextlib.contextmanager
-    def training(self) -> Iterator[GracefulStop]:
-        """While the block runs, a signal stops training at the next optimizer step instead of at once."""
+    def deferred(self) -> Iterator[GracefulStop]:
+        """While the block runs, a signal is left to the code inside to act on at its next safe point (training: the
+        end of the optimizer step; a sweep: once its trials have stopped) instead of stopping the run at once."""
         with self._lock:
-            self._training += 1
+            self._deferring += 1
         try:
             yield self
         finally:
             with self._lock:
-                self._training -= 1
+                self._deferring -= 1
 
     @contextlib.contextmanager
     def forwarding_to(self, forward: Callable[[int], None]) -> Iterator[None]:

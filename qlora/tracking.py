@@ -1,7 +1,8 @@
 """Provenance in one place: the MLflow run of a flow run, its params, tags, dataset inputs, metrics and artifacts.
 
 One MLflow run per flow run. The run is opened by `tracking_run` around the flow's tasks; an exception inside
-marks it FAILED (KeyboardInterrupt: KILLED), so a failed flow never leaves it RUNNING.
+marks it FAILED (a graceful stop or KeyboardInterrupt: KILLED, with the step reached), so a failed flow never leaves
+it RUNNING.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from pipeline_config.schema import PipelineConfig, TrackingConfig, dump_pipeline_config
 from qlora.provenance import git_commit, library_versions, process_alive, process_identity
 from qlora.save import adapter_checksum
+from qlora.stop import RunInterrupted
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -114,7 +116,12 @@ def tracking_run(
     try:
         mlflow.log_params(config_params(cfg) if params is None else params)
         yield run
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RunInterrupted) as exc:
+        with contextlib.suppress(Exception):  # the stop must not wait on a tracking server that is down
+            tags = {"killed_reason": str(exc) or type(exc).__name__}
+            if isinstance(exc, RunInterrupted) and exc.step is not None:
+                tags |= {"stopped_at_step": str(exc.step), "stopped_by": exc.signal_name}
+            mlflow.set_tags(tags)
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
         raise
     except BaseException:

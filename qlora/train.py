@@ -307,7 +307,7 @@ def train_adapter(
     padding_free = bool(getattr(trainer, "padding_free", False))
     try:
         with (
-            stop.training() if stop is not None else contextlib.nullcontext(),
+            stop.deferred() if stop is not None else contextlib.nullcontext(),
             packed_training_attention(trainer.model, resolve_attention(cfg.attention, device), padding_free),
         ):
             output = trainer.train(resume_from_checkpoint=resume_from)

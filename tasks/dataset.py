@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline_config.schema import DataConfig, TrainingConfig
@@ -27,4 +27,5 @@ def prepare_dataset_task(cfg: DataConfig, tokenizer, train_cfg: TrainingConfig) 
 
 @task(name="open-prepared-dataset", cache_policy=NO_CACHE, persist_result=False)
 def open_prepared_dataset_task(ref: PreparedDataset, cfg: DataConfig) -> DatasetSplits:
-    return open_prepared(ref, cfg)
+    """Verified first: a prepared copy found missing or damaged is rebuilt, and the run log says so."""
+    return open_prepared(ref, cfg, get_run_logger())

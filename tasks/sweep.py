@@ -99,11 +99,17 @@ def plan_trial_slots_task(space: SweepSpace, trial_deployment: str | None) -> in
 def claim_sweep_folder_task(
     space: SweepSpace, data_digest: str, model_digest: str, resume: str | None, resume_dir: str | None
 ) -> RunFolder:
+    from qlora.sweep import sweeps_root
+    from tasks.run_folder import report_lost_flow_runs
+
+    log = get_run_logger()
+    report_lost_flow_runs(str(sweeps_root(space.base)), log)  # a sweep killed before this one never ended
     name = flow_run.name or f"local-{os.getpid()}"
     fingerprint = sweep_fingerprint(space, data_digest, model_digest)
     identity = {"flow_run_id": str(flow_run.id or ""), "flow_run_name": name}
     folder = claim_sweep_folder(space, fingerprint, name, identity, resume, resume_dir)
-    get_run_logger().info("sweep folder %s (%s)", folder.path, folder.reason)
+    folder.begin_attempt(identity)
+    log.info("sweep folder %s (%s)", folder.path, folder.reason)
     return folder
 
 
@@ -163,9 +169,9 @@ def run_trial_task(
 
         parameters = {"config": cfg.model_dump(mode="json"), "trial": trial.model_dump(mode="json")}
         run = run_deployment(
-            trial_deployment, parameters=parameters, flow_run_name=name, tags=["sweep", trial.study_name], timeout=None
+            trial_deployment, parameters=parameters, flow_run_name=name, tags=["sweep", trial.study_name], timeout=0
         )
-        state, flow_run_id = run.state, str(run.id)
+        state, flow_run_id = _wait_cancelling_on_stop(run.id, name), str(run.id)
     else:
         with tags("sweep", trial.study_name):
             state = trial_flow.with_options(flow_run_name=name)(config=cfg, trial=trial, return_state=True)
@@ -176,6 +182,30 @@ def run_trial_task(
         raise TrialFailed(outcome)
     log.info("trial %d %s: %s %.4f", number, outcome.state, metric, outcome.value)
     return outcome
+
+
+def _wait_cancelling_on_stop(flow_run_id, name: str, poll_s: float = 2.0):
+    """Wait for a trial's deployment run to end; when the sweep is stopped (qlora/stop.py), ask Prefect to cancel
+    it (its worker then sends the trial's process SIGTERM: it stops at its next step, with a checkpoint)."""
+    import time
+
+    from prefect import get_client
+    from prefect.states import Cancelling
+
+    from qlora.stop import current as current_stop
+
+    stop, cancelling = current_stop(), False
+    with get_client(sync_client=True) as client:
+        while True:
+            state = client.read_flow_run(flow_run_id).state
+            if state is not None and state.is_final():
+                return state
+            if stop is not None and stop.requested and not cancelling:
+                message = f"the sweep was stopped by {stop.signal_name}"
+                client.set_flow_run_state(flow_run_id, Cancelling(message=message), force=True)
+                get_run_logger().info("trial %s: cancelling its flow run (%s)", name, message)
+                cancelling = True
+            time.sleep(poll_s)
 
 
 def _ended(future, spec: TrialSpec, run_id: str, metric: str) -> TrialOutcome:
@@ -199,15 +229,31 @@ def run_trials(
 ) -> None:
     """Run the sweep's trials until `n_trials` have finished: first those an interrupted attempt left RUNNING, then
     new ones from the sampler; at most `parallel` `run-trial` task runs at once, each told to the study as it ends
-    (COMPLETE, PRUNED or FAIL: a failed trial never fails the sweep) and the parent run's results refreshed."""
+    (COMPLETE, PRUNED or FAIL: a failed trial never fails the sweep) and the parent run's results refreshed.
+
+    A stop (SIGTERM / SIGINT, qlora/stop.py) reaches every trial in flight: one in this process stops at its next
+    optimizer step; a deployment run is cancelled through Prefect. No new trial starts, and once the trials in
+    flight have ended the sweep ends with RunInterrupted, its stopped trials left to a resumed sweep."""
+    from qlora.stop import current as current_stop
+
     log = get_run_logger()
+    stop = current_stop()
     again = interrupted_trials(study, folder.path)
     for spec in again:
         close_interrupted_trial_run(spec.previous_run_id)
         log.info("trial %d was interrupted by a crash: running it again with %s", spec.number, spec.params)
     in_flight: dict = {}
+    # While trials run, a stop is theirs to act on (each stops at its next step); the sweep then ends here.
+    with contextlib.nullcontext() if stop is None else stop.deferred():
+        _run_until_done(
+            study, space, folder, parent_run, trial_flow, trial_deployment, parallel, again, in_flight, stop
+        )
+
+
+def _run_until_done(study, space, folder, parent_run, trial_flow, trial_deployment, parallel, again, in_flight, stop):
+    log = get_run_logger()
     while True:
-        while len(in_flight) < parallel:
+        while len(in_flight) < parallel and not (stop is not None and stop.requested):
             if again:
                 spec = again.pop(0)
             elif trials_to_ask(study, space, len(in_flight)):
@@ -227,10 +273,16 @@ def run_trials(
             run = run_trial_task.with_options(task_run_name=f"run-trial-{spec.number}")
             in_flight[run.submit(spec.number, cfg, trial, space.metric, trial_flow, trial_deployment)] = (spec, run_id)
         if not in_flight:
+            if stop is not None and stop.requested:
+                # The trials the stop ended stay RUNNING in the study: a resumed sweep runs them again.
+                raise stop.interrupted()
             return
         done = next(as_completed(list(in_flight)))
         spec, run_id = in_flight.pop(done)
         outcome = _ended(done, spec, run_id, space.metric)
+        if stop is not None and stop.requested and outcome.state == "FAIL":
+            log.info("trial %d stopped by %s: left to a resumed sweep", spec.number, stop.signal_name)
+            continue
         record_trial(study, spec, outcome)
         if outcome.state == "FAIL":
             log.warning("trial %d FAILED (recorded; the sweep goes on): %s", spec.number, outcome.error)

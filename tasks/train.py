@@ -3,18 +3,16 @@ process or, with `distributed` settings, in processes torchrun launches (qlora/d
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import mlflow
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline_config.schema import PipelineConfig
-from qlora.distributed import TRAINED_ADAPTER_DIRNAME, run_distributed_training
-from qlora.model import load_base_for_training, load_trained_adapter
-from qlora.run_folder import RunFolder
-from qlora.train import TrainResult, train_run
-from tasks.retries import retry_unless_input_error
+from qlora.distributed import run_distributed_training
+from qlora.model import load_base_for_training
+from qlora.run_folder import RunFolder, set_aside_damaged_checkpoints
+from qlora.train import TrainResult, read_training_outcome, save_training_outcome, train_run, trained_result
+from tasks.retries import retry_if_transient
 
 
 @task(
@@ -22,7 +20,7 @@ from tasks.retries import retry_unless_input_error
     cache_policy=NO_CACHE,
     persist_result=False,
     retry_delay_seconds=10,
-    retry_condition_fn=retry_unless_input_error,
+    retry_condition_fn=retry_if_transient,
 )
 def train_adapter_task(
     model,
@@ -35,29 +33,39 @@ def train_adapter_task(
     prepared=None,
     callbacks=None,
 ) -> TrainResult:
-    """A retry (`training.task_retries`) continues from the newest complete checkpoint of this flow run's own
-    folder, never from step 0 (one process: the failed attempt unloaded its adapter, so the same base is reused).
+    """Train, or pick up what an earlier attempt in this run folder left:
 
-    `model` None: a distributed run. The processes train and rank 0 writes the adapter; the base is loaded here only
-    afterwards, with that adapter, for evaluation (the GPUs are the training processes' until then).
+    - training finished there (its trained adapter and result are in the folder, intact): no training; the adapter
+      is loaded onto the base for the steps after it (an earlier attempt failed in evaluation, saving or
+      registration);
+    - else training continues from the newest intact checkpoint (a damaged one is set aside, and the log says which
+      file was damaged), or starts at step 0.
 
-    `callbacks`: more Trainer callbacks (a sweep trial's pruning check), in the flow's own process only."""
+    A retry (`training.task_retries`) happens only for what a retry can fix (a lost process, a service outage) and
+    continues the same way. `model` None: a distributed run. The processes train and rank 0 writes the adapter; the
+    base is loaded here only afterwards (the GPUs are the training processes' until then). `callbacks`: more Trainer
+    callbacks (a sweep trial's pruning check), in the flow's own process only."""
     log = get_run_logger()
-    if model is not None:
-        return train_run(
-            model, data, tokenizer, cfg, device, str(run_folder.path), run_folder.fingerprint, log, callbacks
+    folder = run_folder.path
+    if (outcome := read_training_outcome(folder)) is not None:
+        log.info(
+            "training had finished in this run folder (%.0f steps): continuing with its trained adapter",
+            outcome["metrics"].get("train_steps", 0),
         )
+        base = model if model is not None else load_base_for_training(source, cfg, device)
+        return trained_result(base, folder, outcome)
+    for line in set_aside_damaged_checkpoints(folder):
+        log.warning("%s", line)
+    if model is not None:
+        result = train_run(model, data, tokenizer, cfg, device, str(folder), run_folder.fingerprint, log, callbacks)
+        save_training_outcome(result, folder)
+        return result
     active = mlflow.active_run()
     env = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
     if active is not None:
         env |= {"MLFLOW_RUN_ID": active.info.run_id, "MLFLOW_EXPERIMENT_ID": active.info.experiment_id}
-    result = run_distributed_training(cfg, source, prepared, run_folder.path, run_folder.fingerprint, device, env, log)
-    base = load_base_for_training(source, cfg, device)
-    trained = load_trained_adapter(base, Path(run_folder.path) / TRAINED_ADAPTER_DIRNAME, result["adapter_dtype"])
-    return TrainResult(
-        model=trained,
-        metrics=result["metrics"],
-        loss_history=[tuple(x) for x in result["loss_history"]],
-        resumed_from=result["resumed_from"],
-        adapter_dtype=result["adapter_dtype"],
-    )
+    run_distributed_training(cfg, source, prepared, folder, run_folder.fingerprint, device, env, log)
+    outcome = read_training_outcome(folder)
+    if outcome is None:
+        raise RuntimeError(f"the training processes ended without leaving their result in {folder}")
+    return trained_result(load_base_for_training(source, cfg, device), folder, outcome)
