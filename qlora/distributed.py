@@ -163,7 +163,8 @@ def run_distributed_training(
     ) as proc:
         forwarding = stop.forwarding_to(lambda sig: proc.send_signal(signal.SIGTERM)) if stop else nullcontext()
         try:
-            with forwarding:
+            # the ranks stop at their next step; this process waits for them (within the grace period)
+            with forwarding, stop.deferred() if stop else nullcontext():
                 for line in proc.stdout:
                     line = line.rstrip()
                     if line:

@@ -112,6 +112,38 @@ def _output_not_writable(c, tmp):
     c["training"]["output_dir"] = str(blocker / "out")
 
 
+def _same_file_for_eval(c, tmp):
+    rows = [json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) for i in range(8)]
+    c["data"] = {"source": _jsonl(tmp, "train.jsonl", rows), "eval_source": _jsonl(tmp, "copy.jsonl", rows)}
+
+
+def _rows(field: str, bad, fmt: str = "text"):
+    def apply(c, tmp):
+        good = {"text": {"text": "a row"}, "prompt_completion": {"prompt": "q", "completion": "a"}}[fmt]
+        rows = [json.dumps(good)] * 4 + [json.dumps({**good, field: bad})] + [json.dumps(good)] * 3
+        c["data"] = {"source": _jsonl(tmp, "rows.jsonl", rows), "format": fmt}
+        if fmt == "text":  # plain text has no answer to score
+            c["evaluation"]["task_metric"] = "none"
+
+    return apply
+
+
+def _chat_content(bad):
+    def apply(c, tmp):
+        turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+        bad_turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": bad}]
+        rows = [json.dumps({"messages": turns})] * 2 + [json.dumps({"messages": bad_turns})]
+        c["data"] = {"source": _jsonl(tmp, "chat.jsonl", rows)}
+
+    return apply
+
+
+def _tracking_server_down(c, tmp):
+    from tests.conftest import free_port
+
+    c["tracking"]["tracking_uri"] = f"http://127.0.0.1:{free_port()}"
+
+
 CASES = {
     "unknown key": (_unknown_key, "did you mean 'training.learning_rate'"),
     "wrong type": (_wrong_type, "training.per_device_train_batch_size"),
@@ -171,6 +203,42 @@ CASES = {
         _set("lora", "target_modules", ["q_proj", "not_a_module"]),
         "lora.target_modules: 'not_a_module' matches no module of LlamaForCausalLM",
     ),
+    # settings that used to pass validation and fail late (after the weights loaded, or after training)
+    "registered-model name MLflow refuses": (
+        lambda c, t: c.update(registry={"model_name": "team/orders:v1"}),
+        "registry.model_name 'team/orders:v1': Invalid model name 'team/orders:v1'. Names cannot contain '/' or ':'",
+    ),
+    "unknown optimizer": (_set("training", "optim", "adamw_torc"), "training.optim 'adamw_torc' is not an optimizer"),
+    "unknown scheduler": (
+        _set("training", "lr_scheduler_type", "cosin"),
+        "training.lr_scheduler_type 'cosin' is not a scheduler transformers knows: did you mean 'cosine'?",
+    ),
+    "max_steps 0": (_set("training", "max_steps", 0), "training.max_steps is 0, which trains nothing"),
+    "learning rate 1e9": (_set("training", "learning_rate", 1e9), "training.learning_rate: Input should be less"),
+    "learning rate inf": (_set("training", "learning_rate", float("inf")), "training.learning_rate: Input should be"),
+    "no lora targets": (_set("lora", "target_modules", []), "lora.target_modules is empty"),
+    "sequence length beyond the model's": (
+        _set("training", "max_seq_length", 100_000),
+        "training.max_seq_length 100000 is beyond the 512 positions Llama was built for",
+    ),
+    "eval file identical to the training file": (_same_file_for_eval, "holds the same rows as data.source"),
+    "chat template file missing": (
+        lambda c, t: c.update(tokenizer={"chat_template_file": str(t / "none.jinja")}),
+        "tokenizer.chat_template_file",
+    ),
+    "empty experiment name": (_set("tracking", "experiment_name", ""), "tracking.experiment_name"),
+    "tracking URI of an unknown scheme": (
+        _set("tracking", "tracking_uri", "mlfow://host/x"),
+        "MLflow has no tracking store for this scheme",
+    ),
+    "tracking server down": (_tracking_server_down, "does not answer"),
+    "null text": (_rows("text", None), "rows.jsonl: row 5, column 'text' (data.columns.text) is null, not text"),
+    "number as completion": (
+        _rows("completion", 42, "prompt_completion"),
+        "row 5, column 'completion' (data.columns.completion) is a number",
+    ),
+    "list as text": (_rows("text", ["a", "b"]), "row 5, column 'text' (data.columns.text) is a list"),
+    "null chat content": (_chat_content(None), "chat.jsonl: row 3, turn 2 (assistant): content is null"),
 }
 
 

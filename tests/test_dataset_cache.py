@@ -85,3 +85,45 @@ def test_deleted_cache_folder_is_rebuilt(setup):
     assert hit.name == "Cached"
     splits = prepare.open_prepared(hit.result(), cfg)
     assert Path(ref.folder).is_dir() and len(splits.train) == 8
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def warning(self, msg, *args) -> None:
+        self.lines.append(msg % args)
+
+
+def test_the_cache_record_pins_no_folder_a_run_elsewhere_builds_its_own(setup, tmp_path, monkeypatch):
+    """The record Prefect caches names a key, not the folder of the run that built it: after that folder is moved
+    away, a run in another working folder gets the cache hit and builds the prepared rows under its own cache."""
+    import shutil
+
+    cfg, tokenizer, train_cfg, _ = setup
+    ref = _state(cfg, tokenizer, train_cfg).result()
+    built_first = ref.folder
+    shutil.move(str(built_first), str(tmp_path / "moved-away"))
+    monkeypatch.setattr(prepare, "CACHE_DIR", tmp_path / "elsewhere" / ".cache" / "datasets")
+    hit = _state(cfg, tokenizer, train_cfg)
+    assert hit.name == "Cached" and "folder" not in vars(hit.result())
+    log = _Log()
+    splits = prepare.open_prepared(hit.result(), cfg, log)
+    assert len(splits.train) == 8
+    assert hit.result().folder == (tmp_path / "elsewhere" / ".cache" / "datasets" / ref.key).resolve()
+    assert log.lines == [f"prepared dataset {hit.result().folder} is missing: rebuilding it from {cfg.source}"]
+
+
+def test_a_truncated_arrow_file_is_rebuilt_and_the_log_says_which(setup):
+    cfg, tokenizer, train_cfg, _ = setup
+    ref = _state(cfg, tokenizer, train_cfg).result()
+    (arrow,) = (ref.folder / "train").glob("*.arrow")
+    arrow.write_bytes(arrow.read_bytes()[:100])
+    log = _Log()
+    splits = prepare.open_prepared(ref, cfg, log)
+    assert len(splits.train) == 8 and splits.train[0]["prompt"].startswith("q")
+    assert log.lines == [
+        f"prepared dataset {ref.folder}/train/{arrow.name} is damaged (missing or sha256 mismatch): rebuilding it "
+        f"from {cfg.source}"
+    ]
+    assert prepare.open_prepared(ref, cfg, log) and len(log.lines) == 1  # intact again: no second rebuild

@@ -137,12 +137,153 @@ def test_two_machines_on_one_host(prefect_server, tiny_llama_dir, tmp_path, inst
 def test_a_crash_in_rank_1_fails_the_task_with_its_error(
     prefect_server, tiny_llama_dir, tmp_path, instrumented_children, monkeypatch
 ):
+    """An error in the code (here: a rank that raises) fails the task at once, with that rank's error: no retry,
+    although `training.task_retries` allows one (it would only fail again)."""
     monkeypatch.setenv("QLORA_TEST_FAIL_RANK", "1")
     config = _config(tiny_llama_dir, tmp_path, num_processes=2)
+    raw = yaml.safe_load(config.read_text())
+    raw["training"]["task_retries"] = 1
+    config.write_text(yaml.safe_dump(raw))
     with pytest.raises(Exception, match=r"rank 1 failed: .*rank 1 broke on purpose \(test\)"):
         finetune(config_path=str(config))
     _, runs = _runs(config)
     assert [r.info.status for r in runs] == ["FAILED"]
+    (run_dir,) = (tmp_path / "out").iterdir()
+    assert [p.name for p in (run_dir / "launch-logs").iterdir()] == ["attempt-0"]  # launched once
+
+
+def _descendants(pid: int) -> list:
+    import psutil
+
+    return psutil.Process(pid).children(recursive=True)
+
+
+def _alive(processes) -> list:
+    import psutil
+
+    return [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def _start_cli(config: Path, log: Path, env: dict):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", "--config", str(config)],
+        cwd=repo,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _wait_for_checkpoint(root: Path, proc, log: Path, after: int = 0) -> int:
+    deadline = time.monotonic() + 300
+    while True:
+        steps = [int(p.name.split("-")[1]) for p in root.glob("*/checkpoint-*") if p.name.split("-")[1].isdigit()]
+        if steps and max(steps) > after:
+            return max(steps)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no new checkpoint within 300 s"
+        time.sleep(0.05)
+
+
+def test_sigterm_reaches_every_rank_sigkill_leaves_no_process_and_a_damaged_checkpoint_is_skipped(
+    prefect_server, tiny_llama_dir, tmp_path
+):
+    """Two training processes under `qlora-flow run`, against a Prefect server with a GPU slot limit:
+
+    1. SIGTERM to the command's process group (what `timeout`, systemd and Kubernetes send): one SIGTERM reaches
+       torchrun and every rank, they stop at the same step with a checkpoint, the command exits 143 within the grace
+       period; torchrun and the ranks are gone, the GPU slot and the folder lock released, MLflow KILLED, the flow
+       run Crashed.
+    2. The re-run resumes; SIGKILL of the command alone: torchrun and both ranks die with it.
+    3. The newest checkpoint is then truncated. The next run marks the killed flow run Crashed, sets the damaged
+       checkpoint aside (naming the file), resumes from the one before and finishes."""
+    import signal
+    import uuid
+
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.settings import PREFECT_API_URL
+
+    from qlora.run_folder import RunLock
+
+    limit_name = f"gpu-{uuid.uuid4().hex[:8]}"
+    config = _config(tiny_llama_dir, tmp_path, num_processes=2)
+    raw = yaml.safe_load(config.read_text())
+    raw["training"].update(
+        max_steps=14, save_total_limit=3, stop_grace_s=20, gpu_slots=1, gpu_concurrency_limit=limit_name
+    )
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONUNBUFFERED": "1"}
+    root = tmp_path / "out"
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit_name, limit=1))
+
+        # 1. SIGTERM to the process group
+        log = tmp_path / "stopped.log"
+        proc = _start_cli(config, log, env)
+        try:
+            _wait_for_checkpoint(root, proc, log)
+            children = _descendants(proc.pid)
+            assert sum("qlora.distributed_train" in " ".join(c.cmdline()) for c in children) == 2
+            sent = time.monotonic()
+            os.killpg(proc.pid, signal.SIGTERM)
+            code = proc.wait(timeout=60)
+            took_s = time.monotonic() - sent
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        printed = log.read_text()
+        assert code == 143 and took_s < 25, printed[-3000:]
+        assert "stopped: stopped by SIGTERM at step" in printed and "written)" in printed, printed[-3000:]
+        time.sleep(1)
+        assert not _alive(children)
+        (run_dir,) = root.iterdir()
+        stopped = json.loads((run_dir / "train-stopped.json").read_text())
+        assert (run_dir / f"checkpoint-{stopped['step']}").is_dir()
+        assert RunLock(run_dir).acquire()
+        assert client.read_global_concurrency_limit_by_name(limit_name).active_slots == 0
+        _, runs = _runs(config)
+        assert [r.info.status for r in runs] == ["KILLED"]
+        assert runs[0].data.tags["stopped_at_step"] == str(stopped["step"])
+        flow_runs = {r.name: r for r in client.read_flow_runs() if r.name in printed}
+        assert [r.state.type.value for r in flow_runs.values()] == ["CRASHED"]
+
+        # 2. the re-run resumes; SIGKILL of the command alone
+        log = tmp_path / "killed.log"
+        proc = _start_cli(config, log, env)
+        try:
+            _wait_for_checkpoint(root, proc, log, after=stopped["step"])
+            children = _descendants(proc.pid)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while _alive(children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(children), [c.cmdline() for c in _alive(children)]
+        killed_run = json.loads((run_dir / "run.json").read_text())["attempts"][-1]
+
+        # 3. a damaged newest checkpoint
+        newest = max((p for p in run_dir.glob("checkpoint-*")), key=lambda p: int(p.name.split("-")[1]))
+        weights = newest / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        log = tmp_path / "finished.log"
+        proc = _start_cli(config, log, env)
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+        printed = log.read_text()
+        assert f"flow run {killed_run['flow_run_name']} ({killed_run['flow_run_id']}): marked Crashed" in printed
+        assert client.read_flow_run(killed_run["flow_run_id"]).state.type.value == "CRASHED"
+        assert f"{newest.name} is damaged (adapter_model.safetensors: missing or sha256 mismatch)" in printed
+        assert (run_dir / f"damaged-{newest.name}").is_dir() and (run_dir / "RUN_FINISHED").is_file()
+        resumed_from = json.loads((run_dir / "train-result.json").read_text())["resumed_from"]
+        assert int(Path(resumed_from).name.split("-")[1]) < int(newest.name.split("-")[1])
 
 
 @pytest.mark.gpu

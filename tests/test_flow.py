@@ -112,10 +112,12 @@ def test_disk_full_while_saving_fails_cleanly(prefect_server, tiny_config_file, 
     code = main(["run", "--config", str(tiny_config_file), "--set", "training.save_steps=0"])
 
     err = capsys.readouterr().err
-    assert code == 2 and "disk full while saving the adapter" in err and "Traceback" not in err
     (run_dir,) = [p for p in (tmp_path / "out").iterdir() if (p / "run.json").is_file()]
+    # the first adapter written is the trained one, kept in the run folder for a re-run (exit 1: not bad input)
+    assert code == 1 and f"disk full while writing the trained adapter in {run_dir}" in err and "Traceback" not in err
     assert not (run_dir / "adapter").exists() and not (run_dir / "RUN_FINISHED").exists()
-    assert not [p for p in run_dir.iterdir() if p.name.startswith(".adapter")]  # no half-written temp folder left
+    assert not (run_dir / "trained-adapter").exists() and not (run_dir / "train-result.json").exists()
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # no half-written temp folder left
     cfg = load_pipeline_config(tiny_config_file)
     client = MlflowClient(cfg.tracking.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id])

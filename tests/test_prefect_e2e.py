@@ -168,6 +168,42 @@ def test_deployments_run_on_demand_and_on_dataset_event(prefect_stack, tiny_conf
         summary = _artifacts(client, runs[0].id)["qlora-summary"].data
         assert str(data_file) in summary
 
+        # (c) a run cancelled in the UI / API: the worker sends SIGTERM; training stops at its next step with a
+        # checkpoint, the MLflow run ends KILLED, the flow run Cancelled, the folder unlocked and resumable
+        _cancel_while_training(client, tiny_config_file, tmp_path)
+
+
+def _cancel_while_training(client, tiny_config_file, tmp_path) -> None:
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from prefect.states import Cancelling
+
+    from qlora.run_folder import RunLock
+
+    raw = yaml.safe_load(tiny_config_file.read_text())
+    raw["training"].update(output_dir=str(tmp_path / "cancelled"), max_steps=200, save_steps=2, logging_steps=1)
+    config = tmp_path / "long.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    deployment = client.read_deployment_by_name("qlora-finetune/qlora-default")
+    flow_run = client.create_flow_run_from_deployment(deployment.id, parameters={"config_path": str(config)})
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "cancelled").glob("*/checkpoint-2")):
+        assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-4000:]
+        time.sleep(0.5)
+    client.set_flow_run_state(flow_run.id, Cancelling(message="cancelled by the test"), force=True)
+    run = _wait_final(client, flow_run.id, timeout_s=120)
+    assert run.state.type.value == "CANCELLED", (run.state, (tmp_path / "worker.log").read_text()[-4000:])
+    (run_dir,) = (tmp_path / "cancelled").iterdir()
+    mlflow = MlflowClient(raw["tracking"]["tracking_uri"])
+    (mlflow_run,) = mlflow.search_runs(
+        [mlflow.get_experiment_by_name(raw["tracking"]["experiment_name"]).experiment_id],
+        filter_string=f"tags.`prefect.flow_run_id` = '{flow_run.id}'",
+    )
+    assert mlflow_run.info.status == "KILLED" and mlflow_run.data.tags["stopped_by"] == "SIGTERM"
+    step = int(mlflow_run.data.tags["stopped_at_step"])
+    assert (run_dir / f"checkpoint-{step}").is_dir() and step < 200
+    assert RunLock(run_dir).acquire() and not (run_dir / "RUN_FINISHED").exists()
+
 
 def test_sweep_deployment_spreads_trials_over_the_worker_as_finetune_deployment_runs(
     prefect_stack, tiny_config_file, tmp_path

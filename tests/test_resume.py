@@ -5,6 +5,7 @@ adapter as an uninterrupted run; the killed attempt's MLflow run ends KILLED and
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,7 +45,7 @@ def _run_dir(root: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_kill_after_second_checkpoint_then_resume(prefect_server, tiny_llama_dir, tmp_path, capsys):
+def test_kill_after_second_checkpoint_then_resume(prefect_server, tiny_llama_dir, tmp_path, capsys, straight):
     killed_cfg = _config(tiny_llama_dir, tmp_path, "killed")
     root = tmp_path / "killed"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONUNBUFFERED": "1"}
@@ -103,14 +104,98 @@ def test_kill_after_second_checkpoint_then_resume(prefect_server, tiny_llama_dir
     first_logged = min(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
     assert first_logged == at_kill[-1] + 1  # no step before the checkpoint was trained again
 
-    straight = finetune(config_path=str(_config(tiny_llama_dir, tmp_path, "straight")))
-    a = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    _assert_same_adapter(out / "adapter", straight)
+    assert straight["finetuned"]["eval_loss"] == pytest.approx(resumed["finetuned"]["eval_loss"], rel=1e-3)
+    assert (out / "RUN_FINISHED").is_file()  # never resumed again (test_run_folders.py)
+
+
+@pytest.fixture(scope="module")
+def straight(prefect_server, tiny_llama_dir, tmp_path_factory) -> dict:
+    """The uninterrupted run every interrupted-and-resumed one must end on."""
+    return finetune(config_path=str(_config(tiny_llama_dir, tmp_path_factory.mktemp("straight"), "straight")))
+
+
+def _assert_same_adapter(adapter_dir: Path, straight: dict) -> None:
+    a = load_file(str(adapter_dir / "adapter_model.safetensors"))
     b = load_file(str(Path(straight["adapter_dir"]) / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-3, atol=1e-5)
-    assert straight["finetuned"]["eval_loss"] == pytest.approx(resumed["finetuned"]["eval_loss"], rel=1e-3)
-    assert (out / "RUN_FINISHED").is_file()  # never resumed again (test_run_folders.py)
+
+
+def _prefect_flow_runs(prefect_home: Path) -> dict[str, str]:
+    """{flow run name: state type}, read from the temporary server's own database (it stopped with the run)."""
+    import sqlite3
+
+    with sqlite3.connect(prefect_home / "prefect.db") as db:
+        return dict(db.execute("SELECT name, state_type FROM flow_run"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_at_the_next_step_with_a_checkpoint_and_resumes_to_the_same_adapter(
+    prefect_server, tiny_llama_dir, tmp_path, straight
+):
+    """Ctrl-C (SIGINT to the terminal's process group) while training, on a run with its own temporary Prefect
+    server: training stops at the next optimizer step and writes a checkpoint of it, the command exits 130 within
+    the grace period, the MLflow run is KILLED at that step, the flow run Crashed, the lock free, no child process
+    left (the temporary server included); the next run resumes from that checkpoint to the uninterrupted adapter."""
+    import psutil
+
+    from qlora.run_folder import RunLock
+
+    config = _config(tiny_llama_dir, tmp_path, "stopped")
+    root = tmp_path / "stopped"
+    prefect_home = tmp_path / "prefect-home"
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home), "PYTHONUNBUFFERED": "1"}
+    env.pop("PREFECT_API_URL", None)  # the command starts its own temporary server
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", "--config", str(config)],
+        cwd=REPO,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, as a terminal gives a command
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not list(root.glob("*/checkpoint-4")):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no second checkpoint within 240 s"
+            time.sleep(0.05)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert any("uvicorn" in " ".join(c.cmdline()) for c in children)  # the temporary Prefect server
+        sent = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=60)
+        took_s = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    printed = log.read_text()
+    assert code == 130, printed[-3000:]
+    assert took_s < 25, f"stopped in {took_s:.1f} s, beyond the grace period"
+    match = re.search(r"stopped: stopped by SIGINT at step (\d+) \(checkpoint checkpoint-(\d+) written\)", printed)
+    assert match and match.group(1) == match.group(2), printed[-3000:]
+    step = int(match.group(1))
+    out = _run_dir(root)
+    assert 4 <= step < 24 and _checkpoints(out)[-1] == step
+    assert (out / f"checkpoint-{step}" / "SHA256SUMS.json").is_file() and not (out / ".checkpoint-staging").exists()
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert RunLock(out).acquire()  # released
+    cfg = yaml.safe_load(config.read_text())
+    client = MlflowClient(cfg["tracking"]["tracking_uri"])
+    (stopped_run,) = client.search_runs(
+        [client.get_experiment_by_name(cfg["tracking"]["experiment_name"]).experiment_id]
+    )
+    assert stopped_run.info.status == "KILLED"
+    assert stopped_run.data.tags["stopped_at_step"] == str(step) and stopped_run.data.tags["stopped_by"] == "SIGINT"
+    assert list(_prefect_flow_runs(prefect_home).values()) == ["CRASHED"]
+
+    resumed = finetune(config_path=str(config))
+    assert resumed["run_dir"] == str(out) and f"from checkpoint-{step}" in resumed["run_dir_reason"]
+    assert Path(resumed["resumed_from"]).name == f"checkpoint-{step}"
+    _assert_same_adapter(out / "adapter", straight)
 
 
 def test_resume_picks_newest_complete_checkpoint(tmp_path):

@@ -209,7 +209,7 @@ PREPARE = textwrap.dedent(
     while len(list(barrier.iterdir())) < 2:  # both imported and ready: start together
         time.sleep(0.001)
     ref = prepare_dataset(cfg.data, "prepared-dataset-race")
-    print(json.dumps({"folder": ref.folder, "digest": ref.digest}))
+    print(json.dumps({"folder": str(ref.folder), "digest": ref.digest}))
     """
 )
 

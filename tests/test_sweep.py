@@ -1,6 +1,6 @@
 """Sweeps (flows/sweep.py): the space file, the samplers, and 3-trial sweeps of the tiny model under a real Prefect
 server and a SQLite MLflow store: parent and child runs with the right params, the best trial registered, a trial
-forced to fail recorded FAILED while the sweep completes, a hopeless trial pruned, and a sweep killed half-way
+forced to fail recorded FAILED while the sweep completes, a hopeless trial pruned, and a sweep stopped half-way
 continued without running its finished trials again."""
 
 from __future__ import annotations
@@ -264,9 +264,10 @@ def _finished_trials(sweeps: Path) -> int:
 def test_sweep_killed_half_way_continues_without_running_finished_trials_again(
     prefect_server, tiny_llama_dir, tmp_path
 ):
-    """SIGKILL a 3-trial sweep once two trials are told; the re-run continues the same sweep (same folder, parent
-    run and study), runs only the third trial, whose eval loss (learning rate ~0) its pruner finds hopeless next to
-    the first two, and registers the best of those."""
+    """SIGTERM to a 3-trial sweep's process group (what `timeout` and systemd send) once two trials are told: the
+    trial in flight stops at its next step and the sweep exits 143 within the grace period, its parent run KILLED.
+    The re-run continues the same sweep (same folder, parent run and study), runs only the third trial, whose eval
+    loss (learning rate ~0) its pruner finds hopeless next to the first two, and registers the best of those."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter
     from prefect.settings import get_current_settings
@@ -300,16 +301,23 @@ def test_sweep_killed_half_way_continues_without_running_finished_trials_again(
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "two trials did not finish within 300 s"
             time.sleep(0.2)
+        time.sleep(3)  # the third trial starts
+        sent = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        took_s = time.monotonic() - sent
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert code == 143 and took_s < 25, (code, took_s, log.read_text()[-3000:])
     (killed,) = [p for p in sweeps.iterdir() if p.is_dir()]
     assert not (killed / "RUN_FINISHED").exists()
     cfg = load_pipeline_config(config)
     client = MlflowClient(cfg.tracking.tracking_uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id
     (parent_before,) = [r for r in client.search_runs([experiment]) if "sweep.dir" in r.data.tags]
-    assert parent_before.info.status == "RUNNING"  # SIGKILL gave it no chance to close
+    assert parent_before.info.status == "KILLED"
     done_before = {c.data.tags["sweep.trial_number"]: c for c in _children(client, parent_before.info.run_id)}
     assert [done_before[n].info.status for n in ("0", "1")] == ["FINISHED", "FINISHED"]
     folders_before = {n: sorted((killed / f"trial-{n}").iterdir()) for n in ("0", "1")}
@@ -330,7 +338,7 @@ def test_sweep_killed_half_way_continues_without_running_finished_trials_again(
         assert sorted((killed / f"trial-{n}").iterdir()) == folders_before[n]
     last = by_trial["2"][-1]
     assert last.info.status == "FINISHED" and float(last.data.params["training.learning_rate"]) == lrs[2]
-    assert all(c.info.status == "KILLED" for c in by_trial["2"][:-1])  # an attempt the kill interrupted, if any
+    assert all(c.info.status == "KILLED" for c in by_trial["2"][:-1])  # an attempt the stop interrupted, if any
     # the hopeless trial was pruned: it stopped early, at a step its pruner checked
     rows = {r["trial"]: r for r in summary["trials"]}
     assert [rows[n]["state"] for n in (0, 1, 2)] == ["COMPLETE", "COMPLETE", "PRUNED"]
