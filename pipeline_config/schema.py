@@ -685,7 +685,7 @@ def load_pipeline_config(
                 items.append((*parse_override(item), item))
             except ValueError as exc:
                 problems.append(str(exc))
-    for keys, value, text in items:
+    for keys, value, text in _merged_key_by_key(items):
         node = raw
         for k in keys[:-1]:
             node = node.setdefault(k, {})
@@ -702,6 +702,19 @@ def load_pipeline_config(
     if problems:
         raise ConfigError(problems, name)
     return cfg
+
+
+def _merged_key_by_key(items: list[tuple[list[str], Any, str]]) -> list[tuple[list[str], Any, str]]:
+    """A mapping given as a value (`training: {max_steps: 4}` in a sweep space's overrides, or `--set
+    training={max_steps: 4}`) sets its keys one by one: no field takes a mapping, so it never replaces a whole
+    section (which would silently reset every other key of it to its default)."""
+    flat = []
+    for keys, value, text in items:
+        if isinstance(value, Mapping) and value:
+            flat += _merged_key_by_key([([*keys, str(k)], v, text) for k, v in value.items()])
+        else:
+            flat.append((keys, value, text))
+    return flat
 
 
 def _parse_yaml(text: str, source: str) -> dict:

@@ -219,6 +219,16 @@ def _line_map(text: str) -> dict[tuple, int]:
     return lines
 
 
+def _dotted(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            flat |= _dotted(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _at(lines: dict[tuple, int], *path) -> str:
     line = lines.get(tuple(path))
     return f"line {line}, " if line else ""
@@ -327,16 +337,18 @@ def load_sweep_space(source: str | Path, cfg: PipelineConfig) -> SweepSpace:
 
     problems: list[str] = []
     base_raw = cfg.model_dump(mode="json")
-    for key, value in space_cfg.overrides.items():
+    # `training: {max_steps: 4}` is `training.max_steps: 4`: a nested override sets its keys, never a whole section
+    overrides = _dotted(space_cfg.overrides)
+    for key, value in overrides.items():
+        at = _at(lines, "overrides", key) or _at(lines, "overrides", *key.split("."))
         if key in space_cfg.parameters:
-            problems.append(f"{_at(lines, 'overrides', key)}overrides.{key}: also under parameters: keep one")
+            problems.append(f"{at}overrides.{key}: also under parameters: keep one")
         problems += [
-            f"{_at(lines, 'overrides', key)}overrides.{key}: {p.removeprefix(key + ': ')}"
-            for p in _config_problems(base_raw, {key: value})
+            f"{at}overrides.{key}: {p.removeprefix(key + ': ')}" for p in _config_problems(base_raw, {key: value})
         ]
     if problems:
         raise SweepSpaceError(problems, name)
-    base = load_pipeline_config(base_raw, space_cfg.overrides)
+    base = load_pipeline_config(base_raw, overrides)
     base_raw = base.model_dump(mode="json")
 
     specs: dict[str, ParameterSpec] = {}

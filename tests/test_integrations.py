@@ -13,9 +13,21 @@ import inspect
 import pytest
 from packaging.version import Version
 
-from qlora.integrations import attention, fused_lora, liger, mlflow_pyfunc, regional_compile, trainer
+from qlora.integrations import attention, fused_lora, liger, mlflow_names, mlflow_pyfunc, regional_compile, trainer
+from tasks import prefect_server, stopping
 
-MODULES = [attention, fused_lora, liger, mlflow_pyfunc, regional_compile, trainer]
+# Prefect's internals live beside the steps (qlora/ imports no Prefect): tasks/prefect_server.py, tasks/stopping.py
+MODULES = [
+    attention,
+    fused_lora,
+    liger,
+    mlflow_names,
+    mlflow_pyfunc,
+    regional_compile,
+    trainer,
+    prefect_server,
+    stopping,
+]
 
 
 def _params(func) -> list[str]:
@@ -142,3 +154,51 @@ def test_module_compile_keeps_its_compiled_call_where_uncompile_drops_it():
     assert layer._compiled_call_impl is not None  # what __call__ runs instead of the eager forward
     layer._compiled_call_impl = None
     assert layer(torch.ones(1, 2)).shape == (1, 2)
+
+
+def test_mlflow_name_and_uri_rules():
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+    from mlflow.utils.validation import _validate_model_name
+
+    assert _params(_validate_model_name) == ["model_name"]
+    assert callable(_tracking_store_registry.get_store_builder) and "sqlite" in _tracking_store_registry._registry
+    assert mlflow_names.registered_model_name_problem("team/orders:v1") is not None
+    assert mlflow_names.registered_model_name_problem("orders-v1") is None
+    assert mlflow_names.tracking_uri_problem("mlfow://x") is not None and not mlflow_names.tracking_uri_problem("/x")
+
+
+# The command line tasks/prefect_server.py repeats (with two Popen options added): a change to Prefect's own is an
+# upgrade to re-read, so its source is pinned.
+PREFECT_UVICORN_COMMAND_SHA256 = "ade91366329f9f14"
+
+
+def test_prefect_temporary_server_internals():
+    import hashlib
+
+    from prefect.server.api.server import SubprocessASGIServer
+
+    source = inspect.getsource(SubprocessASGIServer._run_uvicorn_command)
+    assert hashlib.sha256(source.encode()).hexdigest()[:16] == PREFECT_UVICORN_COMMAND_SHA256, (
+        "Prefect changed how it starts its temporary server: update tasks/prefect_server.py to match"
+    )
+    assert isinstance(SubprocessASGIServer._instances, dict)
+    running = SubprocessASGIServer._instances.pop(None, None)  # another test's temporary server, put back below
+    try:
+        server = prefect_server._server_class()()  # registered as the ephemeral instance, which Prefect reuses
+        assert SubprocessASGIServer() is server and type(server) is not SubprocessASGIServer
+    finally:
+        SubprocessASGIServer._instances.pop(None, None)
+        if running is not None:
+            SubprocessASGIServer._instances[None] = running
+    assert _params(SubprocessASGIServer.start) == ["self", "timeout"]
+
+
+def test_prefect_cancellation_intent_and_termination_signal():
+    import signal
+
+    from prefect._internal import control_listener
+    from prefect.exceptions import TerminationSignal
+
+    assert control_listener.get_intent() is None and not stopping.cancellation_requested()
+    assert "cancel" in str(control_listener.Intent)
+    assert TerminationSignal(signal.SIGTERM).signal == signal.SIGTERM

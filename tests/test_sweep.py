@@ -91,6 +91,19 @@ def test_space_is_resolved_against_its_config(tiny_config_file, tmp_path):
     assert flat["sweep.parameters.lora.r"] == "[4, 8]" and flat["sweep.method"] == "random"
 
 
+def test_nested_overrides_set_their_keys_and_keep_the_rest_of_the_section(tiny_config_file, tmp_path):
+    cfg = load_pipeline_config(tiny_config_file)
+    space_file = _write(
+        tmp_path / "space.yaml",
+        {"parameters": {"lora.r": [4, 8]}, "overrides": {"training": {"max_steps": 3}, "lora": {"dropout": 0.1}}},
+    )
+    base = load_sweep_space(space_file, cfg).base
+    assert base.training.max_steps == 3 and base.lora.dropout == 0.1
+    # the rest of each section is the config's, not the schema's defaults
+    assert base.training.learning_rate == cfg.training.learning_rate == 3e-3
+    assert base.training.output_dir == cfg.training.output_dir and base.lora.alpha == cfg.lora.alpha == 16
+
+
 def test_samplers_draw_the_same_trials_after_a_restart(tiny_config_file, tmp_path):
     """Random: a study continued from its journal by a new process draws what an uninterrupted one would have.
     Grid: every combination once, in the order listed, after a restart too."""

@@ -14,4 +14,9 @@ breaks one fails there, loudly, before it silently changes a run.
 | fused_lora.py | peft LoRA layers over bitsandbytes Linear4bit | replaces each layer's `forward` on the instance |
 | liger.py | Liger kernels / transformers' Llama module | undoes Liger's module-wide RoPE patch (bench) |
 | mlflow_pyfunc.py | MLflow pyfunc | `_skip_type_hint_validation` on the served model class |
+| mlflow_names.py | MLflow | asks `_validate_model_name` and the tracking-store registry (the `validate` checks) |
+
+Prefect's internals are used beside the steps, since nothing in qlora/ imports Prefect: tasks/prefect_server.py
+(the temporary server, started to die with the run) and tasks/stopping.py (a cancellation's intent), each with its
+`WRITTEN_FOR`, checked by the same test module.
 """
