@@ -52,11 +52,17 @@ def folder_size_bytes(path: str | os.PathLike) -> int:
 
 
 @contextlib.contextmanager
-def atomic_folder(target: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+def atomic_folder(
+    target: str | os.PathLike, replace: bool = False, what: str | None = None, needed_bytes: int | None = None
+) -> Iterator[Path]:
     """Yield an empty temporary sibling of `target` to build in; when the block succeeds it is renamed to `target`.
 
     If `target` exists by then: `replace=False` keeps it (another process published the same content first; the new
-    copy is dropped), `replace=True` swaps the new one in. On any error the temporary folder is removed."""
+    copy is dropped), `replace=True` swaps the new one in. On any error the temporary folder is removed. With `what`
+    (e.g. "the adapter"), a failure that is a full disk becomes one RunEnvironmentError naming the folder and the
+    space needed (`needed_bytes`), judged before the partial copy is removed."""
+    from qlora.errors import disk_full_error
+
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -75,8 +81,11 @@ def atomic_folder(target: str | os.PathLike, replace: bool = False) -> Iterator[
                     raise
                 shutil.rmtree(tmp, ignore_errors=True)  # someone else's complete copy is already in place
         fsync_dir(target.parent)
-    except BaseException:
+    except BaseException as exc:
+        full = disk_full_error(exc, target.parent, what, needed_bytes) if what and isinstance(exc, Exception) else None
         shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from None
         raise
 
 

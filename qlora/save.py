@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from pipeline_config.schema import PipelineConfig, dump_pipeline_config
-from qlora.errors import PipelineInputError, disk_full_error
+from qlora.errors import PipelineInputError
 from qlora.files import CHECKSUMS_NAME, atomic_folder, damaged_files, write_checksums
 from qlora.model_source import file_digest
 
@@ -39,23 +39,11 @@ def save_adapter(peft_model, tokenizer, cfg: PipelineConfig, run_dir: str | os.P
     Raises RunEnvironmentError when the disk is full (nothing half-written is left)."""
     out_dir = Path(run_dir or cfg.training.output_dir)
     final = out_dir / ADAPTER_DIRNAME
-    try:
-        with atomic_folder(final, replace=True) as tmp:
-            try:
-                peft_model.save_pretrained(tmp, safe_serialization=True)
-                tokenizer.save_pretrained(tmp)
-                (tmp / RESOLVED_CONFIG_NAME).write_text(dump_pipeline_config(cfg))
-                write_checksums(tmp)
-            except BaseException as exc:
-                # judged before atomic_folder removes the partial copy: its free space is what tells a full disk
-                full = disk_full_error(exc, out_dir, "the adapter", _trained_adapter_bytes(out_dir))
-                if full is not None:
-                    raise full from None
-                raise
-    except OSError as exc:  # the rename or fsync itself
-        if (full := disk_full_error(exc, out_dir, "the adapter", None)) is not None:
-            raise full from None
-        raise
+    with atomic_folder(final, replace=True, what="the adapter", needed_bytes=_trained_adapter_bytes(out_dir)) as tmp:
+        peft_model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / RESOLVED_CONFIG_NAME).write_text(dump_pipeline_config(cfg))
+        write_checksums(tmp)
     return final
 
 

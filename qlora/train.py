@@ -25,7 +25,7 @@ from trl import SFTConfig
 
 from pipeline_config.schema import LoraAdapterConfig, TrainingConfig
 from qlora.data import DatasetSplits
-from qlora.errors import PipelineInputError, disk_full_error
+from qlora.errors import PipelineInputError
 from qlora.files import atomic_folder, damaged_files, write_checksums, write_text_atomic
 from qlora.integrations.attention import packed_training_attention, resolve_attention
 from qlora.integrations.fused_lora import fuse_lora_layers
@@ -90,7 +90,6 @@ class StopAtNextStep(TrainerCallback):
         self.stop = stop
         self.save_seconds = save_seconds  # () -> seconds the last checkpoint took, None before the first
         self.group = None
-        self.stopped_at: int | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         import torch.distributed as dist
@@ -116,7 +115,6 @@ class StopAtNextStep(TrainerCallback):
         if requested:
             control.should_training_stop = True
             control.should_save = save
-            self.stopped_at = state.global_step
         return control
 
 
@@ -385,20 +383,9 @@ def save_training_outcome(result: TrainResult, run_dir: str | os.PathLike, extra
     written last, so it marks both), in the run folder: an attempt whose evaluation, saving or registration fails
     leaves them, and the re-run continues from them instead of training again."""
     run_dir = Path(run_dir)
-    target = run_dir / TRAINED_ADAPTER_DIRNAME
-    try:
-        with atomic_folder(target, replace=True) as tmp:
-            try:
-                save_trained_adapter(result, tmp)
-                write_checksums(tmp)
-            except BaseException as exc:
-                if (full := disk_full_error(exc, run_dir, "the trained adapter", None)) is not None:
-                    raise full from None
-                raise
-    except OSError as exc:
-        if (full := disk_full_error(exc, run_dir, "the trained adapter", None)) is not None:
-            raise full from None
-        raise
+    with atomic_folder(run_dir / TRAINED_ADAPTER_DIRNAME, replace=True, what="the trained adapter") as tmp:
+        save_trained_adapter(result, tmp)
+        write_checksums(tmp)
     summary = {
         "metrics": result.metrics,
         "loss_history": result.loss_history,

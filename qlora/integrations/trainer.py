@@ -168,7 +168,9 @@ class PipelineSFTTrainer(SFTTrainer):
             if self.args.should_save:
                 write_checksums(os.path.join(staging, name))  # what a resume verifies the checkpoint against
         except BaseException as exc:
-            full = disk_full_error(exc, run_dir, f"checkpoint {name}", self._checkpoint_bytes(run_dir))
+            full = None
+            if isinstance(exc, Exception):  # (a stop at once is not a full disk)
+                full = disk_full_error(exc, run_dir, f"checkpoint {name}", self._checkpoint_bytes(run_dir))
             shutil.rmtree(staging, ignore_errors=True)  # a failed or interrupted save leaves nothing behind
             if full is not None:
                 raise full from None
