@@ -287,7 +287,7 @@ def max_context_command(args, geometry: dict) -> int:
 
 def _tracking_uri(explicit: str | None) -> str:
     from pipeline_config.schema import TrackingConfig
-    from qlora.tracking import resolve_tracking_uri
+    from qlora.services import resolve_tracking_uri
 
     return resolve_tracking_uri(TrackingConfig(tracking_uri=explicit))
 
@@ -470,8 +470,7 @@ def _services_ready(cfg) -> None:
     would retry for minutes). Raises PipelineInputError."""
     from prefect.settings import PREFECT_API_URL
 
-    from qlora.services import prefect_api_problem, tracking_store_problem
-    from qlora.tracking import resolve_tracking_uri
+    from qlora.services import prefect_api_problem, resolve_tracking_uri, tracking_store_problem
 
     problems = [tracking_store_problem(resolve_tracking_uri(cfg.tracking))]
     if api_url := PREFECT_API_URL.value():
@@ -482,12 +481,11 @@ def _services_ready(cfg) -> None:
 
 @contextlib.contextmanager
 def _orchestrated(cfg, debug: bool):
-    """What `run` and `sweep` do around their flow: services checked, graceful stop on SIGTERM / SIGINT (qlora/stop.py)
-    from here to the end, the temporary Prefect server started so that it dies with this process (tasks/
+    """What `run` and `sweep` do around their flow (once `_services_ready`): graceful stop on SIGTERM / SIGINT
+    (qlora/stop.py) from here to the end, the temporary Prefect server started so that it dies with this process (tasks/
     prefect_server.py). A stop ends the command with one line and exit code 128 + the signal's number."""
     from qlora.stop import graceful_stop
 
-    _services_ready(cfg)
     if not debug:
         _quiet_input_error_tracebacks()
     with graceful_stop(cfg.training.stop_grace_s):
@@ -511,8 +509,9 @@ def run_command(
     from qlora.stop import RunInterrupted
 
     cfg = load_pipeline_config(config, overrides)  # a bad config fails here, before Prefect starts
+    _services_ready(cfg)  # in seconds, before the heavy imports
     from flows.finetune import finetune
-    from qlora.tracking import resolve_tracking_uri
+    from qlora.services import resolve_tracking_uri
 
     started = time.perf_counter()
     resume = "never" if no_resume else None
@@ -533,8 +532,9 @@ def sweep_command(args) -> int:
 
     cfg = load_pipeline_config(args.config, args.overrides)  # a bad config or space fails here, before Prefect starts
     space = load_sweep_space(args.space, cfg)
+    _services_ready(cfg)
     from flows.sweep import sweep
-    from qlora.tracking import resolve_tracking_uri
+    from qlora.services import resolve_tracking_uri
     from tasks.sweep import SweepFailed
 
     started = time.perf_counter()

@@ -26,7 +26,7 @@ def library_setting_problems(cfg: PipelineConfig) -> list[str]:
     from transformers.training_args import OptimizerNames
 
     from qlora.integrations.mlflow_names import registered_model_name_problem, tracking_uri_problem
-    from qlora.tracking import resolve_tracking_uri
+    from qlora.services import resolve_tracking_uri
 
     problems = []
     t = cfg.training

@@ -20,8 +20,7 @@ from qlora.data import DatasetSplits, held_out_overlap
 from qlora.errors import PipelineInputError
 from qlora.evaluate import chat_token_ids
 from qlora.model_source import ModelSource, file_digest
-from qlora.services import tracking_store_problem
-from qlora.tracking import resolve_tracking_uri
+from qlora.services import resolve_tracking_uri, tracking_store_problem
 
 
 class PreflightError(PipelineInputError):

@@ -16,7 +16,19 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 PROBE_TIMEOUT_S = 5.0
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SQL_DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def tracking_uri_or_default(explicit: str | None) -> str:
+    """`explicit`, else $MLFLOW_TRACKING_URI, else a SQLite store in the working folder."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def resolve_tracking_uri(cfg) -> str:
+    """The tracking store of a run (`TrackingConfig`): config value, else $MLFLOW_TRACKING_URI, else a SQLite store
+    in the working folder. (Here, not in qlora/tracking.py: the CLI probes it before importing MLflow.)"""
+    return tracking_uri_or_default(cfg.tracking_uri)
 
 
 def _http_problem(url: str, timeout_s: float) -> str | None:

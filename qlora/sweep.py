@@ -47,7 +47,8 @@ from pipeline_config.schema import PipelineConfig, load_pipeline_config
 from pipeline_config.sweep import PruningConfig, SweepSpace
 from qlora.provenance import NUMERICS_LIBRARIES, library_versions, process_identity
 from qlora.run_folder import RunFolder, claim_run_folder, write_fingerprint
-from qlora.tracking import config_params, resolve_tracking_uri
+from qlora.services import resolve_tracking_uri
+from qlora.tracking import config_params
 
 SWEEPS_DIRNAME = "sweeps"
 STUDY_JOURNAL = "study.journal"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,22 +17,11 @@ from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
-from pipeline_config.schema import PipelineConfig, TrackingConfig, dump_pipeline_config
+from pipeline_config.schema import PipelineConfig, dump_pipeline_config
 from qlora.provenance import git_commit, library_versions, process_alive, process_identity
 from qlora.save import adapter_checksum
+from qlora.services import resolve_tracking_uri
 from qlora.stop import RunInterrupted
-
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-
-
-def tracking_uri_or_default(explicit: str | None) -> str:
-    """`explicit`, else $MLFLOW_TRACKING_URI, else a SQLite store in the working folder."""
-    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-def resolve_tracking_uri(cfg: TrackingConfig) -> str:
-    """Config value, else $MLFLOW_TRACKING_URI, else a SQLite store in the working folder."""
-    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from qlora.inference import LoadedModel, load_for_inference
 from qlora.merge import MergeResult, merge_adapter
 from qlora.registry import register_merged_model
-from qlora.tracking import tracking_uri_or_default
+from qlora.services import tracking_uri_or_default
 
 MERGE_SUMMARY_ARTIFACT_KEY = "qlora-merge-summary"
 

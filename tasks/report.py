@@ -8,7 +8,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 
 from qlora.report import mlflow_run_url, summary_markdown
-from qlora.tracking import resolve_tracking_uri
+from qlora.services import resolve_tracking_uri
 
 SUMMARY_ARTIFACT_KEY = "qlora-summary"
 SAMPLES_ARTIFACT_KEY = "qlora-eval-samples"

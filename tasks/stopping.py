@@ -9,9 +9,12 @@ training at once). The stop then ends the flow run:
 - Crashed otherwise, with the stop's one line as the state message ("stopped by SIGTERM at step 6 (checkpoint
   checkpoint-6 written) ...").
 
-Written for Prefect 3.9: the runner's intent is read with `prefect._internal.control_listener.get_intent()` (private;
-tests/test_integrations.py checks it), and a cancellation is reported by raising `TerminationSignal`, which the
-flow engine turns into Cancelled when that intent is "cancel".
+Written for Prefect 3.9 (private names; tests/test_integrations.py checks them). Before it sends SIGTERM, the
+runner (or process worker) hands the flow's process a "cancel" intent over a control channel, and the process
+accepts it only while Prefect's own SIGTERM handler, `prefect.utilities.engine._prefect_sigterm_handler`, is the
+installed one. Ours is installed instead, so while it is, that name points at ours: the intent is accepted, then
+read with `prefect._internal.control_listener.get_intent()`, and the stop is reported by raising
+`TerminationSignal`, which the flow engine turns into Cancelled when the intent is "cancel".
 """
 
 from __future__ import annotations
@@ -33,9 +36,36 @@ def cancellation_requested() -> bool:
 
 
 @contextlib.contextmanager
+def _cancellations_accepted() -> Iterator[None]:
+    """While our SIGTERM handler is installed, Prefect's control channel takes it for its own bridge, so that a
+    cancellation's intent is accepted (and acknowledged to the runner) before its SIGTERM arrives."""
+    import prefect.utilities.engine as engine
+
+    try:
+        installed = signal.getsignal(signal.SIGTERM)  # the very object installed: Prefect compares identities
+    except ValueError:  # not the main thread
+        installed = None
+    if _stop_of(installed) is None:  # no graceful stop here: Prefect's own bridge stays as it is
+        yield
+        return
+    with engine._prefect_sigterm_bridge_lock:
+        previous, engine._prefect_sigterm_handler = engine._prefect_sigterm_handler, installed
+    try:
+        yield
+    finally:
+        with engine._prefect_sigterm_bridge_lock:
+            engine._prefect_sigterm_handler = previous
+
+
+def _stop_of(handler) -> GracefulStop | None:
+    owner = getattr(handler, "__self__", None)
+    return owner if isinstance(owner, GracefulStop) else None
+
+
+@contextlib.contextmanager
 def stop_on_signals(grace_s: float) -> Iterator[GracefulStop | None]:
     """Graceful stop inside the block; a stop Prefect asked for leaves the flow run Cancelled."""
-    with graceful_stop(grace_s) as stop:
+    with graceful_stop(grace_s) as stop, _cancellations_accepted():
         try:
             yield stop
         except RunInterrupted as exc:

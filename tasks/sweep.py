@@ -22,6 +22,7 @@ from pipeline_config.sweep import SweepSpace, load_sweep_space
 from qlora.errors import PipelineInputError
 from qlora.report import mlflow_run_url
 from qlora.run_folder import RunFolder, mark_finished
+from qlora.services import resolve_tracking_uri
 from qlora.sweep import (
     SweepTrial,
     TrialFailed,
@@ -43,7 +44,7 @@ from qlora.sweep import (
     trials_to_ask,
 )
 from qlora.sweep_report import SPACE_ARTIFACT, log_sweep_results, results_markdown
-from qlora.tracking import resolve_tracking_uri, tracking_run
+from qlora.tracking import tracking_run
 
 SWEEP_SUMMARY_ARTIFACT_KEY = "qlora-sweep-summary"
 SWEEP_MLFLOW_LINK_KEY = "qlora-sweep-mlflow-run"

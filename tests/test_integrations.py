@@ -196,9 +196,17 @@ def test_prefect_temporary_server_internals():
 def test_prefect_cancellation_intent_and_termination_signal():
     import signal
 
+    import prefect.utilities.engine as engine
     from prefect._internal import control_listener
     from prefect.exceptions import TerminationSignal
 
     assert control_listener.get_intent() is None and not stopping.cancellation_requested()
     assert "cancel" in str(control_listener.Intent)
     assert TerminationSignal(signal.SIGTERM).signal == signal.SIGTERM
+    # the control channel accepts an intent only while the installed SIGTERM handler is this module-level name
+    check = inspect.getsource(engine.commit_control_intent_and_ack)
+    assert "signal.getsignal(signal.SIGTERM) is not _prefect_sigterm_handler" in check
+    assert callable(engine._prefect_sigterm_handler) and engine._prefect_sigterm_bridge_lock is not None
+    with stopping.stop_on_signals(10):
+        assert signal.getsignal(signal.SIGTERM) is engine._prefect_sigterm_handler  # ours, seen as Prefect's
+    assert engine._prefect_sigterm_handler.__module__ == "prefect.utilities.engine"  # put back

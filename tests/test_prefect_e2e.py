@@ -202,7 +202,9 @@ def _cancel_while_training(client, tiny_config_file, tmp_path) -> None:
     assert mlflow_run.info.status == "KILLED" and mlflow_run.data.tags["stopped_by"] == "SIGTERM"
     step = int(mlflow_run.data.tags["stopped_at_step"])
     assert (run_dir / f"checkpoint-{step}").is_dir() and step < 200
-    assert RunLock(run_dir).acquire() and not (run_dir / "RUN_FINISHED").exists()
+    lock = RunLock(run_dir)
+    assert lock.acquire() and not (run_dir / "RUN_FINISHED").exists()
+    lock.release()
 
 
 def test_sweep_deployment_spreads_trials_over_the_worker_as_finetune_deployment_runs(

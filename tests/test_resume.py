@@ -182,7 +182,9 @@ def test_ctrl_c_stops_at_the_next_step_with_a_checkpoint_and_resumes_to_the_same
     assert 4 <= step < 24 and _checkpoints(out)[-1] == step
     assert (out / f"checkpoint-{step}" / "SHA256SUMS.json").is_file() and not (out / ".checkpoint-staging").exists()
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-    assert RunLock(out).acquire()  # released
+    lock = RunLock(out)
+    assert lock.acquire()  # released
+    lock.release()
     cfg = yaml.safe_load(config.read_text())
     client = MlflowClient(cfg["tracking"]["tracking_uri"])
     (stopped_run,) = client.search_runs(
@@ -226,9 +228,10 @@ def test_fingerprint_ignores_neutral_settings(tiny_llama_dir, tmp_path):
 
 @pytest.mark.slow
 def test_task_retry_continues_its_own_run_folder(prefect_server, tiny_llama_dir, tmp_path, monkeypatch):
-    """train-adapter fails once after checkpoint-4; Prefect's retry gets the base model back (the failed attempt
-    unloaded its adapter) and continues that folder's checkpoint."""
+    """train-adapter fails once after checkpoint-4 with a failure a retry can fix (a lost process); Prefect's retry
+    gets the base model back (the failed attempt unloaded its adapter) and continues that folder's checkpoint."""
     from qlora import train
+    from qlora.errors import LostProcessError
 
     original = train.RunLoggerProgress.on_step_end if hasattr(train.RunLoggerProgress, "on_step_end") else None
     failed = []
@@ -236,7 +239,7 @@ def test_task_retry_continues_its_own_run_folder(prefect_server, tiny_llama_dir,
     def fail_once(self, args, state, control, **kwargs):
         if state.global_step == 5 and not failed:
             failed.append(state.global_step)
-            raise RuntimeError("transient failure (test)")
+            raise LostProcessError("transient failure (test)")
         return original(self, args, state, control, **kwargs) if original else None
 
     monkeypatch.setattr(train.RunLoggerProgress, "on_step_end", fail_once, raising=False)
