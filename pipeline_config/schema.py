@@ -273,6 +273,12 @@ class TrainingConfig(_Section):
         description="Prefect global concurrency limit that runs on one machine queue on for the accelerator "
         "(`make deploy` creates it with one slot). Without such a limit on the server, runs do not queue.",
     )
+    gpu_slot_lease_s: float = Field(
+        default=60.0,
+        ge=5,
+        description="Lease of the GPU slots on the Prefect server, renewed while the run lives: a run killed without "
+        "a chance to give its slots back (SIGKILL, a lost machine) frees them this long after it died.",
+    )
     gpu_slots: int = Field(
         default=1,
         ge=0,

@@ -65,6 +65,7 @@ NEUTRAL_FIELDS = {
     "training.save_total_limit",
     "training.gpu_concurrency_limit",
     "training.gpu_slots",
+    "training.gpu_slot_lease_s",
     "training.metrics_on_device",  # when metrics are read, not what is trained
     "training.activation_offloading",  # where saved activations wait, not their values
     "training.compile_layers",  # the same computation, fused (the CPU test checks it against eager)

@@ -4,7 +4,9 @@ A run holds `training.gpu_slots` slots of the Prefect global concurrency limit `
 (default `gpu`) from loading the base model until the flow ends, so the next run loads its weights only after the
 previous one let go of its memory. `make deploy` creates the limit (`prefect gcl create gpu --limit 1`): one slot
 per GPU, so runs of `gpu_slots: 1` on a one-GPU worker go one at a time. Slots are leases that Prefect renews
-while the run lives; the slot of a crashed run frees itself when its lease expires. Without the limit (no
+while the run lives (`training.gpu_slot_lease_s`, a minute); the slot of a run killed outright frees itself when its
+lease expires (the server's repossessor service, every 15 s, revokes it); a stopped run (SIGTERM, Ctrl-C, a
+cancellation) gives it back at once. Without the limit (no
 `make deploy`), Prefect warns once and the run goes ahead.
 """
 
@@ -44,7 +46,8 @@ def gpu_slots(cfg: TrainingConfig) -> Iterator[float]:
         cfg.gpu_concurrency_limit,
     )
     started = time.monotonic()
-    with concurrency(cfg.gpu_concurrency_limit, occupy=cfg.gpu_slots):
+    # The lease is renewed while this process lives; a run killed outright frees its slots when it runs out.
+    with concurrency(cfg.gpu_concurrency_limit, occupy=cfg.gpu_slots, lease_duration=cfg.gpu_slot_lease_s):
         waited_s = time.monotonic() - started
         log.info("holding %d slot(s) of %r after %.0f s", cfg.gpu_slots, cfg.gpu_concurrency_limit, waited_s)
         if mlflow.active_run() is not None:

@@ -164,13 +164,14 @@ def _alive(processes) -> list:
     return [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-def _start_cli(config: Path, log: Path, env: dict):
+def _start_cli(config: Path, log: Path, env: dict, *overrides: str):
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parent.parent
+    sets = [arg for item in overrides for arg in ("--set", item)]
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", "--config", str(config)],
+        [sys.executable, "-m", "flows.cli", "run", "--config", str(config), *sets],
         cwd=repo,
         env=env,
         stdout=log.open("w"),
@@ -215,7 +216,11 @@ def test_sigterm_reaches_every_rank_sigkill_leaves_no_process_and_a_damaged_chec
     config = _config(tiny_llama_dir, tmp_path, num_processes=2)
     raw = yaml.safe_load(config.read_text())
     raw["training"].update(
-        max_steps=14, save_total_limit=3, stop_grace_s=20, gpu_slots=1, gpu_concurrency_limit=limit_name
+        max_steps=14,
+        save_total_limit=3,
+        stop_grace_s=20,
+        gpu_slots=1,
+        gpu_concurrency_limit=limit_name,
     )
     config.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONUNBUFFERED": "1"}
@@ -256,9 +261,10 @@ def test_sigterm_reaches_every_rank_sigkill_leaves_no_process_and_a_damaged_chec
         flow_runs = {r.name: r for r in client.read_flow_runs() if r.name in printed}
         assert [r.state.type.value for r in flow_runs.values()] == ["CRASHED"]
 
-        # 2. the re-run resumes; SIGKILL of the command alone
+        # 2. the re-run resumes; SIGKILL of the command alone. (Without the GPU limit from here on: the killed run's
+        # slot would come back only when its lease runs out, through a service the test's server does not run.)
         log = tmp_path / "killed.log"
-        proc = _start_cli(config, log, env)
+        proc = _start_cli(config, log, env, "training.gpu_slots=0")
         try:
             _wait_for_checkpoint(root, proc, log, after=stopped["step"])
             children = _descendants(proc.pid)
@@ -278,7 +284,7 @@ def test_sigterm_reaches_every_rank_sigkill_leaves_no_process_and_a_damaged_chec
         weights = newest / "adapter_model.safetensors"
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
         log = tmp_path / "finished.log"
-        proc = _start_cli(config, log, env)
+        proc = _start_cli(config, log, env, "training.gpu_slots=0")
         assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
         printed = log.read_text()
         assert f"flow run {killed_run['flow_run_name']} ({killed_run['flow_run_id']}): marked Crashed" in printed
