@@ -17,7 +17,8 @@ from pipeline_config.schema import PipelineConfig
 def _unknown(field: str, value: str, known: list[str], what: str) -> str:
     close = difflib.get_close_matches(value, known, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"{field} {value!r} is not {what}: {hint}choose one of {', '.join(known)}"
+    shown = ", ".join(known[:12]) + (f" (and {len(known) - 12} more)" if len(known) > 12 else "")
+    return f"{field} {value!r} is not {what}: {hint}choose one of {shown}"
 
 
 def library_setting_problems(cfg: PipelineConfig) -> list[str]:
