@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 
 from pipeline_config.schema import LoraAdapterConfig, PipelineConfig, QuantizationConfig
 from qlora.errors import PipelineInputError
-from qlora.integrations.attention import load_attention, resolve_attention
+from qlora.integrations.attention import load_attention
 from qlora.model_source import ModelSource, hub_token
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "uint8": torch.uint8}
@@ -62,7 +62,7 @@ def load_quantized_model(
         quantization_config=build_bnb_config(quant_cfg),
         dtype=DTYPES[quant_cfg.compute_dtype],
         device_map={"": device},
-        attn_implementation=load_attention(resolve_attention(attention, device)),
+        attn_implementation=load_attention(attention),
         use_safetensors=True,
     )
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing

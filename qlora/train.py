@@ -306,7 +306,7 @@ def train_adapter(
     try:
         with (
             stop.deferred() if stop is not None else contextlib.nullcontext(),
-            packed_training_attention(trainer.model, resolve_attention(cfg.attention, device), padding_free),
+            packed_training_attention(trainer.model, resolve_attention(cfg.attention, device), padding_free, log),
         ):
             output = trainer.train(resume_from_checkpoint=resume_from)
     except BaseException:

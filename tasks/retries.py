@@ -15,10 +15,18 @@ def _failure(state) -> BaseException | None:
     return None
 
 
+# Failures of a step that reads or downloads which say something about the code or the model itself (an attention
+# the family lacks, a config transformers cannot build): a retry a minute later meets the same.
+DETERMINISTIC = (PipelineInputError, RunEnvironmentError, ValueError, TypeError, AttributeError, KeyError, ImportError)
+
+
 def retry_unless_input_error(task, task_run, state) -> bool:
-    """Retry anything but bad input and a full disk (they would fail again): for downloads, whose failures come in
-    too many forms to list."""
-    return not isinstance(_failure(state), PipelineInputError | RunEnvironmentError)
+    """Retry a download's failures, which come in too many forms to list, but not bad input, a full disk or an error
+    that says something about the code or the model (they would fail again)."""
+    failure = _failure(state)
+    if failure is None:
+        return False
+    return is_transient(failure) or not isinstance(failure, DETERMINISTIC + (NotImplementedError,))
 
 
 def retry_if_transient(task, task_run, state) -> bool:

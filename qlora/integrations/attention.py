@@ -11,9 +11,12 @@ without an attention mask. What then keeps documents apart depends on the attent
   (`torch.nn.attention.varlen.varlen_attn`, CUDA only) over the boundaries the collator already computed. No mask
   is built (transformers skips mask creation for it), no wasted pairs, no device-to-host sync per forward.
 
-The model is loaded with SDPA, which evaluation and generation (padded rows with an attention mask) need;
-`packed_training_attention` switches it to 'qlora_varlen' only while SFTTrainer trains on padding-free batches.
-`resolve_attention` picks the training implementation ('auto': varlen on CUDA when torch has it, else SDPA).
+The model is loaded with transformers' pick for its family (SDPA, or eager for Gemma 2), which evaluation and
+generation (padded rows with an attention mask) need; `packed_training_attention` switches it to 'qlora_varlen' only
+while SFTTrainer trains on padding-free batches, and only for families varlen computes exactly: sliding-window
+layers pass their window to the kernel; logit soft-capping (Gemma 2) has no varlen kernel, so such a family keeps
+the loaded implementation and the run log says so. `resolve_attention` picks the training implementation ('auto':
+varlen on CUDA when torch has it, else SDPA).
 
 Written for transformers 5.24 / torch 2.11-2.13. Internals used (tests/test_integrations.py checks them):
 `AttentionInterface.register`, `transformers.integrations.sdpa_attention.sdpa_attention_forward`, and the private
@@ -78,8 +81,14 @@ def varlen_attention_forward(
         query, key, value = query.to(half), key.to(half), value.to(half)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, head_dim]
     params = _varlen_params()
-    # torch 2.10 spelled causality `is_causal=True`; 2.11+ takes a (left, right) window.
-    extra = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    # torch 2.10 spelled causality `is_causal=True`; 2.11+ takes a (left, right) window, which also expresses a
+    # sliding-window layer (transformers passes `sliding_window`: a query sees itself and the sliding_window - 1
+    # keys before it, as in transformers' own flash-attention path).
+    sliding = kwargs.get("sliding_window")
+    if "is_causal" in params:
+        extra = {"is_causal": True}
+    else:
+        extra = {"window_size": (sliding - 1 if sliding else -1, 0)}
     if k.shape[1] != q.shape[1]:  # grouped-query attention
         if "enable_gqa" in params:
             extra["enable_gqa"] = True
@@ -106,17 +115,36 @@ def resolve_attention(requested: str, device: str) -> str:
     return requested
 
 
-def load_attention(training_attention: str) -> str:
-    """What the model is loaded with: SDPA in place of varlen, which only suits padding-free training batches."""
-    return "sdpa" if training_attention == VARLEN_ATTENTION else training_attention
+def load_attention(requested: str) -> str | None:
+    """What the model is loaded with, for `training.attention`: 'sdpa' or 'eager' as asked; for 'auto' and
+    'varlen_flash' (a kernel for padding-free training batches only) None, transformers' own pick for the family:
+    SDPA where it has an SDPA path, else eager (Gemma 2, whose logit soft-capping SDPA cannot apply)."""
+    return requested if requested in ("sdpa", "eager") else None
+
+
+def varlen_unsupported(config) -> str | None:
+    """Why the varlen kernel would not compute this family's attention exactly (then training keeps the loaded
+    implementation, with its block-diagonal mask over the packed documents), or None."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "attn_logit_softcapping", None):
+        return "its attention logit soft-capping has no varlen kernel in torch"
+    if getattr(text, "sliding_window", None) and "window_size" not in _varlen_params():
+        return "its sliding-window layers need varlen_attn's window_size (torch >= 2.11)"
+    return None
 
 
 @contextlib.contextmanager
-def packed_training_attention(model: torch.nn.Module, training_attention: str, padding_free: bool):
-    """Use `training_attention` while training on padding-free batches; restore the loaded implementation after."""
+def packed_training_attention(model: torch.nn.Module, training_attention: str, padding_free: bool, log=None):
+    """Use `training_attention` while training on padding-free batches; restore the loaded implementation after.
+    A family varlen cannot compute exactly (`varlen_unsupported`) keeps the loaded one, and `log` says so."""
     config = model.config
     loaded = config._attn_implementation
     if training_attention != VARLEN_ATTENTION or not padding_free:
+        yield
+        return
+    if reason := varlen_unsupported(config):
+        if log is not None:
+            log.info("varlen attention is off for %s: %s; packed documents use %s", config.model_type, reason, loaded)
         yield
         return
     config._attn_implementation = VARLEN_ATTENTION
