@@ -90,3 +90,79 @@ def test_family_trains_reloads_merges_and_generates(family, family_dirs, prefect
 
     merged = merge_adapter(loaded, tmp_path / "merged", "fp32", max_loss_change_pct=1.0, min_agreement=0.0)
     assert abs(merged.check.loss_change_pct) <= 1.0 and (tmp_path / "merged" / "config.json").is_file()
+
+
+def _family_peft_model(model_dir: Path, tmp_path: Path, device: str, compute_dtype: str):
+    import torch
+    from peft import get_peft_model
+
+    from pipeline_config.schema import load_pipeline_config
+    from qlora.model import build_lora_config, load_quantized_model
+    from qlora.model_source import resolve_model_source
+
+    raw = tiny_config_dict(model_dir, tmp_path)
+    raw["quantization"]["compute_dtype"] = compute_dtype
+    raw["training"]["device"] = device
+    cfg = load_pipeline_config(raw)
+    model = load_quantized_model(resolve_model_source(cfg.model), cfg.quantization, device, cfg.training.attention)
+    lora = build_lora_config(cfg.lora)
+    lora.init_lora_weights = False  # random B: the adapter changes the output
+    torch.manual_seed(3)
+    return get_peft_model(model, lora)
+
+
+def _documents(model_dir: Path, n: int = 6) -> list[list[int]]:
+    """Chat documents of the bundled data, ~80-130 tokens: longer than the 64-token sliding windows above."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from qlora.bundled_data import make_order_row
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rng = random.Random(7)
+    docs = [
+        list(tokenizer.apply_chat_template(make_order_row(rng)["messages"], tokenize=True, return_dict=False))
+        for _ in range(n)
+    ]
+    assert min(len(d) for d in docs) > 64
+    return docs
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_packed_documents_get_their_per_document_loss(family, family_dirs, tmp_path):
+    """The padding-free packed row SFTTrainer trains on gives every document of every family the loss it has alone
+    (on the CPU: transformers' SDPA or eager attention with its block-diagonal mask, sliding windows included)."""
+    from bench.run import packed_vs_unpacked_loss
+
+    model = _family_peft_model(family_dirs[family], tmp_path, "cpu", "float32")
+    docs = _documents(family_dirs[family])
+    check = packed_vs_unpacked_loss(model, docs, model.config.pad_token_id or 0, "cpu")
+    assert check["abs_diff"] < 1e-3, check
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fast_path_packed_loss_equals_per_document_loss_on_the_gpu(family, family_dirs, tmp_path):
+    """On CUDA, each family on its fast attention: the varlen kernel (sliding windows passed as its window), or,
+    where varlen cannot compute the family's attention exactly (Gemma 2's soft-capping), the loaded one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from bench.run import packed_vs_unpacked_loss
+    from qlora.integrations.attention import (
+        VARLEN_ATTENTION,
+        packed_training_attention,
+        varlen_available,
+        varlen_unsupported,
+    )
+
+    assert varlen_available()
+    model = _family_peft_model(family_dirs[family], tmp_path, "cuda", "bfloat16")
+    docs = _documents(family_dirs[family])
+    with packed_training_attention(model, VARLEN_ATTENTION, padding_free=True):
+        expected = model.config._attn_implementation
+        assert (expected == VARLEN_ATTENTION) == (varlen_unsupported(model.config) is None), expected
+        check = packed_vs_unpacked_loss(model, docs, model.config.pad_token_id or 0, "cuda")
+    assert check["abs_diff"] < 1e-2, check  # bf16 activations
