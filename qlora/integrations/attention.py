@@ -147,6 +147,7 @@ def packed_training_attention(model: torch.nn.Module, training_attention: str, p
             log.info("varlen attention is off for %s: %s; packed documents use %s", config.model_type, reason, loaded)
         yield
         return
+    register_varlen_attention()
     config._attn_implementation = VARLEN_ATTENTION
     try:
         yield
