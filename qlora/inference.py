@@ -14,11 +14,12 @@ A model SOURCE is one of:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,6 +232,22 @@ def read_prompts_file(path: Path) -> list[dict]:
 
 
 @torch.inference_mode()
+@contextlib.contextmanager
+def without_router_aux_loss(model) -> Iterator[None]:
+    """Generation needs no load-balancing loss of a mixture-of-experts router, and transformers computes it wrongly
+    for a padded batch while decoding (a shape error at the first new token, measured on Mixtral and Qwen3-MoE
+    after training switched `output_router_logits` on)."""
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "output_router_logits", False):
+        yield
+        return
+    config.output_router_logits = False
+    try:
+        yield
+    finally:
+        config.output_router_logits = True
+
+
 def generate_texts(
     model,
     tokenizer,
@@ -261,15 +278,16 @@ def generate_texts(
             else:
                 enc = tokenizer(chunk, padding=True, return_tensors="pt")
             enc = {k: v.to(device) for k, v in enc.items()}
-            out = model.generate(
-                **enc,
-                max_new_tokens=settings.max_new_tokens,
-                use_cache=True,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                streamer=streamer,
-                **settings.generate_kwargs(),
-            )
+            with without_router_aux_loss(model):
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=settings.max_new_tokens,
+                    use_cache=True,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    streamer=streamer,
+                    **settings.generate_kwargs(),
+                )
             new = out[:, enc["input_ids"].shape[1] :]
             answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
             if on_batch:

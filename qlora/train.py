@@ -130,6 +130,17 @@ def use_liger_kernels(requested: bool | str, device: str) -> bool:
     return bool(requested)
 
 
+def liger_unsupported(config) -> str | None:
+    """Why Liger's kernels would not train this family correctly (then it trains without them, and the run log says
+    so), or None. Exact or off: a mixture-of-experts block goes through Liger's fused SwiGLU, which reads expert
+    attributes that peft's wrapped expert parameters do not have (AttributeError 'hidden_dim' on Mixtral and
+    Qwen3-MoE, a wrong-shaped evaluation on OLMoE, measured on an H200)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None):
+        return "Liger's kernels do not handle its mixture-of-experts blocks under peft"
+    return None
+
+
 def latest_complete_checkpoint(run_dir: str) -> str | None:
     """Newest `checkpoint-N` folder of a run folder (only complete ones exist, see PipelineSFTTrainer)."""
     return get_last_checkpoint(run_dir) if Path(run_dir).is_dir() else None
@@ -285,6 +296,9 @@ def train_adapter(
     if run_dir and resume_from is None and fingerprint is not None:
         write_fingerprint(run_dir, fingerprint)
     stop = current_stop()
+    if use_liger_kernels(cfg.liger_kernels, device) and (reason := liger_unsupported(model.config)):
+        (log or logging.getLogger(__name__)).info("Liger kernels are off for %s: %s", model.config.model_type, reason)
+        sft_overrides["use_liger_kernel"] = False
     trainer = PipelineSFTTrainer(
         model=model,
         args=build_sft_config(cfg, device, run_dir or cfg.output_dir, report_to_mlflow, fsdp, **sft_overrides),

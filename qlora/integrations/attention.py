@@ -63,12 +63,23 @@ def varlen_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: query/key/value are [batch, heads, seq, head_dim]; returns
     [batch, seq, heads, head_dim]. Padding-free packed rows only (see `packed_training_attention`)."""
+    if attention_mask is not None or query.shape[0] != 1:
+        raise RuntimeError("qlora_varlen attention needs padding-free packed batches (training.packing, bfd)")
+    sliding = kwargs.get("sliding_window")
     cu_seq_lens = kwargs.get("cu_seq_lens_q")
-    if cu_seq_lens is None or query.shape[0] != 1 or not query.is_cuda or dropout > 0.0:
-        if attention_mask is not None or query.shape[0] != 1:
-            raise RuntimeError("qlora_varlen attention needs padding-free packed batches (training.packing, bfd)")
-        # One unpadded row (e.g. a single document): plain causal attention is exact.
-        return sdpa_attention_forward(module, query, key, value, None, dropout, scaling, is_causal=True, **kwargs)
+    if cu_seq_lens is None:  # one unpadded row without boundaries: a single document
+        cu_seq_lens = torch.tensor([0, query.shape[2]], device=query.device, dtype=torch.int32)
+        kwargs["max_length_q"] = query.shape[2]
+    if not query.is_cuda or dropout > 0.0:
+        if cu_seq_lens.numel() > 2:
+            raise RuntimeError("qlora_varlen attention runs packed rows on CUDA without attention dropout only")
+        # A single document: causal attention (within its sliding window, if the layer has one) is exact.
+        n = query.shape[2]
+        pos = torch.arange(n, device=query.device)
+        mask = pos[None, :] <= pos[:, None]
+        if sliding:
+            mask &= pos[None, :] > pos[:, None] - sliding
+        return sdpa_attention_forward(module, query, key, value, mask[None, None], dropout, scaling, **kwargs)
     from torch.nn.attention.varlen import varlen_attn
 
     cu_seq_lens = cu_seq_lens.to(query.device, torch.int32, non_blocking=True)
@@ -84,7 +95,6 @@ def varlen_attention_forward(
     # torch 2.10 spelled causality `is_causal=True`; 2.11+ takes a (left, right) window, which also expresses a
     # sliding-window layer (transformers passes `sliding_window`: a query sees itself and the sliding_window - 1
     # keys before it, as in transformers' own flash-attention path).
-    sliding = kwargs.get("sliding_window")
     if "is_causal" in params:
         extra = {"is_causal": True}
     else:
