@@ -93,10 +93,11 @@ def behaviour(model, tokenizer, data, loss_rows: int, prompts: int, max_len: int
 
 def dequantized_base(model_cfg, quant_cfg, dtype: torch.dtype, device: str):
     """A run's base as training saw it (4-bit, the run's quantization), de-quantized into `dtype`."""
-    from qlora.model import load_quantized_model
+    from qlora.model import dequantize_expert_parameters, load_quantized_model
     from qlora.model_source import resolve_model_source
 
     base = load_quantized_model(resolve_model_source(model_cfg), quant_cfg, device)
+    dequantize_expert_parameters(base, dtype)  # the fused MoE experts (transformers' dequantize covers nn.Linear)
     return base.dequantize(dtype=dtype).to(dtype)
 
 

@@ -66,9 +66,75 @@ def load_quantized_model(
         use_safetensors=True,
     )
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    quantize_expert_parameters(model, quant_cfg)
     if upcast_base_to_fp32:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     return model
+
+
+def expert_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]]:
+    """(full name, owning module, parameter name) of every fused expert weight: the 3-D (experts x out x in)
+    parameters transformers 5 stores a mixture-of-experts block's experts in."""
+    found = []
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.dim() >= 3 and param.is_floating_point():
+                found.append((f"{module_name}.{name}" if module_name else name, module, name))
+    return found
+
+
+def quantize_expert_parameters(model: torch.nn.Module, quant_cfg: QuantizationConfig) -> int:
+    """Mixture-of-experts weights in 4 bits too, with the run's quantization settings. from_pretrained's
+    bitsandbytes quantization covers nn.Linear only, and leaves the fused 3-D expert parameters (most of a MoE
+    model: ~90 GB of Mixtral-8x7B's weights) in 16 bits. bitsandbytes' parametrization quantizes each in place, in
+    blocks of 64 values that never straddle two experts, and de-quantizes it whenever it is read (forward and
+    backward); the router is an nn.Linear and stays as loaded. Returns how many parameters it quantized."""
+    from bitsandbytes.nn.parametrize import replace_parameter_4bit
+
+    experts = expert_parameters(model)
+    for _, module, name in experts:
+        replace_parameter_4bit(
+            module, name, compress_statistics=quant_cfg.double_quant, quant_type=quant_cfg.quant_type
+        )
+    return len(experts)
+
+
+def dequantize_expert_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Plain `dtype` expert weights again (for a merged model): the parametrization removed, its de-quantized value
+    kept."""
+    from torch.nn.utils import parametrize
+
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations):
+                value = getattr(module, name).detach().to(dtype)  # read through the parametrization: de-quantized
+                parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+                setattr(module, name, torch.nn.Parameter(value, requires_grad=False))
+
+
+def four_bit_share(model: torch.nn.Module, experts_only: bool = False) -> float:
+    """Share of the model's matrix weights stored in 4 bits: linear layers and fused experts (`experts_only`: the
+    experts alone); the embeddings and the output head, which QLoRA keeps in 16 bits, are not counted."""
+    from bitsandbytes.nn import Linear4bit
+    from torch.nn.utils import parametrize
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    four, total = 0, 0
+    for module in model.modules():
+        if module is head or isinstance(module, torch.nn.Embedding):
+            continue
+        if not experts_only and isinstance(module, Linear4bit):
+            n = module.weight.numel() * 2  # two 4-bit values per stored byte
+            four, total = four + n, total + n
+        elif not experts_only and isinstance(module, torch.nn.Linear):
+            total += module.weight.numel()
+        if parametrize.is_parametrized(module):
+            for name in module.parametrizations:
+                n = module.parametrizations[name].original.numel() * 2
+                four, total = four + n, total + n
+        else:
+            total += sum(p.numel() for p in module.parameters(recurse=False) if p.dim() >= 3)
+    return four / total if total else 0.0
 
 
 def load_base_for_training(source: ModelSource, cfg: PipelineConfig, device: str) -> PreTrainedModel:

@@ -169,3 +169,33 @@ def test_fast_path_packed_loss_equals_per_document_loss_on_the_gpu(family, famil
         assert (used == VARLEN_ATTENTION) == (varlen_unsupported(model.config) is None), used
         packed = packed_vs_unpacked_loss(model, docs, pad, "cuda")["packed"]
     assert abs(packed - reference) < 1e-2, (packed, reference)  # bf16 activations
+
+
+MOE_FAMILIES = [f for f, extra in FAMILIES.items() if "num_experts" in extra or "num_local_experts" in extra]
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_experts_are_stored_in_4_bits_and_dequantize_for_a_merge(family, family_dirs):
+    """transformers 5 keeps a MoE block's experts as fused 3-D parameters, which from_pretrained's bitsandbytes
+    quantization leaves in 16 bits; the loader quantizes them (NF4 with the run's settings), the router stays as
+    loaded, and a merge gets them back de-quantized, computing what the 4-bit model computes."""
+    import torch
+
+    from pipeline_config.schema import ModelConfig, QuantizationConfig
+    from qlora.model import dequantize_expert_parameters, expert_parameters, four_bit_share, load_quantized_model
+    from qlora.model_source import resolve_model_source
+
+    source = resolve_model_source(ModelConfig(name_or_path=str(family_dirs[family])))
+    model = load_quantized_model(source, QuantizationConfig(compute_dtype="float32", double_quant=True), "cpu")
+    assert four_bit_share(model, experts_only=True) == 1.0 and four_bit_share(model) == 1.0
+    assert not expert_parameters(model)  # none left as a plain float parameter
+    router = model.model.layers[0].mlp.gate
+    assert router.weight.dtype == torch.float32 and router.weight.dim() == 2
+    ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
+    model.train()  # bitsandbytes' CPU path for the linear layers, as in training
+    with torch.no_grad():
+        quantized = model(input_ids=ids).logits
+        dequantize_expert_parameters(model, torch.float32)
+        plain = model(input_ids=ids).logits
+    assert len(expert_parameters(model)) == 2 * len(model.model.layers)
+    torch.testing.assert_close(plain, quantized, rtol=0, atol=0)
