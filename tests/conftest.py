@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 import flows.finetune  # noqa: E402, F401
 
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -37,14 +41,10 @@ def smol_tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
-    """A 2-layer random Llama (hidden 64) with SmolLM2's tokenizer, saved as safetensors."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
-    config = LlamaConfig(
+def tiny_model_widths(tokenizer) -> dict:
+    """What every tiny test model's config shares: 2 layers, hidden 64 (bitsandbytes' CPU kernel needs output
+    widths in multiples of 32), SmolLM2's vocabulary and special tokens."""
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -54,9 +54,39 @@ def tiny_llama_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
         max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
         initializer_range=0.25,  # wide enough embeddings that a few LoRA steps can move the logits
     )
+
+
+def start_in_own_session(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """A command in a process group of its own, as a terminal or a service manager starts one, its output in `log`."""
+    return subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def stop_process_group(proc: subprocess.Popen, sig: int, timeout_s: float = 60) -> tuple[int, float]:
+    """Send `sig` to `proc`'s process group (what Ctrl-C, `timeout` or systemd do); (its exit code, seconds it took).
+    The group is SIGKILLed if it has not ended within `timeout_s`."""
+    sent = time.monotonic()
+    os.killpg(proc.pid, sig)
+    try:
+        code = proc.wait(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    return code, time.monotonic() - sent
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
+    """A 2-layer random Llama (hidden 64) with SmolLM2's tokenizer, saved as safetensors."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    config = LlamaConfig(**tiny_model_widths(tokenizer), tie_word_embeddings=True)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     out = tmp_path_factory.mktemp("tiny-llama")

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from flows.finetune import finetune
-from tests.conftest import free_port, tiny_config_dict
+from tests.conftest import free_port, start_in_own_session, stop_process_group, tiny_config_dict
 
 pytestmark = pytest.mark.slow
 
@@ -165,19 +165,10 @@ def _alive(processes) -> list:
 
 
 def _start_cli(config: Path, log: Path, env: dict, *overrides: str):
-    import subprocess
     import sys
 
-    repo = Path(__file__).resolve().parent.parent
     sets = [arg for item in overrides for arg in ("--set", item)]
-    return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", "--config", str(config), *sets],
-        cwd=repo,
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    return start_in_own_session([sys.executable, "-m", "flows.cli", "run", "--config", str(config), *sets], log, env)
 
 
 def _wait_for_checkpoint(root: Path, proc, log: Path, after: int = 0) -> int:
@@ -236,13 +227,8 @@ def test_sigterm_reaches_every_rank_sigkill_leaves_no_process_and_a_damaged_chec
             children = _descendants(proc.pid)
             ranks = [c for c in children if "qlora.distributed_train" in " ".join(c.cmdline())]
             assert len([r for r in ranks if "torch.distributed.run" not in " ".join(r.cmdline())]) == 2
-            sent = time.monotonic()
-            os.killpg(proc.pid, signal.SIGTERM)
-            code = proc.wait(timeout=60)
-            took_s = time.monotonic() - sent
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+            code, took_s = stop_process_group(proc, signal.SIGTERM)
         printed = log.read_text()
         assert code == 143 and took_s < 25, printed[-3000:]
         assert "stopped: stopped by SIGTERM at step" in printed and "written)" in printed, printed[-3000:]

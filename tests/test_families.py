@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import tiny_config_dict
+from tests.conftest import tiny_config_dict, tiny_model_widths
+from tests.test_fast_path import _peft_model
 
 pytestmark = pytest.mark.slow
 
@@ -38,19 +39,7 @@ def family_dirs(tmp_path_factory, smol_tokenizer_dir) -> dict[str, Path]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
-    shared = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        initializer_range=0.25,  # wide enough that a few LoRA steps move the logits
-    )
+    shared = {**tiny_model_widths(tokenizer), "pad_token_id": tokenizer.pad_token_id}
     dirs = {}
     for family, extra in FAMILIES.items():
         torch.manual_seed(0)
@@ -92,25 +81,6 @@ def test_family_trains_reloads_merges_and_generates(family, family_dirs, prefect
     assert abs(merged.check.loss_change_pct) <= 1.0 and (tmp_path / "merged" / "config.json").is_file()
 
 
-def _family_peft_model(model_dir: Path, tmp_path: Path, device: str, compute_dtype: str):
-    import torch
-    from peft import get_peft_model
-
-    from pipeline_config.schema import load_pipeline_config
-    from qlora.model import build_lora_config, load_quantized_model
-    from qlora.model_source import resolve_model_source
-
-    raw = tiny_config_dict(model_dir, tmp_path)
-    raw["quantization"]["compute_dtype"] = compute_dtype
-    raw["training"]["device"] = device
-    cfg = load_pipeline_config(raw)
-    model = load_quantized_model(resolve_model_source(cfg.model), cfg.quantization, device, cfg.training.attention)
-    lora = build_lora_config(cfg.lora)
-    lora.init_lora_weights = False  # random B: the adapter changes the output
-    torch.manual_seed(3)
-    return get_peft_model(model, lora)
-
-
 def _documents(model_dir: Path, n: int = 6) -> list[list[int]]:
     """Chat documents of the bundled data, ~80-130 tokens: longer than the 64-token sliding windows above."""
     import random
@@ -135,7 +105,7 @@ def test_packed_documents_get_their_per_document_loss(family, family_dirs, tmp_p
     (on the CPU: transformers' SDPA or eager attention with its block-diagonal mask, sliding windows included)."""
     from bench.run import packed_vs_unpacked_loss
 
-    model = _family_peft_model(family_dirs[family], tmp_path, "cpu", "float32")
+    model = _peft_model(family_dirs[family], tmp_path)[0]
     docs = _documents(family_dirs[family])
     check = packed_vs_unpacked_loss(model, docs, model.config.pad_token_id or 0, "cpu")
     assert check["abs_diff"] < 1e-3, check
@@ -159,7 +129,7 @@ def test_fast_path_packed_loss_equals_per_document_loss_on_the_gpu(family, famil
     )
 
     assert varlen_available()
-    model = _family_peft_model(family_dirs[family], tmp_path, "cuda", "bfloat16")
+    model = _peft_model(family_dirs[family], tmp_path, "cuda", "bfloat16")[0]
     docs = _documents(family_dirs[family])
     pad = model.config.pad_token_id or 0
     # the reference: each document alone through transformers' own attention for the family (windows included)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from flows.cli import main
 from flows.finetune import finetune
-from tests.conftest import tiny_config_dict
+from tests.conftest import start_in_own_session, stop_process_group, tiny_config_dict
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -149,14 +149,7 @@ def test_ctrl_c_stops_at_the_next_step_with_a_checkpoint_and_resumes_to_the_same
     env = {**os.environ, "PREFECT_HOME": str(prefect_home), "PYTHONUNBUFFERED": "1"}
     env.pop("PREFECT_API_URL", None)  # the command starts its own temporary server
     log = tmp_path / "run.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", "--config", str(config)],
-        cwd=REPO,
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group, as a terminal gives a command
-    )
+    proc = start_in_own_session([sys.executable, "-m", "flows.cli", "run", "--config", str(config)], log, env)
     try:
         deadline = time.monotonic() + 240
         while not list(root.glob("*/checkpoint-4")):
@@ -165,13 +158,8 @@ def test_ctrl_c_stops_at_the_next_step_with_a_checkpoint_and_resumes_to_the_same
             time.sleep(0.05)
         children = psutil.Process(proc.pid).children(recursive=True)
         assert any("uvicorn" in " ".join(c.cmdline()) for c in children)  # the temporary Prefect server
-        sent = time.monotonic()
-        os.killpg(proc.pid, signal.SIGINT)
-        code = proc.wait(timeout=60)
-        took_s = time.monotonic() - sent
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        code, took_s = stop_process_group(proc, signal.SIGINT)  # Ctrl-C
     printed = log.read_text()
     assert code == 130, printed[-3000:]
     assert took_s < 25, f"stopped in {took_s:.1f} s, beyond the grace period"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline_config.schema import CONFIG_DIR, load_pipeline_config
 from pipeline_config.sweep import load_sweep_space
-from tests.conftest import tiny_config_dict
+from tests.conftest import start_in_own_session, stop_process_group, tiny_config_dict
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_SPACES = sorted((CONFIG_DIR / "sweeps").glob("*.yaml"))
@@ -299,13 +298,8 @@ def test_sweep_killed_half_way_continues_without_running_finished_trials_again(
     )
     env = {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url), "PYTHONUNBUFFERED": "1"}
     log = tmp_path / "killed.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.sweep", "--config", str(config), "--space", str(space)],
-        cwd=REPO,
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    proc = start_in_own_session(
+        [sys.executable, "-m", "flows.sweep", "--config", str(config), "--space", str(space)], log, env
     )
     sweeps = tmp_path / "out" / "sweeps"
     try:
@@ -315,14 +309,8 @@ def test_sweep_killed_half_way_continues_without_running_finished_trials_again(
             assert time.monotonic() < deadline, "two trials did not finish within 300 s"
             time.sleep(0.2)
         time.sleep(3)  # the third trial starts
-        sent = time.monotonic()
-        os.killpg(proc.pid, signal.SIGTERM)
-        code = proc.wait(timeout=60)
-        took_s = time.monotonic() - sent
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        code, took_s = stop_process_group(proc, signal.SIGTERM)
     assert code == 143 and took_s < 25, (code, took_s, log.read_text()[-3000:])
     (killed,) = [p for p in sweeps.iterdir() if p.is_dir()]
     assert not (killed / "RUN_FINISHED").exists()
