@@ -108,6 +108,12 @@ class LoraAdapterConfig(_Section):
         description="Module names to adapt (e.g. [q_proj, v_proj]) or 'all-linear' for every linear layer but the "
         "output head.",
     )
+    target_parameters: list[str] = Field(
+        default=[],
+        description="Mixture-of-experts weights to adapt too (peft's target_parameters): the fused 3-D expert "
+        "parameters, named as target_modules are, e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj], or "
+        "[all-experts] for every one. Each gets a rank-r LoRA per expert; LoRA on experts cannot use dropout.",
+    )
     bias: Literal["none", "all", "lora_only"] = Field(default="none", description="Which biases to train.")
 
     @model_validator(mode="after")
@@ -116,6 +122,13 @@ class LoraAdapterConfig(_Section):
             raise ValueError(
                 "lora.target_modules is empty: list module names (e.g. [q_proj, v_proj]) or use 'all-linear'"
             )
+        if self.target_parameters and self.dropout:
+            raise ValueError(
+                "lora.target_parameters: peft's LoRA on expert weights has no dropout (it cannot be factored out of "
+                "the per-expert product): set lora.dropout to 0 or drop lora.target_parameters"
+            )
+        if any(not t.strip() for t in self.target_parameters):
+            raise ValueError("lora.target_parameters has a blank entry: name expert parameters or use [all-experts]")
         return self
 
     upcast_base_to_fp32: bool = Field(
@@ -183,7 +196,10 @@ class TokenizerConfig(_Section):
         "special token that is not EOS (unk, <pad>, <|endoftext|>, ...); fall back to EOS only if none exists.",
     )
     chat_template_file: str | None = Field(
-        default=None, description="Jinja chat template to use when the tokenizer has none and the data is chat."
+        default=None,
+        description="Jinja chat template file that replaces the tokenizer's own (or gives one to a tokenizer "
+        "without): e.g. a version with {% generation %} markers, so that training.assistant_only_loss can mask the "
+        "assistant turns. Saved with the adapter, so generation uses it too.",
     )
 
 
@@ -242,6 +258,14 @@ class TrainingConfig(_Section):
     completion_only_loss: bool | None = Field(
         default=None,
         description="Loss on the completion only (prompt/completion data). Unset: TRL's default for the data format.",
+    )
+    assistant_only_loss: bool | None = Field(
+        default=None,
+        description="Loss on the assistant turns only (chat data), from the `{% generation %}` markers of the chat "
+        "template. Unset: on when the tokenizer's chat template marks assistant turns (its own markers, or a training "
+        "version TRL or this project ships for it, qlora/chat_template.py) and packing is not 'wrapped', off "
+        "otherwise; the run log says which and why. True with a template no training version is known for stops the "
+        "run before weights load.",
     )
     save_steps: int = Field(
         default=50,
@@ -357,6 +381,16 @@ class TrainingConfig(_Section):
             raise ValueError(
                 "training.packing_strategy 'wrapped' cuts rows mid-sequence, so completion_only_loss cannot be kept: "
                 "use packing_strategy bfd or completion_only_loss false"
+            )
+        if self.packing and self.packing_strategy == "wrapped" and self.assistant_only_loss:
+            raise ValueError(
+                "training.packing_strategy 'wrapped' cuts rows mid-sequence, so assistant_only_loss cannot be kept: "
+                "use packing_strategy bfd or assistant_only_loss false"
+            )
+        if self.completion_only_loss and self.assistant_only_loss:
+            raise ValueError(
+                "training.completion_only_loss and assistant_only_loss are both true: the first is for "
+                "prompt/completion data, the second for chat data: choose one"
             )
         return self
 

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 from pipeline_config.schema import LoraAdapterConfig, PipelineConfig, QuantizationConfig
 from qlora.errors import PipelineInputError
 from qlora.integrations.attention import load_attention
+from qlora.integrations.expert_lora import patch_expert_lora
 from qlora.model_source import ModelSource, hub_token
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "uint8": torch.uint8}
@@ -96,6 +97,8 @@ def quantize_expert_parameters(model: torch.nn.Module, quant_cfg: QuantizationCo
         replace_parameter_4bit(
             module, name, compress_statistics=quant_cfg.double_quant, quant_type=quant_cfg.quant_type
         )
+    if experts:  # LoRA on the experts (lora.target_parameters) then works over the 4-bit parametrization
+        patch_expert_lora()
     return len(experts)
 
 
@@ -106,7 +109,9 @@ def dequantize_expert_parameters(model: torch.nn.Module, dtype: torch.dtype) -> 
 
     for module in model.modules():
         if parametrize.is_parametrized(module):
-            for name in list(module.parametrizations):
+            # In name order: peft nests the LoRA wrappers of a plain module's parameters in their order, and those of
+            # a parametrized (4-bit) module in name order, so a merge base nests an expert adapter as training did.
+            for name in sorted(module.parametrizations):
                 value = getattr(module, name).detach().to(dtype)  # read through the parametrization: de-quantized
                 parametrize.remove_parametrizations(module, name, leave_parametrized=False)
                 setattr(module, name, torch.nn.Parameter(value, requires_grad=False))
@@ -149,12 +154,49 @@ def load_base_for_training(source: ModelSource, cfg: PipelineConfig, device: str
     )
 
 
-def build_lora_config(cfg: LoraAdapterConfig) -> LoraConfig:
+ALL_EXPERTS = "all-experts"
+
+
+def _matches(entry: str, name: str) -> bool:
+    """peft's rule for a target list entry: the full name, or a suffix after a dot."""
+    return name == entry or name.endswith("." + entry)
+
+
+def expert_lora_targets(model: torch.nn.Module, entries: list[str]) -> list[str]:
+    """The full names of the fused expert parameters `entries` (lora.target_parameters) name, in 4 bits or not.
+
+    peft matches a parametrized (4-bit) module's parameters by their full name only, where it matches plain ones by
+    suffix too; expanding here gives both the same meaning. An entry that names no expert parameter is an error."""
+    from torch.nn.utils import parametrize
+
+    names = [name for name, _, _ in expert_parameters(model)]
+    for module_name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            names += [f"{module_name}.{name}" for name in module.parametrizations]
+    names = [n.replace(".base_layer", "") for n in names]  # a model peft has wrapped already
+    found = []
+    for entry in entries:
+        hits = names if entry == ALL_EXPERTS else [n for n in names if _matches(entry, n)]
+        if not hits:
+            kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
+            listing = f"its expert parameters are: {', '.join(kinds)}" if kinds else "it has no fused expert weights"
+            raise PipelineInputError(
+                f"lora.target_parameters: {entry!r} names no expert parameter of {type(model).__name__}; {listing}"
+            )
+        found += [n for n in hits if n not in found]
+    return sorted(found)
+
+
+def build_lora_config(cfg: LoraAdapterConfig, model: torch.nn.Module | None = None) -> LoraConfig:
+    """peft's LoraConfig for the run; `model` (the base) is needed when `lora.target_parameters` names experts."""
+    if cfg.target_parameters and model is None:
+        raise ValueError("lora.target_parameters needs the model to resolve expert names")
     return LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules,
+        target_parameters=expert_lora_targets(model, cfg.target_parameters) if cfg.target_parameters else None,
         bias=cfg.bias,
         task_type="CAUSAL_LM",
     )

@@ -15,6 +15,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from pipeline_config.schema import PipelineConfig, cuda_only_problems
+from qlora.chat_template import decide_assistant_only_loss
 from qlora.config_checks import library_setting_problems
 from qlora.data import DatasetSplits, held_out_overlap
 from qlora.errors import PipelineInputError
@@ -32,9 +33,13 @@ class PreflightReport:
     fatal: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
+    loss: str | None = None  # which tokens the loss is on, and why (training.assistant_only_loss resolved)
+    family: str | None = None  # the model family and its fast-path parts (qlora/families.py), rendered
 
     def render(self) -> str:
         lines = ["preflight:"]
+        if self.family:
+            lines += [f"  {line}" for line in self.family.splitlines()]
         s = self.stats
         if s:
             lines.append(
@@ -42,6 +47,8 @@ class PreflightReport:
                 f"/ p95 {s['tokens_p95']:.0f} / max {s['tokens_max']:.0f}; "
                 f"{s['rows_truncated']:.0f} row(s) longer than max_seq_length {s['max_seq_length']:.0f}"
             )
+        if self.loss:
+            lines.append(f"  {self.loss}")
         lines += [f"  FATAL: {p}" for p in self.fatal]
         lines += [f"  warning: {p}" for p in self.warnings]
         if not self.fatal:
@@ -93,6 +100,33 @@ def lora_target_problems(cfg: PipelineConfig, source: ModelSource) -> list[str]:
     if cfg.lora.target_modules == "all-linear":
         return []
     return target_module_problems(cfg.model, cfg.lora, source.path, source.gguf_file)
+
+
+def family_check(cfg: PipelineConfig, source: ModelSource, device: str, report: PreflightReport) -> None:
+    """The model family and its fast-path parts (into the report), a family this project cannot train (fatal), and
+    `lora.target_parameters` against the experts of the architecture built on the meta device."""
+    from qlora.architecture import build_meta_model, read_model_config
+    from qlora.families import family_report
+    from qlora.model import expert_lora_targets
+
+    config = read_model_config(cfg.model, source.path, source.gguf_file)
+    if config is None:
+        return  # the model-source check reports an unreadable model
+    needs_modules = (
+        cfg.lora.target_parameters or getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    )
+    meta = build_meta_model(cfg.model, source.path, source.gguf_file) if needs_modules else None
+    family = family_report(cfg, config, device, meta)
+    report.family = family.render()
+    if family.refusal:
+        report.fatal.append(family.refusal)
+    if family.warning:
+        report.warnings.append(family.warning)
+    if cfg.lora.target_parameters and meta is not None:
+        try:
+            expert_lora_targets(meta, cfg.lora.target_parameters)
+        except PipelineInputError as exc:
+            report.fatal.append(str(exc))
 
 
 def sequence_length_problem(cfg: PipelineConfig, source: ModelSource) -> str | None:
@@ -156,6 +190,7 @@ def run_preflight(
     if problem := writable_problem(t.output_dir):
         report.fatal.append(problem)
     report.fatal += lora_target_problems(cfg, source)
+    family_check(cfg, source, device, report)
     if problem := sequence_length_problem(cfg, source):
         report.fatal.append(problem)
     overlap_problem(cfg, data, report)
@@ -163,6 +198,11 @@ def run_preflight(
         report.fatal.append("chat data but the tokenizer has no chat template: set tokenizer.chat_template_file")
     if t.completion_only_loss and data.kind != "prompt_completion":
         report.fatal.append(f"training.completion_only_loss needs prompt/completion rows; the data is {data.kind!r}")
+    try:  # the same decision train_adapter makes
+        wrapped = t.packing and t.packing_strategy == "wrapped"
+        report.loss = decide_assistant_only_loss(t.assistant_only_loss, data.kind, tokenizer, wrapped).reason
+    except PipelineInputError as exc:
+        report.fatal.append(str(exc))
     if data.kind == "prompt_completion":
         empty = sum(1 for c in data.train["completion"] if not c.strip())
         if empty:

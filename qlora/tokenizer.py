@@ -3,7 +3,7 @@
 - pad token distinct from EOS where the vocabulary allows it, so that padding can never be confused with the
   end of an answer; EOS stays a trained token;
 - right padding for training (generation switches to left padding on a copy);
-- a chat template present when the data is conversational.
+- a chat template present when the data is conversational (`tokenizer.chat_template_file` replaces the model's).
 """
 
 from __future__ import annotations
@@ -64,8 +64,7 @@ def setup_tokenizer(
             raise PipelineInputError(
                 f"tokenizer.chat_template_file {template}: no such file (paths are relative to the working folder)"
             )
-        if not tokenizer.chat_template:
-            tokenizer.chat_template = template.read_text(encoding="utf-8")
+        tokenizer.chat_template = template.read_text(encoding="utf-8")  # replaces the model's own, if any
     if needs_chat_template and not tokenizer.chat_template:
         raise PipelineInputError(
             f"the data is chat (messages) but the tokenizer of {model_cfg.name_or_path} has no chat template: "

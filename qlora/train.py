@@ -24,6 +24,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig
 
 from pipeline_config.schema import LoraAdapterConfig, TrainingConfig
+from qlora.chat_template import decide_assistant_only_loss, training_template_applied
 from qlora.data import DatasetSplits
 from qlora.errors import PipelineInputError
 from qlora.files import atomic_folder, damaged_files, write_checksums, write_text_atomic
@@ -181,10 +182,12 @@ def build_sft_config(
     output_dir: str,
     report_to_mlflow: bool = False,
     fsdp: bool = False,
+    assistant_only_loss: bool = False,
     **overrides,
 ) -> SFTConfig:
     """SFTConfig from the recipe-named TrainingConfig; checkpoints go to `output_dir` (the run folder). `fsdp`:
-    shard the model across the processes (`fsdp_arguments`). `overrides` replace single arguments (the bench: no
+    shard the model across the processes (`fsdp_arguments`). `assistant_only_loss`: the resolved
+    `training.assistant_only_loss` (qlora/chat_template.py). `overrides` replace single arguments (the bench: no
     saving, a log line per step)."""
     args = dict(
         output_dir=output_dir,
@@ -224,6 +227,7 @@ def build_sft_config(
         save_total_limit=cfg.save_total_limit,
         packing_strategy=cfg.packing_strategy,
         completion_only_loss=cfg.completion_only_loss,
+        assistant_only_loss=assistant_only_loss,
         report_to=["mlflow"] if report_to_mlflow else "none",
         disable_tqdm=not sys.stderr.isatty(),
     )
@@ -299,15 +303,29 @@ def train_adapter(
     if use_liger_kernels(cfg.liger_kernels, device) and (reason := liger_unsupported(model.config)):
         (log or logging.getLogger(__name__)).info("Liger kernels are off for %s: %s", model.config.model_type, reason)
         sft_overrides["use_liger_kernel"] = False
-    trainer = PipelineSFTTrainer(
-        model=model,
-        args=build_sft_config(cfg, device, run_dir or cfg.output_dir, report_to_mlflow, fsdp, **sft_overrides),
-        train_dataset=data.train,
-        peft_config=build_lora_config(lora_cfg),
-        processing_class=tokenizer,
-        callbacks=[RunLoggerProgress(log), *([] if fsdp else _layer_callbacks(cfg)), *(extra_callbacks or [])],
-        metrics_on_device=cfg.metrics_on_device,
-    )
+    wrapped = cfg.packing and cfg.packing_strategy == "wrapped"
+    loss = decide_assistant_only_loss(cfg.assistant_only_loss, data.kind, tokenizer, wrapped)
+    (log or logging.getLogger(__name__)).info("%s", loss.reason)
+    # SFTTrainer tokenizes the rows while it is built: with the training template (generation markers) there, and
+    # the tokenizer's own template back afterwards, for evaluation, generation and saving.
+    with training_template_applied(tokenizer, loss.template):
+        trainer = PipelineSFTTrainer(
+            model=model,
+            args=build_sft_config(
+                cfg,
+                device,
+                run_dir or cfg.output_dir,
+                report_to_mlflow,
+                fsdp,
+                assistant_only_loss=loss.assistant_only_loss,
+                **sft_overrides,
+            ),
+            train_dataset=data.train,
+            peft_config=build_lora_config(lora_cfg, model),
+            processing_class=tokenizer,
+            callbacks=[RunLoggerProgress(log), *([] if fsdp else _layer_callbacks(cfg)), *(extra_callbacks or [])],
+            metrics_on_device=cfg.metrics_on_device,
+        )
     if stop is not None:
         trainer.add_callback(StopAtNextStep(stop, lambda: trainer.last_checkpoint_save_s))
     full_bytes = parameter_storage_bytes(trainer.model) if fsdp else 0  # base + LoRA, before FSDP shards them

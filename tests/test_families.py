@@ -31,6 +31,7 @@ FAMILIES = {
     "qwen3_moe": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64},
     "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
 }
+MOE_FAMILIES = [f for f, extra in FAMILIES.items() if "num_experts" in extra or "num_local_experts" in extra]
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,8 @@ def test_family_trains_reloads_merges_and_generates(family, family_dirs, prefect
     raw["evaluation"].update(max_loss_rows=8, max_generation_rows=2, batch_size=2)  # a padded generation batch
     raw["tracking"]["system_metrics"] = False
     raw["registry"] = {"enabled": False}
+    if family in MOE_FAMILIES:  # a mixed adapter: LoRA on every linear and on the fused experts
+        raw["lora"]["target_parameters"] = ["all-experts"]
     config = tmp_path / f"{family}.yaml"
     config.write_text(yaml.safe_dump(raw))
 
@@ -141,9 +144,6 @@ def test_fast_path_packed_loss_equals_per_document_loss_on_the_gpu(family, famil
     assert abs(packed - reference) < 1e-2, (packed, reference)  # bf16 activations
 
 
-MOE_FAMILIES = [f for f, extra in FAMILIES.items() if "num_experts" in extra or "num_local_experts" in extra]
-
-
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_moe_experts_are_stored_in_4_bits_and_dequantize_for_a_merge(family, family_dirs):
     """transformers 5 keeps a MoE block's experts as fused 3-D parameters, which from_pretrained's bitsandbytes
@@ -169,3 +169,51 @@ def test_moe_experts_are_stored_in_4_bits_and_dequantize_for_a_merge(family, fam
         plain = model(input_ids=ids).logits
     assert len(expert_parameters(model)) == 2 * len(model.model.layers)
     torch.testing.assert_close(plain, quantized, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_lora_on_4_bit_experts_trains_both_weights_reloads_and_merges(family, family_dirs, tmp_path):
+    """LoRA on the experts (lora.target_parameters) and on attention in one adapter, over 4-bit experts: both expert
+    weights of a block get gradients (peft nests two wrappers there), a forward does not change the next one (peft
+    0.21.2 would stack its delta on every forward: qlora/integrations/expert_lora.py), the saved adapter reloads onto
+    a fresh 4-bit base exactly, and peft's merge into the de-quantized base equals the unmerged adapter there."""
+    import torch
+    from peft import PeftModel, get_peft_model
+
+    from pipeline_config.schema import LoraAdapterConfig, ModelConfig, QuantizationConfig
+    from qlora.merge import dequantized_base
+    from qlora.model import build_lora_config, load_quantized_model
+    from qlora.model_source import resolve_model_source
+
+    model_cfg = ModelConfig(name_or_path=str(family_dirs[family]))
+    quant = QuantizationConfig(compute_dtype="float32")
+    base = load_quantized_model(resolve_model_source(model_cfg), quant, "cpu")
+    lora = LoraAdapterConfig(r=4, target_modules=["q_proj", "v_proj"], target_parameters=["all-experts"])
+    model = get_peft_model(base, build_lora_config(lora, base))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero: a non-zero adapter, so that every product counts
+            torch.nn.init.normal_(param, std=0.02, generator=torch.Generator().manual_seed(len(name)))
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    expert_grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and ".experts." in n}
+    assert len(expert_grads) == 4 * len(base.model.layers)  # A and B of gate_up_proj and down_proj in each layer
+    assert all(g is not None and g.abs().sum() > 0 for g in expert_grads.values()), sorted(expert_grads)
+    with torch.no_grad():
+        again = model(input_ids=ids, labels=ids).loss
+    assert again.item() == loss.item()
+
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(
+        load_quantized_model(resolve_model_source(model_cfg), quant, "cpu"), tmp_path / "adapter"
+    )
+    model.eval(), reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+        unmerged = PeftModel.from_pretrained(
+            dequantized_base(model_cfg, quant, torch.float32, "cpu"), tmp_path / "adapter"
+        )
+        unmerged_logits = unmerged(input_ids=ids).logits
+        merged = unmerged.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=ids).logits, unmerged_logits, rtol=1e-4, atol=1e-4)

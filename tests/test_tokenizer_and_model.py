@@ -44,6 +44,9 @@ def test_missing_chat_template_for_chat_data_is_an_input_error(tiny_llama_dir, t
     template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     tok = setup_tokenizer(_source(copy), TokenizerConfig(chat_template_file=str(template)), True)
     assert tok.chat_template == template.read_text()
+    # a model that has a template of its own gets the file's instead (a version with generation markers)
+    tok = setup_tokenizer(_source(tiny_llama_dir), TokenizerConfig(chat_template_file=str(template)), True)
+    assert tok.chat_template == template.read_text()
 
 
 def test_missing_model_folder_is_reported(tmp_path):
