@@ -71,6 +71,11 @@ def test_family_trains_reloads_merges_and_generates(family, family_dirs, prefect
 
     summary = finetune(config_path=str(config))
     assert summary["finetuned"]["eval_loss"] < summary["base"]["eval_loss"], summary
+    if family in MOE_FAMILIES:  # the router's load-balancing loss, with the family's coefficient, in MLflow
+        from mlflow.tracking import MlflowClient
+
+        aux = MlflowClient(raw["tracking"]["tracking_uri"]).get_metric_history(summary["mlflow_run_id"], "aux_loss")
+        assert aux and all(m.value > 0 for m in aux), aux
 
     loaded = load_for_inference(summary["adapter_dir"])
     assert loaded.model.get_base_model().config.model_type == family
