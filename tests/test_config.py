@@ -158,3 +158,48 @@ def test_config_loads_from_a_mapping_with_typed_overrides(tiny_llama_dir, tmp_pa
     assert load_pipeline_config(cfg.model_dump(mode="json")) == cfg  # a config round-trips as data
     with pytest.raises(ConfigError, match="training.learning_rte: unknown key"):
         load_pipeline_config(raw, {"training.learning_rte": 1e-3})
+
+
+# Shipped configs of current hub models: (model family, chat template family of tests/test_chat_templates.py)
+HUB_MODEL_CONFIGS = {
+    "llama-3.1-8b-instruct.yaml": ("llama", "llama3_1"),
+    "qwen3-8b.yaml": ("qwen3", "qwen3"),
+    "mistral-7b-instruct.yaml": ("mistral", "mistral"),
+    "gemma-3-1b-it.yaml": ("gemma3_text", "gemma3"),
+    "qwen3-30b-a3b.yaml": ("qwen3_moe", "qwen3"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HUB_MODEL_CONFIGS))
+def test_hub_model_config_passes_validate_on_a_local_stand_in(name, smol_tokenizer_dir, tmp_path):
+    """Each shipped config of a current model, pointed at a stand-in of its family (its config.json with tiny widths,
+    no weights; the SmolLM2 tokenizer with the model's real chat template): the checks `validate` runs before any
+    weights load pass, the family is the one the config was written for, and the loss is on the assistant turns."""
+    from transformers import AutoConfig
+
+    from qlora.chat_template import decide_assistant_only_loss
+    from qlora.model_source import resolve_model_source
+    from qlora.preflight import PreflightReport, family_check, lora_target_problems, sequence_length_problem
+    from qlora.tokenizer import setup_tokenizer
+    from tests.test_chat_templates import family_tokenizer
+    from tests.test_families import FAMILIES
+
+    family, template_family = HUB_MODEL_CONFIGS[name]
+    stand_in = tmp_path / "stand-in"
+    widths = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    AutoConfig.for_model(
+        family, **widths, num_key_value_heads=2, vocab_size=49216, max_position_embeddings=4096, **FAMILIES[family]
+    ).save_pretrained(stand_in)
+    family_tokenizer(smol_tokenizer_dir, template_family).save_pretrained(stand_in)
+
+    cfg = load_pipeline_config(CONFIG_DIR / name, [f"model.name_or_path={stand_in}"])
+    assert cfg.data.format == "messages" and cfg.training.device == "cuda"
+    source = resolve_model_source(cfg.model)
+    assert lora_target_problems(cfg, source) == [] and sequence_length_problem(cfg, source) is None
+    report = PreflightReport()
+    family_check(cfg, source, "cuda", report)
+    assert report.fatal == [] and report.warnings == []
+    assert report.family.startswith(f"family: {family} (")
+    tokenizer = setup_tokenizer(source, cfg.tokenizer, needs_chat_template=True)
+    decision = decide_assistant_only_loss(cfg.training.assistant_only_loss, "messages", tokenizer)
+    assert decision.assistant_only_loss, decision.reason
