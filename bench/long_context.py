@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from bench.run import _free, architecture, build_model_dir, project_config, synthetic_tokenizer
+from bench.run import _free, architecture, build_model_dir, layer_params, project_config, synthetic_tokenizer
 from bench.settings import BenchConfig
 from qlora.files import write_text_atomic
 
@@ -92,11 +92,14 @@ def use_expandable_segments() -> None:
 
 
 def weights_gib(arch: dict, layers: int) -> float:
-    """4-bit weights (NF4, double quant: ~0.51 bytes per weight) of `layers` decoder layers."""
-    d, ff = arch["hidden_size"], arch["intermediate_size"]
-    kv = d * arch["num_key_value_heads"] // arch["num_attention_heads"]
-    per_layer = 2 * d * d + 2 * d * kv + 3 * d * ff
-    return layers * per_layer * 0.5156 / 2**30
+    """4-bit weights (NF4, double quant: ~0.51 bytes per weight) of `layers` decoder layers: attention, MLP and
+    every expert of a mixture-of-experts layer (the router stays in 16 bits)."""
+    four_bit = sixteen_bit = 0
+    for layer in range(layers):
+        shapes = layer_params(arch, layer)
+        four_bit += sum(i * o for i, o in shapes["attention"] + shapes["mlp"]) + shapes["experts"]
+        sixteen_bit += sum(i * o for i, o in shapes["router"])
+    return (four_bit * 0.5156 + sixteen_bit * 2) / 2**30
 
 
 def train_one_document(cfg: BenchConfig, model, model_dir: Path, tokenizer, length: int, device: str) -> dict:

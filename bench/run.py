@@ -19,17 +19,23 @@ Variants (run in this order, each on a freshly 4-bit-loaded random-weight model)
   project_lean the same with the one lean switch: training.gradient_checkpointing=true
   project_fp32 the same with lora.upcast_base_to_fp32=true (for the loss-curve check of skipping the up-casts)
 
-Models are built locally from a named architecture (no hub access) with random weights, saved once in bf16.
+Models are built locally from a named architecture (no hub access) with random weights, saved once in bf16: the
+exact shape of a real model's config.json (Llama 2/3, Qwen3, Mistral, Gemma 2, and the mixtures of experts Mixtral
+and Qwen3-MoE; bench/settings.py), built through `AutoConfig.for_model(model_type, ...)` with the bench tokenizer's
+vocabulary. `--num-layers N` builds only N decoder layers (a whole Mixtral is 47B parameters).
 Data: synthetic token rows with lengths log-uniform in [64, 1024] (speed does not depend on the token values),
 or the bundled order data rendered with a real chat tokenizer (for loss curves; random 7B weights learn nothing).
 
 Reported per variant: real tokens/s (non-pad input tokens over the timed steps' wall time, after warm-up steps),
-peak GPU memory (torch.cuda.max_memory_allocated), MFU, the first steps' losses.
+peak GPU memory (torch.cuda.max_memory_allocated), MFU, the first steps' losses, and the loaded 4-bit weights:
+torch.cuda.memory_allocated() growth over the load against the size the parameters' shapes give
+(`expected_four_bit_bytes`; the ratio shows whether a MoE's experts really are in 4 bits).
 MFU = tokens/s x FLOPs per token / peak FLOP/s, with FLOPs per token
-  = 4 x P_frozen + 6 x P_lora + 12 x n_layers x d_model x (sum_i L_i(L_i+1)/2) / (sum_i L_i)
-(frozen weights: forward + input-gradient matmuls, 2 FLOPs per weight each; LoRA weights also get weight
-gradients; attention: QK^T and PV over each document's causal pairs, forward 4 d FLOPs per pair per layer,
-backward twice that). Recomputation is not counted (model FLOPs, not hardware FLOPs).
+  = 4 x P_frozen + 6 x P_lora + 12 x n_layers x d_attn x (sum_i L_i(L_i+1)/2) / (sum_i L_i)
+(frozen weights: forward + input-gradient matmuls, 2 FLOPs per weight each, for a mixture of experts the router
+and top_k of the experts, those a token goes through; LoRA weights also get weight gradients; attention: QK^T and
+PV over each document's causal pairs, forward 4 d_attn FLOPs per pair per layer, backward twice that, d_attn =
+query heads x head dim). Recomputation is not counted (model FLOPs, not hardware FLOPs).
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from transformers import TrainerCallback
 
 from bench.settings import (  # noqa: F401
     ARCHITECTURES,
+    BUILD_DEFAULTS,
     DEFAULT_VARIANTS,
     GEOMETRY,
     PROJECT_VARIANTS,
@@ -86,6 +93,11 @@ class VariantResult:
     profile: dict | None = None
     error: str | None = None
     skipped: str | None = None  # why the variant did not run (not a failure: e.g. no Unsloth environment)
+    # the loaded 4-bit model's weights (project's loader): memory_allocated growth over the load (CUDA), the size
+    # its parameters' shapes give (`expected_four_bit_bytes`), and their ratio
+    weights_bytes: int | None = None
+    four_bit_size_bytes: int | None = None
+    weights_vs_four_bit: float | None = None
 
 
 class StepTimer(TrainerCallback):
@@ -129,16 +141,27 @@ class StepTimer(TrainerCallback):
 
 
 def architecture(cfg: BenchConfig) -> dict:
-    """The named architecture, with --num-layers of its decoder layers if given."""
-    arch = dict(ARCHITECTURES[cfg.model])
+    """The named architecture (its `model_type` included), with --num-layers of its decoder layers if given."""
+    arch = {"model_type": "llama", **ARCHITECTURES[cfg.model]}
     arch.setdefault("num_key_value_heads", arch["num_attention_heads"])
     if cfg.num_layers:
         arch["num_hidden_layers"] = cfg.num_layers
     return arch
 
 
+def model_config(arch: dict, vocab_size: int, bos: int | None = None, eos: int | None = None):
+    """The transformers config of an architecture: its model_type's config class with the entry's fields over
+    BUILD_DEFAULTS, and the given vocabulary and special tokens."""
+    from transformers import AutoConfig
+
+    fields = {**BUILD_DEFAULTS, **{k: v for k, v in arch.items() if k != "model_type"}}
+    return AutoConfig.for_model(
+        arch.get("model_type", "llama"), **fields, vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos
+    )
+
+
 def build_model_dir(cfg: BenchConfig, vocab_size: int, bos: int, eos: int, device: str) -> Path:
-    """A random-weight Llama of the named architecture, saved once (bf16 safetensors) and reused. Built by one
+    """A random-weight model of the named architecture, saved once (bf16 safetensors) and reused. Built by one
     process under a file lock (the others of a distributed bench wait, then reuse it)."""
     from filelock import FileLock
 
@@ -148,25 +171,17 @@ def build_model_dir(cfg: BenchConfig, vocab_size: int, bos: int, eos: int, devic
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
         if not (out / "config.json").is_file():
-            _build_random_llama(arch, out, vocab_size, bos, eos, cfg.seed, device)
+            _build_random_model(arch, out, vocab_size, bos, eos, cfg.seed, device)
     return out
 
 
-def _build_random_llama(arch: dict, out: Path, vocab_size: int, bos: int, eos: int, seed: int, device: str) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _build_random_model(arch: dict, out: Path, vocab_size: int, bos: int, eos: int, seed: int, device: str) -> None:
+    from transformers import AutoModelForCausalLM
 
-    config = LlamaConfig(
-        **arch,
-        vocab_size=vocab_size,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        bos_token_id=bos,
-        eos_token_id=eos,
-        tie_word_embeddings=False,
-    )
+    config = model_config(arch, vocab_size, bos, eos)
     torch.manual_seed(seed)
     with torch.device(device):  # initialising 7B on the GPU takes seconds, on the CPU minutes
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     with atomic_folder(out) as tmp:  # complete or absent
         model.save_pretrained(tmp, safe_serialization=True)
     del model
@@ -220,33 +235,200 @@ def bundled_rows(tokenizer, n_rows: int, seed: int, max_len: int = 1024) -> list
 # -------------------------------------------------------------------------------------------------------- FLOPs
 
 
+def experts_per_token(model) -> tuple[int, int] | None:
+    """(experts per token, experts per layer) of a mixture-of-experts model (PEFT-wrapped or not), else None."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    top_k = getattr(text, "num_experts_per_tok", None)
+    experts = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None)
+    return (int(top_k), int(experts)) if top_k and experts else None
+
+
+def _own_matrices(module) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, full shape) of a module's own 2-D and 3-D weights, a 4-bit parametrized one (bitsandbytes'
+    `replace_parameter_4bit`: the fused experts) by the shape it de-quantizes to."""
+    from torch.nn.utils import parametrize
+
+    found = [(n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False) if p.dim() >= 2]
+    if parametrize.is_parametrized(module):
+        for name, chain in module.parametrizations.items():
+            state = next((getattr(p, "quant_state", None) for p in chain if hasattr(p, "quant_state")), None)
+            found.append((name, tuple(state.shape) if state is not None else tuple(getattr(module, name).shape)))
+    return found
+
+
 def linear_params(model) -> tuple[int, int]:
-    """(frozen linear weights incl. the LM head, trainable LoRA weights) of a PEFT-wrapped 4-bit model."""
+    """(frozen weights one token is multiplied with, trainable LoRA weights) of a PEFT-wrapped 4-bit model.
+
+    Frozen: every linear layer (the LM head included) and, outside linear layers, every matrix a token meets: a
+    mixture-of-experts router (all of it) and the fused 3-D expert weights (transformers 5 keeps a MoE block's
+    experts as `experts.gate_up_proj` / `experts.down_proj` of shape (experts, out, in), 4-bit parametrized by the
+    loader), of which a token uses top_k of the experts. Embeddings are lookups, not matmuls: not counted."""
+    routed = experts_per_token(model)
     frozen = lora = 0
     for name, module in model.named_modules():
-        if hasattr(module, "in_features") and hasattr(module, "out_features") and "lora_" not in name:
+        if "lora_" in name or "parametrizations" in name or isinstance(module, torch.nn.Embedding):
+            continue
+        if hasattr(module, "in_features") and hasattr(module, "out_features"):
             if not hasattr(module, "base_layer"):
                 frozen += module.in_features * module.out_features
+            continue
+        for _, shape in _own_matrices(module):
+            n = math.prod(shape)
+            if len(shape) >= 3:  # fused experts: (experts, out, in)
+                top_k = routed[0] if routed else shape[0]
+                n = n * top_k // shape[0]
+            frozen += n
+    expert_lora = {}  # id(LoRA weight) -> top_k / experts, for a LoRA on fused 3-D expert weights
+    for module in model.modules():
+        base, param_name = getattr(module, "base_layer", None), getattr(module, "parameter_name", None)
+        if base is None or not param_name or not hasattr(module, "lora_A"):
+            continue
+        shape = ()
+        while base is not None and not shape:  # peft nests one wrapper per parameter of a module
+            shape = dict(_own_matrices(base)).get(param_name, ())
+            base = getattr(base, "base_layer", None)
+        if len(shape) >= 3 and routed:  # peft's per-expert LoRA: a token goes through top_k of them
+            for p in [*module.lora_A.parameters(), *module.lora_B.parameters()]:
+                expert_lora[id(p)] = routed[0] / shape[0]
     for name, p in model.named_parameters():
         if p.requires_grad and "lora_" in name:
-            lora += p.numel()
+            lora += round(p.numel() * expert_lora.get(id(p), 1))
     return frozen, lora
+
+
+def is_moe(arch: dict) -> bool:
+    return bool(arch.get("num_local_experts") or arch.get("num_experts"))
+
+
+def attention_width(arch: dict) -> int:
+    """Query heads x head dim: the width of QK^T and PV (hidden_size unless head_dim says otherwise)."""
+    head_dim = arch.get("head_dim") or arch["hidden_size"] // arch["num_attention_heads"]
+    return arch["num_attention_heads"] * head_dim
+
+
+def layer_params(arch: dict, layer: int) -> dict:
+    """Matrix parameters of one decoder layer: `attention` (q k v o shapes as (in, out)), `mlp` (dense MLP shapes,
+    empty in a sparse layer), `experts` (all expert weights), `active_experts` (those one token uses), `router`
+    (its (in, out) shape in a sparse layer)."""
+    d = arch["hidden_size"]
+    q, kv = attention_width(arch), attention_width(arch) * arch["num_key_value_heads"] // arch["num_attention_heads"]
+    out = {"attention": [(d, q), (d, kv), (d, kv), (q, d)], "mlp": [], "experts": 0, "active_experts": 0}
+    out["router"] = []
+    experts = arch.get("num_local_experts") or arch.get("num_experts") or 0
+    step = arch.get("decoder_sparse_step", 1) or 1
+    sparse = experts and layer not in (arch.get("mlp_only_layers") or []) and (layer + 1) % step == 0
+    if sparse:
+        width = arch.get("moe_intermediate_size") or arch["intermediate_size"]
+        out["experts"] = experts * 3 * d * width  # gate, up, down of each expert
+        out["active_experts"] = arch["num_experts_per_tok"] * 3 * d * width
+        out["router"] = [(d, experts)]
+    else:
+        ff = arch["intermediate_size"]
+        out["mlp"] = [(d, ff), (d, ff), (ff, d)]  # gate up down
+    return out
 
 
 def architecture_params(arch: dict, r: int) -> tuple[int, int]:
-    """(frozen, LoRA) linear-layer parameters of a Llama architecture with all-linear rank-r LoRA, LM head
-    included in the frozen count (as `linear_params` counts a loaded model)."""
-    d, ff, layers = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
-    kv = d * arch["num_key_value_heads"] // arch["num_attention_heads"]
-    shapes = [(d, d), (d, kv), (d, kv), (d, d), (d, ff), (d, ff), (ff, d)]  # q k v o gate up down (in, out)
-    frozen = layers * sum(i * o for i, o in shapes) + d * arch.get("vocab_size", 32000)
-    lora = layers * sum(r * (i + o) for i, o in shapes)
+    """(frozen, LoRA) parameters of an architecture with all-linear rank-r LoRA, counted as `linear_params` counts
+    a loaded model: linear layers with the LM head, the router, the experts a token uses. LoRA as peft's
+    'all-linear' puts it on the project's 4-bit model: every linear layer but the head and, in a mixture of
+    experts, the router's weight (a peft ParamWrapper); not the 4-bit parametrized experts, which peft skips."""
+    frozen = arch["hidden_size"] * arch.get("vocab_size", 32000)
+    lora = 0
+    for layer in range(arch["num_hidden_layers"]):
+        shapes = layer_params(arch, layer)
+        matrices = shapes["attention"] + shapes["mlp"] + shapes["router"]
+        frozen += sum(i * o for i, o in matrices) + shapes["active_experts"]
+        lora += sum(r * (i + o) for i, o in matrices)
     return frozen, lora
 
 
-def flops_per_token(frozen: int, lora: int, n_layers: int, d_model: int, lengths: list[int]) -> float:
+def flops_per_token(frozen: int, lora: int, n_layers: int, d_attention: int, lengths: list[int]) -> float:
+    """Model FLOPs per real token; `d_attention` is query heads x head dim (`attention_width`). Documents here are
+    at most 1024 tokens, inside every family's sliding window (Gemma 2, Mistral v0.1: 4096), so all causal pairs
+    count."""
     pairs = sum(n * (n + 1) / 2 for n in lengths) / sum(lengths)
-    return 4.0 * frozen + 6.0 * lora + 12.0 * n_layers * d_model * pairs
+    return 4.0 * frozen + 6.0 * lora + 12.0 * n_layers * d_attention * pairs
+
+
+# ------------------------------------------------------------------------------------------- weights in memory
+
+
+def _quant_state_tensors(state) -> list[torch.Tensor]:
+    """The tensors of a bitsandbytes QuantState: absmax, code (the 4-bit value table), offset, and with double
+    quantization the nested state's absmax and code."""
+    tensors = [getattr(state, k, None) for k in ("absmax", "code", "offset")]
+    nested = getattr(state, "state2", None)
+    if nested is not None:
+        tensors += _quant_state_tensors(nested)
+    return [t for t in tensors if torch.is_tensor(t)]
+
+
+def four_bit_size(model) -> dict:
+    """What a 4-bit loaded model's weights take, from its parameters' shapes: `four_bit_bytes` (every 4-bit
+    stored matrix value, Linear4bit weights and the loader's parametrized experts, at half a byte),
+    `quant_state_bytes` (their quantization state: absmax, value tables, offsets, nested statistics),
+    `other_bytes` (parameters not in 4 bits: embeddings, LM head, norms, router, at their dtype), `total_bytes`.
+    A tensor shared by several owners (tied embeddings, a shared table) counts once. Works on any device."""
+    from bitsandbytes.nn import Linear4bit
+    from torch.nn.utils import parametrize
+
+    values, handled, seen = 0, set(), set()
+    state_bytes = 0
+
+    def add_state(state) -> int:
+        total = 0
+        for t in _quant_state_tensors(state):
+            key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset())
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+        return total
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit) and getattr(module.weight, "quant_state", None) is not None:
+            values += math.prod(module.weight.quant_state.shape)
+            state_bytes += add_state(module.weight.quant_state)
+            handled.add(id(module.weight))
+        if parametrize.is_parametrized(module):
+            for chain in module.parametrizations.values():
+                state = next((getattr(p, "quant_state", None) for p in chain if hasattr(p, "quant_state")), None)
+                if state is not None:
+                    values += math.prod(state.shape)
+                    state_bytes += add_state(state)
+                    handled.add(id(chain.original))
+    other = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in handled)
+    four = math.ceil(values / 2)
+    return {
+        "four_bit_values": values,
+        "four_bit_bytes": four,
+        "quant_state_bytes": state_bytes,
+        "other_bytes": other,
+        "total_bytes": four + state_bytes + other,
+    }
+
+
+def expected_four_bit_bytes(model) -> int:
+    """The bytes a 4-bit loaded model's weights should take (`four_bit_size`'s total): what
+    torch.cuda.memory_allocated() grows by when it loads, if every matrix the loader should quantize is in 4 bits."""
+    return four_bit_size(model)["total_bytes"]
+
+
+def measure_load(load, device: str) -> tuple[object, dict]:
+    """Run `load()` (a model loader) and return (model, weights): `four_bit_size_bytes` (expected_four_bit_bytes)
+    and, on CUDA, `weights_bytes` (torch.cuda.memory_allocated() growth over the load, before any training) and
+    `weights_vs_four_bit` (their ratio: 1.0 when everything the loader should quantize is in 4 bits)."""
+    before = torch.cuda.memory_allocated() if device == "cuda" else 0
+    model = load()
+    weights: dict = {"four_bit_size_bytes": expected_four_bit_bytes(model), "weights_bytes": None}
+    if device == "cuda":
+        torch.cuda.synchronize()
+        weights["weights_bytes"] = torch.cuda.memory_allocated() - before
+    weights["weights_vs_four_bit"] = (
+        weights["weights_bytes"] / weights["four_bit_size_bytes"] if weights["weights_bytes"] else None
+    )
+    return model, weights
 
 
 def peak_tflops(device: str) -> float | None:
@@ -355,7 +537,14 @@ def recipe_config(cfg: BenchConfig, model_dir: Path, out_dir: str, device: str):
     overrides["training.output_dir"] = out_dir
     if device != "cuda":
         overrides["training.optim"] = "adamw_torch"  # paged optimizers need CUDA
+    if needs_eager_attention(architecture(cfg)):
+        overrides["training.attention"] = "eager"
     return load_pipeline_config(CONFIG_DIR / "llama2-7b-chat-guanaco.yaml", overrides)
+
+
+def needs_eager_attention(arch: dict) -> bool:
+    """Gemma 2's attention logit soft-capping: transformers refuses SDPA for it and loads it eager."""
+    return bool(arch.get("attn_logit_softcapping"))
 
 
 def trl_best_config(cfg: BenchConfig, model_dir: Path, out_dir: str, device: str):
@@ -363,10 +552,13 @@ def trl_best_config(cfg: BenchConfig, model_dir: Path, out_dir: str, device: str
     from pipeline_config.schema import load_pipeline_config
 
     bf16 = device == "cuda" or torch.cpu._is_avx512_bf16_supported()
+    # Dropout 0.05, except on a mixture of experts: there peft's 'all-linear' also wraps the router's weight in a
+    # ParamWrapper, which refuses any dropout ("lora.ParamWrapper does not work with lora_dropout != 0").
+    dropout = 0.0 if is_moe(architecture(cfg)) else 0.05
     raw = {
         "model": {"name_or_path": str(model_dir)},
         "quantization": {"compute_dtype": "bfloat16", "double_quant": True, "quant_storage_dtype": "bfloat16"},
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+        "lora": {"r": 16, "alpha": 32, "dropout": dropout, "target_modules": "all-linear"},
         "data": {"source": "bench:synthetic"},
         "training": {
             **_bench_training(cfg, device),
@@ -379,7 +571,9 @@ def trl_best_config(cfg: BenchConfig, model_dir: Path, out_dir: str, device: str
             "packing_strategy": "bfd",
             "bf16": bf16,
             "liger_kernels": "auto",
-            "attention": "sdpa",  # flash-attn is not installable offline; the Hub kernels need network
+            # flash-attn is not installable offline; the Hub kernels need network. Eager where SDPA cannot compute
+            # the family's attention (Gemma 2's soft-capping), as transformers itself picks.
+            "attention": "eager" if needs_eager_attention(architecture(cfg)) else "sdpa",
             "fused_lora": False,
             "optim": "adamw_torch",
             "lr_scheduler_type": "cosine",
@@ -389,20 +583,30 @@ def trl_best_config(cfg: BenchConfig, model_dir: Path, out_dir: str, device: str
     return load_pipeline_config(raw)
 
 
-def run_plain_trl(pipeline_cfg, tokenizer, dataset, device, timer):
+def run_plain_trl(pipeline_cfg, tokenizer, dataset, device, timer, weights: dict | None = None):
     """Variants (1) and (2): the project's loader and LoRA/SFT settings builders, then plain trl.SFTTrainer: none of
-    the project's training code (no varlen attention, fused LoRA, partial checkpointing or atomic checkpoints)."""
+    the project's training code (no varlen attention, fused LoRA, partial checkpointing or atomic checkpoints).
+    `weights` gets the loaded model's weight sizes (`measure_load`). Liger's kernels are off for a family they do
+    not train correctly under peft (mixture-of-experts), as the project's trainer does."""
     from trl import SFTTrainer
 
     from qlora.model import build_lora_config, load_base_for_training
     from qlora.model_source import resolve_model_source
-    from qlora.train import build_sft_config, loss_history
+    from qlora.train import build_sft_config, liger_unsupported, loss_history, use_liger_kernels
 
     t = pipeline_cfg.training
-    model = load_base_for_training(resolve_model_source(pipeline_cfg.model), pipeline_cfg, device)
+    source = resolve_model_source(pipeline_cfg.model)
+    model, loaded = measure_load(lambda: load_base_for_training(source, pipeline_cfg, device), device)
+    if weights is not None:
+        weights.update(loaded)
+    overrides = {"disable_tqdm": True}
+    if use_liger_kernels(t.liger_kernels, device) and (reason := liger_unsupported(model.config)):
+        overrides["use_liger_kernel"] = False
+        if weights is not None:
+            weights["liger_off"] = reason
     trainer = SFTTrainer(
         model=model,
-        args=build_sft_config(t, device, t.output_dir, disable_tqdm=True),
+        args=build_sft_config(t, device, t.output_dir, **overrides),
         train_dataset=dataset,
         peft_config=build_lora_config(pipeline_cfg.lora),
         processing_class=tokenizer,
@@ -440,15 +644,19 @@ def project_config(cfg: BenchConfig, model_dir: Path, out_dir: str, device: str,
     return load_pipeline_config(raw, [*extra, *cfg.project_overrides])
 
 
-def run_project(cfg, pipeline_cfg, tokenizer, dataset, device, timer):
-    """Variant (3): exactly the flow's load-quantized-model -> train-adapter functions."""
+def run_project(cfg, pipeline_cfg, tokenizer, dataset, device, timer, weights: dict | None = None):
+    """Variant (3): exactly the flow's load-quantized-model -> train-adapter functions; `weights` gets the loaded
+    model's weight sizes (`measure_load`)."""
     from qlora.data import DatasetSplits
     from qlora.model import load_base_for_training
     from qlora.model_source import resolve_model_source
     from qlora.train import train_adapter
 
     t = pipeline_cfg.training
-    model = load_base_for_training(resolve_model_source(pipeline_cfg.model), pipeline_cfg, device)
+    source = resolve_model_source(pipeline_cfg.model)
+    model, loaded = measure_load(lambda: load_base_for_training(source, pipeline_cfg, device), device)
+    if weights is not None:
+        weights.update(loaded)
     splits = DatasetSplits(train=dataset, eval=dataset.select(range(1)), kind="text", digest="bench", source="bench")
     fsdp = pipeline_cfg.distributed.strategy == "fsdp" and world_size() > 1
     result = train_adapter(
@@ -558,7 +766,9 @@ def summarize_profile(prof, top: int = 25) -> dict:
 
 def run_unsloth(name: str, cfg: BenchConfig, model_dir: Path, tokenizer, rows, device: str, arch, matmul_tflops):
     """The unsloth variants: bench/unsloth_worker.py in a process of its own, with the Unsloth environment's
-    packages in place of this project's (Unsloth pins older transformers and TRL; it is never a dependency here)."""
+    packages in place of this project's (Unsloth pins older transformers and TRL; it is never a dependency here).
+    Never raises: a model Unsloth cannot load or wrap (a family it does not support) is skipped with Unsloth's
+    reason, any other failure is the variant's error, and the bench goes on."""
     site = cfg.unsloth_site or os.environ.get(UNSLOTH_SITE_ENV)
     if not (site or cfg.unsloth_python):
         return VariantResult(
@@ -571,6 +781,13 @@ def run_unsloth(name: str, cfg: BenchConfig, model_dir: Path, tokenizer, rows, d
         return VariantResult(name=name, settings={}, skipped="Unsloth trains on CUDA only")
     if world_size() > 1:
         return VariantResult(name=name, settings={}, skipped="measured on one GPU only")
+    try:
+        return _run_unsloth_worker(name, cfg, site, model_dir, tokenizer, rows, device, arch, matmul_tflops)
+    except Exception as exc:  # e.g. no such interpreter: the variant's error, not the bench's end
+        return VariantResult(name=name, settings={}, error=f"{type(exc).__name__}: {exc}"[:300])
+
+
+def _run_unsloth_worker(name, cfg: BenchConfig, site, model_dir: Path, tokenizer, rows, device, arch, matmul_tflops):
     if not (model_dir / "tokenizer_config.json").is_file():
         tokenizer.save_pretrained(model_dir)  # Unsloth loads the tokenizer from the model folder
     work = Path(tempfile.mkdtemp(prefix=f"qlora-bench-{name}-"))
@@ -589,38 +806,30 @@ def run_unsloth(name: str, cfg: BenchConfig, model_dir: Path, tokenizer, rows, d
         "learning_rate": cfg.learning_rate,
         "seed": cfg.seed,
     }
-    (work / "rows.json").write_text(json.dumps(rows))
-    (work / "spec.json").write_text(json.dumps(spec))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if site:
         env["PYTHONPATH"] = site
     worker = Path(__file__).with_name("unsloth_worker.py")
-    found = None
     try:
-        proc = subprocess.Popen(
-            [cfg.unsloth_python or sys.executable, str(worker), str(work / "spec.json")],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for line in proc.stdout:
-            if line.startswith("RESULT_JSON "):
-                found = json.loads(line.removeprefix("RESULT_JSON "))
-            else:
-                print(f"[{name}] {line.rstrip()}"[:400], file=sys.stderr, flush=True)
-        proc.wait()
+        (work / "rows.json").write_text(json.dumps(rows))
+        (work / "spec.json").write_text(json.dumps(spec))
+        cmd = [cfg.unsloth_python or sys.executable, str(worker), str(work / "spec.json")]
+        found, unsupported, code = read_worker(cmd, env, name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if unsupported is not None:
+        return VariantResult(
+            name=name, settings={}, skipped=f"Unsloth cannot run {arch.get('model_type', 'this model')}: {unsupported}"
+        )
     if found is None:
-        return VariantResult(name=name, settings=spec, error=f"the Unsloth process ended with code {proc.returncode}")
+        return VariantResult(name=name, settings=spec, error=f"the Unsloth process ended with code {code}")
     settings = {k: spec[k] for k in ("seq_len", "batch_rows", "lean", "r", "alpha")} | {"versions": found["versions"]}
     result = VariantResult(name=name, settings=settings)
     result.tokens_per_s, result.step_time_s = found["tokens_per_s"], found["step_time_s"]
     result.tokens_per_step = found["tokens_per_step"]
     result.peak_memory_gib, result.peak_reserved_gib = found["peak_memory_gib"], found["peak_reserved_gib"]
     frozen, lora = architecture_params(arch, 16)
-    fpt = flops_per_token(frozen, lora, arch["num_hidden_layers"], arch["hidden_size"], [len(r) for r in rows])
+    fpt = flops_per_token(frozen, lora, arch["num_hidden_layers"], attention_width(arch), [len(r) for r in rows])
     if peak_tflops(device):
         result.mfu = result.tokens_per_s * fpt / (peak_tflops(device) * 1e12)
     if matmul_tflops:
@@ -630,6 +839,21 @@ def run_unsloth(name: str, cfg: BenchConfig, model_dir: Path, tokenizer, rows, d
     return result
 
 
+def read_worker(cmd: list[str], env: dict, name: str) -> tuple[dict | None, str | None, int]:
+    """Run the Unsloth worker, echoing its output; (its RESULT_JSON, the reason of its UNSUPPORTED_JSON: Unsloth
+    could not load or wrap the model, its exit code)."""
+    found = unsupported = None
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("RESULT_JSON "):
+            found = json.loads(line.removeprefix("RESULT_JSON "))
+        elif line.startswith("UNSUPPORTED_JSON "):
+            unsupported = str(json.loads(line.removeprefix("UNSUPPORTED_JSON ")).get("reason", ""))[:300]
+        else:
+            print(f"[{name}] {line.rstrip()}"[:400], file=sys.stderr, flush=True)
+    return found, unsupported, proc.wait()
+
+
 def run_variant(
     name: str, cfg: BenchConfig, model_dir: Path, tokenizer, dataset, device: str, lengths, arch, matmul_tflops
 ):
@@ -637,6 +861,7 @@ def run_variant(
     timer = StepTimer(cfg.warmup_steps, cfg.steps, device, profile)
     bench_cfg = BenchConfig(**{**asdict(cfg), "profile_steps": profile})
     out_dir = tempfile.mkdtemp(prefix=f"qlora-bench-{name}-")
+    weights: dict = {}
     _free()
     try:
         with restore_llama_rope():
@@ -647,9 +872,9 @@ def run_variant(
             else:
                 pcfg = project_config(bench_cfg, model_dir, out_dir, device, PROJECT_EXTRA[name])
             if name in ("recipe", "trl_best"):
-                model, losses, trainer = run_plain_trl(pcfg, tokenizer, dataset, device, timer)
+                model, losses, trainer = run_plain_trl(pcfg, tokenizer, dataset, device, timer, weights)
             else:
-                model, losses, trainer = run_project(bench_cfg, pcfg, tokenizer, dataset, device, timer)
+                model, losses, trainer = run_project(bench_cfg, pcfg, tokenizer, dataset, device, timer, weights)
             t = pcfg.training
             shown = {
                 "lora": pcfg.lora.model_dump(mode="json"),
@@ -672,7 +897,12 @@ def run_variant(
                     )
                 },
             }
+        if weights.get("liger_off"):
+            shown["training"]["liger_kernels"] = f"off: {weights['liger_off']}"
         result = VariantResult(name=name, settings=shown)
+        result.weights_bytes = weights.get("weights_bytes")
+        result.four_bit_size_bytes = weights.get("four_bit_size_bytes")
+        result.weights_vs_four_bit = weights.get("weights_vs_four_bit")
         timed = timer.t1 - timer.t0
         tokens = timer.tokens1 - timer.tokens0
         result.tokens_per_s = tokens / timed if timed > 0 else 0.0
@@ -685,7 +915,7 @@ def run_variant(
             result.settings["peak_memory_gib_per_rank"] = [round(p, 2) for p in peaks]
         # FLOPs per token from the architecture (under FSDP the local model holds only shards)
         frozen, lora = linear_params(model) if len(peaks) == 1 else architecture_params(arch, pcfg.lora.r)
-        fpt = flops_per_token(frozen, lora, arch["num_hidden_layers"], arch["hidden_size"], lengths)
+        fpt = flops_per_token(frozen, lora, arch["num_hidden_layers"], attention_width(arch), lengths)
         peak = peak_tflops(device)
         gpus = len(peaks)  # MFU per GPU: tokens/s is the total over the processes
         if peak:
@@ -758,7 +988,18 @@ def ratio(a: VariantResult | None, b: VariantResult | None) -> float | None:
     return a.tokens_per_s / b.tokens_per_s
 
 
+def weights_cell(v: dict) -> str:
+    """'loaded / expected (ratio)' of a variant's 4-bit weights, in GiB; the expected size alone off CUDA."""
+    size = v.get("four_bit_size_bytes")
+    if not size:
+        return "n/a"
+    if not v.get("weights_bytes"):
+        return f"n/a / {size / 2**30:.3g}"
+    return f"{v['weights_bytes'] / 2**30:.3g} / {size / 2**30:.3g} ({v['weights_vs_four_bit']:.2f}x)"
+
+
 def markdown_table(report: dict) -> str:
+    moe = is_moe(report.get("architecture") or {})
     lines = [
         f"Model {report['model']} (random weights), data {report['data']}, device {report['environment']['device']}; "
         f"{report['timed_steps']} timed steps after {report['warmup_steps']} warm-up steps"
@@ -770,13 +1011,13 @@ def markdown_table(report: dict) -> str:
         ),
         "",
         "| variant | real tokens/s | tokens/step | step s | peak mem GiB | MFU | first losses "
-        "| vs recipe | vs trl_best |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        "| vs recipe | vs trl_best |" + (" weights GiB / 4-bit size GiB |" if moe else ""),
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |" + (" ---: |" if moe else ""),
     ]
     by_name = {v["name"]: v for v in report["variants"]}
     for v in report["variants"]:
         if v["error"] or v.get("skipped"):
-            lines.append(f"| {v['name']} | {v['error'] or 'skipped: ' + v['skipped']} | | | | | | | |")
+            lines.append(f"| {v['name']} | {v['error'] or 'skipped: ' + v['skipped']} | | | | | | | |" + moe * " |")
             continue
         mfu = f"{100 * v['mfu']:.1f}%" if v["mfu"] is not None else "n/a"
         peak = "n/a" if v["peak_memory_gib"] is None else f"{v['peak_memory_gib']:.2f}"
@@ -788,7 +1029,7 @@ def markdown_table(report: dict) -> str:
         lines.append(
             f"| {v['name']} | {v['tokens_per_s']:,.0f} | {v['tokens_per_step']:,.0f} | {v['step_time_s']:.3f} | "
             f"{peak} | {mfu} | {', '.join(f'{x:.3f}' for x in v['first_losses'])} | "
-            f"{ratios[0]} | {ratios[1]} |"
+            f"{ratios[0]} | {ratios[1]} |" + (f" {weights_cell(v)} |" if moe else "")
         )
     finals = {v["name"]: v["final_loss"] for v in report["variants"] if v["final_loss"] is not None}
     if report["data"] == "bundled" and finals:
@@ -797,6 +1038,13 @@ def markdown_table(report: dict) -> str:
         if "trl_best" in finals and "project" in finals:
             rel = (finals["project"] - finals["trl_best"]) / finals["trl_best"]
             lines.append(f"project vs trl_best final loss: {100 * rel:+.2f}%")
+    if moe:
+        lines += [
+            "",
+            "Weights: torch.cuda.memory_allocated() growth over the 4-bit load / the size the parameters' shapes "
+            "give (4-bit matrices incl. the fused experts at 0.5 byte, their quantization state, 16-bit embeddings, "
+            "head, norms, router); 1.00x = every expert in 4 bits.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -887,7 +1135,9 @@ def run_bench(cfg: BenchConfig) -> dict:
         "environment": environment(device),
         "peak_bf16_tflops": peak_tflops(device),
         "measured_matmul_tflops": matmul_tflops,
-        "flops_formula": "4*P_frozen + 6*P_lora + 12*n_layers*d_model*sum(L(L+1)/2)/sum(L) per real token",
+        "flops_formula": "4*P_frozen + 6*P_lora + 12*n_layers*d_attention*sum(L(L+1)/2)/sum(L) per real token "
+        "(P_frozen: the weights one token is multiplied with, for a mixture of experts its router and top_k of its "
+        "experts; d_attention: query heads x head dim)",
         "packing_check": check,
         "variants": [asdict(r) for r in results],
         "ratios": {

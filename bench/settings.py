@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Each entry: the transformers `model_type` ("llama" when not given) and the config.json fields of its shape; the
+# bench builds it with `AutoConfig.for_model(model_type, **BUILD_DEFAULTS | fields, vocab_size=<the bench
+# tokenizer's>, ...)`, so the vocabulary (embeddings, LM head) is the bench tokenizer's, not the real model's.
 ARCHITECTURES: dict[str, dict] = {
     # Llama-2-7B / 13B shapes (meta-llama/Llama-2-*-hf config.json)
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
@@ -15,14 +18,121 @@ ARCHITECTURES: dict[str, dict] = {
     "llama2-70b": dict(
         hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8
     ),
+    # meta-llama/Meta-Llama-3-8B config.json (vocabulary 128256 there)
+    "llama3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+    ),
+    # Qwen/Qwen3-8B config.json: head_dim 128, RMS-normed queries and keys (vocabulary 151936 there)
+    "qwen3-8b": dict(
+        model_type="qwen3",
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=40960,
+    ),
+    # mistralai/Mistral-7B-Instruct-v0.3 config.json: no sliding window since v0.2 (v0.1 had 4096), rope_theta 1e6
+    # (vocabulary 32768 there)
+    "mistral-7b": dict(
+        model_type="mistral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        sliding_window=None,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+    ),
+    # google/gemma-2-9b-it config.json: head_dim 256 (16 x 256 > hidden 3584), logit soft-capping (attention 50,
+    # final 30: SDPA cannot apply it, transformers loads it eager), a 4096-token window on every other layer, tied
+    # embeddings (vocabulary 256000 there)
+    "gemma2-9b": dict(
+        model_type="gemma2",
+        hidden_size=3584,
+        intermediate_size=14336,
+        num_hidden_layers=42,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        sliding_window=4096,
+        hidden_activation="gelu_pytorch_tanh",
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    ),
+    # mistralai/Mixtral-8x7B-Instruct-v0.1 config.json: 8 experts of Mistral-7B's MLP width, 2 per token (46.7B
+    # parameters, 12.9B active; vocabulary 32000 there); build a few layers with --num-layers
+    "mixtral-8x7b": dict(
+        model_type="mixtral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        sliding_window=None,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+    ),
+    # Qwen/Qwen3-30B-A3B config.json: 128 experts of width 768, 8 per token, every layer sparse (30.5B parameters,
+    # 3.3B active; vocabulary 151936 there); build a few layers with --num-layers
+    "qwen3-30b-a3b": dict(
+        model_type="qwen3_moe",
+        hidden_size=2048,
+        intermediate_size=6144,  # the dense MLP of mlp_only_layers (none here)
+        moe_intermediate_size=768,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=128,
+        num_experts_per_tok=8,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        norm_topk_prob=True,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=40960,
+    ),
     # learns in a few hundred steps on one GPU: the loss-curve comparison
     "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
-    # CPU smoke test
+    # CPU smoke tests (bitsandbytes' CPU kernel wants output widths in multiples of 32)
     "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
+    "tiny-moe": dict(
+        model_type="qwen3_moe",
+        hidden_size=64,
+        intermediate_size=256,
+        moe_intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+    ),
 }
+# What the builder passes unless the entry says otherwise (the Llama entries' saved configs as before).
+BUILD_DEFAULTS = dict(max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
 # Batch geometry per architecture where the defaults (16k tokens/step in 2048-token rows) do not fit: the tiny
 # model is a CPU smoke test, where a 16k-token step through a 32k-vocabulary head takes ~25 s on two cores.
-GEOMETRY = {"tiny": dict(seq_len=1024, tokens_per_step=2048, project_micro_batch_tokens=1024, warmup_steps=1)}
+_CPU_GEOMETRY = dict(seq_len=1024, tokens_per_step=2048, project_micro_batch_tokens=1024, warmup_steps=1)
+GEOMETRY = {"tiny": _CPU_GEOMETRY, "tiny-moe": _CPU_GEOMETRY}
 VARIANTS = ("recipe", "trl_best", "project", "project_lean", "project_fp32", "unsloth", "unsloth_lean")
 PROJECT_VARIANTS = ("project", "project_lean", "project_fp32")
 UNSLOTH_VARIANTS = ("unsloth", "unsloth_lean")  # in a process of their own, on an Unsloth environment

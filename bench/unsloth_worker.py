@@ -12,6 +12,9 @@ Settings: Unsloth's documented QLoRA path, `FastLanguageModel.from_pretrained(lo
 `get_peft_model(r, alpha, dropout 0, all 7 linear projections)`, TRL's SFTTrainer with packing (padding-free) and
 adamw_torch as the project uses; `unsloth` trains without checkpointing, `unsloth_lean` with Unsloth's offloaded
 checkpointing (`use_gradient_checkpointing="unsloth"`).
+
+A model Unsloth cannot load or wrap (a family it does not support) prints `UNSUPPORTED_JSON {"reason": ...}` and
+exits 0: the bench reports the variant as skipped with that reason.
 """
 
 from __future__ import annotations
@@ -37,24 +40,34 @@ def main(spec_path: str) -> None:
     from unsloth import FastLanguageModel
 
     checkpointing = "unsloth" if spec["lean"] else False
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=spec["model_dir"],
-        max_seq_length=spec["seq_len"],
-        dtype=torch.bfloat16,
-        load_in_4bit=True,
-        local_files_only=True,
-        use_gradient_checkpointing=checkpointing,
-    )
-    model = FastLanguageModel.get_peft_model(
-        model,
-        r=spec["r"],
-        lora_alpha=spec["alpha"],
-        lora_dropout=0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        use_gradient_checkpointing=checkpointing,
-        bias="none",
-        random_state=spec["seed"],
-    )
+    try:
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=spec["model_dir"],
+            max_seq_length=spec["seq_len"],
+            dtype=torch.bfloat16,
+            load_in_4bit=True,
+            local_files_only=True,
+            use_gradient_checkpointing=checkpointing,
+        )
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=spec["r"],
+            lora_alpha=spec["alpha"],
+            lora_dropout=0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            use_gradient_checkpointing=checkpointing,
+            bias="none",
+            random_state=spec["seed"],
+        )
+    except torch.cuda.OutOfMemoryError:
+        raise  # a measurement (the variant's error), not an unsupported family
+    except Exception as exc:  # a model family this Unsloth cannot load or wrap: the bench reports it as skipped
+        import traceback
+
+        traceback.print_exc()
+        reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+        print("UNSUPPORTED_JSON " + json.dumps({"reason": reason}), flush=True)
+        return
     rows = json.loads(open(spec["rows_file"]).read())
     pad = tokenizer.pad_token_id
     warmup, timed = spec["warmup_steps"], spec["steps"]

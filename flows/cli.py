@@ -158,10 +158,16 @@ def _add_bench_parser(sub) -> None:
 
     d = BenchConfig()
     p = sub.add_parser("bench", help="training speed of the original recipe, TRL's best settings and this project")
-    p.add_argument("--model", choices=sorted(ARCHITECTURES), default=d.model, help="architecture (random weights)")
+    p.add_argument(
+        "--model",
+        choices=sorted(ARCHITECTURES),
+        default=d.model,
+        help="architecture: a model's shape with random weights and the bench tokenizer's vocabulary "
+        "(bench/settings.py; mixture of experts: mixtral-8x7b, qwen3-30b-a3b, tiny-moe)",
+    )
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default=d.device)
     p.add_argument("--steps", type=int, default=d.steps, help="timed optimizer steps per variant")
-    geometry = "default per --model: 2048 / 16384 / 8192 / 2 (tiny: 1024 / 2048 / 1024 / 1)"
+    geometry = "default per --model: 2048 / 16384 / 8192 / 2 (tiny, tiny-moe: 1024 / 2048 / 1024 / 1)"
     p.add_argument("--warmup-steps", type=int, default=None, help=f"untimed steps first ({geometry}, last)")
     p.add_argument(
         "--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}"
@@ -181,7 +187,12 @@ def _add_bench_parser(sub) -> None:
         "--num-processes", type=int, default=1, help="training processes (GPUs), through torchrun; batch per process"
     )
     p.add_argument("--strategy", choices=["ddp", "fsdp"], default=d.strategy, help="with several processes")
-    p.add_argument("--num-layers", type=int, default=None, help="build only this many of the model's layers")
+    p.add_argument(
+        "--num-layers",
+        type=int,
+        default=None,
+        help="build only this many of the model's decoder layers (the 70B width or a whole MoE does not fit one GPU)",
+    )
     p.add_argument(
         "--unsloth-site",
         default=None,

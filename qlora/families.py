@@ -99,6 +99,8 @@ def family_report(cfg: PipelineConfig, config, device: str, meta_model=None) -> 
         mixture_of_experts=moe,
         refusal=refusal(config, cfg.model.name_or_path),
     )
+    if not report.refusal:
+        report.refusal = moe_lora_problem(cfg, config)
     if config.model_type not in TESTED_FAMILIES:
         report.warning = (
             f"model family {config.model_type!r} is not one this project tests ({', '.join(TESTED_FAMILIES)}): it "
@@ -150,7 +152,25 @@ def _experts_line(cfg: PipelineConfig, meta_model) -> str:
         if cfg.lora.target_parameters
         else "no LoRA on the experts (lora.target_parameters to add one)"
     )
-    return f"experts: {stored} in 4 bits ({cfg.quantization.quant_type}), the router in 16 bits; {lora}"
+    router = "; LoRA on the router too (all-linear: peft adapts it as a parameter)" if all_linear(cfg) else ""
+    return f"experts: {stored} in 4 bits ({cfg.quantization.quant_type}), the router in 16 bits; {lora}{router}"
+
+
+def all_linear(cfg: PipelineConfig) -> bool:
+    return cfg.lora.target_modules == "all-linear"
+
+
+def moe_lora_problem(cfg: PipelineConfig, config) -> str | None:
+    """peft 0.21 reads 'all-linear' on a mixture-of-experts model as transformers 4's linear layers, the router
+    among them, which it now adapts as a parameter (a ParamWrapper): no dropout there, and training would fail at
+    its first step."""
+    if is_mixture_of_experts(config) and all_linear(cfg) and cfg.lora.dropout:
+        return (
+            f"lora.dropout {cfg.lora.dropout}: on a mixture-of-experts model 'all-linear' includes the router, which "
+            "peft adapts without dropout: set lora.dropout: 0, or list lora.target_modules (e.g. [q_proj, k_proj, "
+            "v_proj, o_proj])"
+        )
+    return None
 
 
 def liger_has_kernels(model_type: str) -> bool | None:

@@ -121,6 +121,7 @@ def test_validate_names_the_family_and_its_fast_path_parts(family):
     with init_empty_weights():
         meta = AutoModelForCausalLM.from_config(config)
     cfg = _pipeline_config(lora={"target_parameters": ["all-experts"]} if family in ("mixtral", "olmoe") else {})
+    assert cfg.lora.target_modules == "all-linear"
     report = family_report(cfg, config, "cuda", meta)
     text = report.render()
     assert text.startswith(f"family: {family} (") and report.refusal is None and report.warning is None
@@ -134,7 +135,7 @@ def test_validate_names_the_family_and_its_fast_path_parts(family):
     if report.mixture_of_experts:
         assert experts == [
             f"experts: {2 * 2} fused expert weights in 4 bits (nf4), the router in 16 bits; LoRA on all-experts "
-            "(peft's per-expert LoRA, not fused)"
+            "(peft's per-expert LoRA, not fused); LoRA on the router too (all-linear: peft adapts it as a parameter)"
         ]
     else:
         assert not experts
@@ -152,6 +153,10 @@ def test_a_checkpoint_the_pipeline_cannot_train_is_refused_before_weights_load()
     prequantized = _family_config("qwen3")
     prequantized.quantization_config = {"quant_method": "fp8"}
     assert "already quantized (fp8)" in family_report(cfg, prequantized, "cpu").refusal
+    # all-linear adapts a MoE router as a parameter, which peft does without dropout: refused, not a failed first step
+    dropout = family_report(_pipeline_config(lora={"dropout": 0.05}), _family_config("mixtral"), "cpu").refusal
+    assert dropout.startswith("lora.dropout 0.05: on a mixture-of-experts model 'all-linear' includes the router")
+    assert family_report(_pipeline_config(lora={"dropout": 0.05}), _family_config("llama"), "cpu").refusal is None
     untested = family_report(cfg, AutoConfig.for_model("gpt2", n_embd=64, n_layer=1, n_head=2), "cpu")
     assert untested.refusal is None and "'gpt2' is not one this project tests" in untested.warning
 
