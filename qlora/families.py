@@ -113,7 +113,10 @@ def family_report(cfg: PipelineConfig, config, device: str, meta_model=None) -> 
     elif attention != "qlora_varlen":
         report.parts.append(f"attention: {attention} over packed rows with a block-diagonal mask (varlen is CUDA-only)")
     elif reason := varlen_unsupported(config):
-        report.parts.append(f"attention: varlen off: {reason}; packed documents use the loaded attention's mask")
+        report.parts.append(
+            f"attention: varlen off: {reason}; packed documents use flex attention (soft-capping as a score "
+            "modifier, a block mask per document) where the family supports it, else a block-diagonal mask"
+        )
     else:
         report.parts.append("attention: varlen flash over packed documents (sliding windows included)")
 

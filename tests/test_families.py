@@ -123,7 +123,7 @@ def test_packed_documents_get_their_per_document_loss(family, family_dirs, tmp_p
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_fast_path_packed_loss_equals_per_document_loss_on_the_gpu(family, family_dirs, tmp_path):
     """On CUDA, each family on its fast attention: the varlen kernel (sliding windows passed as its window), or,
-    where varlen cannot compute the family's attention exactly (Gemma 2's soft-capping), the loaded one."""
+    where varlen cannot compute the family's attention exactly (Gemma 2's soft-capping), flex attention."""
     import torch
 
     if not torch.cuda.is_available():
@@ -131,6 +131,7 @@ def test_fast_path_packed_loss_equals_per_document_loss_on_the_gpu(family, famil
     from bench.run import packed_vs_unpacked_loss
     from qlora.integrations.attention import (
         VARLEN_ATTENTION,
+        packed_fallback,
         packed_training_attention,
         varlen_available,
         varlen_unsupported,
@@ -144,9 +145,52 @@ def test_fast_path_packed_loss_equals_per_document_loss_on_the_gpu(family, famil
     reference = packed_vs_unpacked_loss(model, docs, pad, "cuda")["per_document"]
     with packed_training_attention(model, VARLEN_ATTENTION, padding_free=True):
         used = model.config._attn_implementation
-        assert (used == VARLEN_ATTENTION) == (varlen_unsupported(model.config) is None), used
+        # varlen where it computes the family exactly; else flex attention (soft-capping as a score modifier), or
+        # for heads flex has no kernel for (this tiny Gemma 2's 16-wide ones) the loaded attention
+        assert used == (VARLEN_ATTENTION if varlen_unsupported(model.config) is None else packed_fallback(model)), used
         packed = packed_vs_unpacked_loss(model, docs, pad, "cuda")["packed"]
     assert abs(packed - reference) < 1e-2, (packed, reference)  # bf16 activations
+
+
+@pytest.mark.gpu
+def test_gemma2_packed_rows_on_flex_attention_get_their_per_document_loss(smol_tokenizer_dir, tmp_path):
+    """Gemma 2's soft-capping has no varlen kernel: its packed rows train on flex attention (soft-capping as a score
+    modifier, a block mask per document and sliding window), which must give each document its own loss."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from bench.run import packed_vs_unpacked_loss
+    from qlora.integrations.attention import VARLEN_ATTENTION, packed_training_attention
+
+    tokenizer = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    widths = {
+        **tiny_model_widths(tokenizer),
+        "hidden_size": 128,
+        "head_dim": 32,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    torch.manual_seed(0)
+    model_dir = tmp_path / "gemma2-32"
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma2", **widths, sliding_window=64)).save_pretrained(
+        model_dir
+    )
+    tokenizer.save_pretrained(model_dir)
+    model = _peft_model(model_dir, tmp_path, "cuda", "bfloat16")[0]
+    docs = _documents(model_dir)
+    reference = packed_vs_unpacked_loss(model, docs, tokenizer.pad_token_id, "cuda")["per_document"]
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    row = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(
+        [{"input_ids": d} for d in docs]
+    )
+    row = {k: v.to("cuda") for k, v in row.items() if torch.is_tensor(v)}
+    with packed_training_attention(model, VARLEN_ATTENTION, padding_free=True):
+        assert model.config._attn_implementation == "flex_attention"
+        # with gradients, as in training (flex's inductor lowering of a no-grad forward finds no kernel on an H200)
+        packed = model(**row).loss.item()
+    assert abs(packed - reference) < 1e-2, (packed, reference)
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)

@@ -14,8 +14,9 @@ without an attention mask. What then keeps documents apart depends on the attent
 The model is loaded with transformers' pick for its family (SDPA, or eager for Gemma 2), which evaluation and
 generation (padded rows with an attention mask) need; `packed_training_attention` switches it to 'qlora_varlen' only
 while SFTTrainer trains on padding-free batches, and only for families varlen computes exactly: sliding-window
-layers pass their window to the kernel; logit soft-capping (Gemma 2) has no varlen kernel, so such a family keeps
-the loaded implementation and the run log says so. `resolve_attention` picks the training implementation ('auto':
+layers pass their window to the kernel; logit soft-capping (Gemma 2) has no varlen kernel, so such a family trains
+on transformers' flex attention where it supports it (`packed_fallback`), else the loaded implementation, and the
+run log says which. `resolve_attention` picks the training implementation ('auto':
 varlen on CUDA when torch has it, else SDPA).
 
 Written for transformers 5.24 / torch 2.11-2.13. Internals used (tests/test_integrations.py checks them):
@@ -143,6 +144,20 @@ def varlen_unsupported(config) -> str | None:
     return None
 
 
+def packed_fallback(model: torch.nn.Module) -> str:
+    """The attention a family varlen cannot compute trains its packed rows with: transformers' flex attention where
+    the model supports it (Gemma 2's soft-capping as a score modifier, a block mask per document and window: no
+    (query, key) score matrix is kept, where eager's over an 8k-token row took 130 GB on Gemma-2-9B and ran out of
+    memory on an H200), else the loaded implementation with its dense block-diagonal mask."""
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    # flex's Triton templates have no kernel for 16-wide heads (a tiny test model; inductor's NoValidChoicesError
+    # on an H200); real models' heads are 64-256 wide
+    if getattr(model, "_supports_flex_attn", False) and torch.cuda.is_available() and head_dim >= 32:
+        return "flex_attention"
+    return model.config._attn_implementation
+
+
 @contextlib.contextmanager
 def packed_training_attention(model: torch.nn.Module, training_attention: str, padding_free: bool, log=None):
     """Use `training_attention` while training on padding-free batches; restore the loaded implementation after.
@@ -153,9 +168,14 @@ def packed_training_attention(model: torch.nn.Module, training_attention: str, p
         yield
         return
     if reason := varlen_unsupported(config):
+        fallback = packed_fallback(model)
         if log is not None:
-            log.info("varlen attention is off for %s: %s; packed documents use %s", config.model_type, reason, loaded)
-        yield
+            log.info("varlen attention is off for %s: %s; packed documents use %s", config.model_type, reason, fallback)
+        config._attn_implementation = fallback
+        try:
+            yield
+        finally:
+            config._attn_implementation = loaded
         return
     register_varlen_attention()
     config._attn_implementation = VARLEN_ATTENTION
