@@ -64,8 +64,9 @@ def test_family_trains_reloads_merges_and_generates(family, family_dirs, prefect
     raw["evaluation"].update(max_loss_rows=8, max_generation_rows=2, batch_size=2)  # a padded generation batch
     raw["tracking"]["system_metrics"] = False
     raw["registry"] = {"enabled": False}
-    if family in MOE_FAMILIES:  # a mixed adapter: LoRA on every linear and on the fused experts
+    if family in MOE_FAMILIES:  # a mixed adapter: LoRA on every linear and on the fused experts, registered to serve
         raw["lora"]["target_parameters"] = ["all-experts"]
+        raw["registry"] = {"model_name": f"tiny-{family}", "metric": "finetuned_eval_loss", "greater_is_better": False}
     config = tmp_path / f"{family}.yaml"
     config.write_text(yaml.safe_dump(raw))
 
@@ -76,6 +77,17 @@ def test_family_trains_reloads_merges_and_generates(family, family_dirs, prefect
 
         aux = MlflowClient(raw["tracking"]["tracking_uri"]).get_metric_history(summary["mlflow_run_id"], "aux_loss")
         assert aux and all(m.value > 0 for m in aux), aux
+        # the registered champion as `mlflow models serve` loads it (its pyfunc: 4-bit experts, the adapter on them)
+        import mlflow
+
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(raw["tracking"]["tracking_uri"])
+        try:
+            served = mlflow.pyfunc.load_model(f"models:/tiny-{family}@champion")
+            (reply,) = served.predict(["Order from Ana: 2 mugs."], params={"max_new_tokens": 4})
+        finally:
+            mlflow.set_tracking_uri(previous)
+        assert isinstance(reply, str)
 
     loaded = load_for_inference(summary["adapter_dir"])
     assert loaded.model.get_base_model().config.model_type == family

@@ -12,6 +12,8 @@ breaks one fails there, loudly, before it silently changes a run.
 | regional_compile.py | torch `nn.Module.compile` | drops `_compiled_call_impl` to run compiled layers eager again |
 | attention.py | transformers | registers an attention function; toggles `config._attn_implementation` while training |
 | fused_lora.py | peft LoRA layers over bitsandbytes Linear4bit | replaces each layer's `forward` on the instance |
+| expert_lora.py | peft `ParamWrapper` over a 4-bit (parametrized) MoE expert weight | `_remove_parametrizations` and |
+| | | `_activate_lora` (removes either LoRA proxy; drops torch's stale `parametrize._cache` entry) |
 | liger.py | Liger kernels / transformers' Llama module | undoes Liger's module-wide RoPE patch (bench) |
 | mlflow_pyfunc.py | MLflow pyfunc | `_skip_type_hint_validation` on the served model class |
 | mlflow_names.py | MLflow | asks `_validate_model_name` and the tracking-store registry (the `validate` checks) |
