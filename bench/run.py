@@ -98,6 +98,7 @@ class VariantResult:
     weights_bytes: int | None = None
     four_bit_size_bytes: int | None = None
     weights_vs_four_bit: float | None = None
+    load_peak_bytes: int | None = None  # the most allocated while loading (16-bit experts held at once show here)
 
 
 class StepTimer(TrainerCallback):
@@ -417,14 +418,18 @@ def expected_four_bit_bytes(model) -> int:
 
 def measure_load(load, device: str) -> tuple[object, dict]:
     """Run `load()` (a model loader) and return (model, weights): `four_bit_size_bytes` (expected_four_bit_bytes)
-    and, on CUDA, `weights_bytes` (torch.cuda.memory_allocated() growth over the load, before any training) and
-    `weights_vs_four_bit` (their ratio: 1.0 when everything the loader should quantize is in 4 bits)."""
+    and, on CUDA, `weights_bytes` (torch.cuda.memory_allocated() growth over the load, before any training),
+    `load_peak_bytes` (the most allocated during the load) and `weights_vs_four_bit` (weights over 4-bit size: 1.0
+    when everything the loader should quantize is in 4 bits)."""
     before = torch.cuda.memory_allocated() if device == "cuda" else 0
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     model = load()
     weights: dict = {"four_bit_size_bytes": expected_four_bit_bytes(model), "weights_bytes": None}
     if device == "cuda":
         torch.cuda.synchronize()
         weights["weights_bytes"] = torch.cuda.memory_allocated() - before
+        weights["load_peak_bytes"] = torch.cuda.max_memory_allocated() - before  # the 16-bit experts, if all at once
     weights["weights_vs_four_bit"] = (
         weights["weights_bytes"] / weights["four_bit_size_bytes"] if weights["weights_bytes"] else None
     )
@@ -903,6 +908,7 @@ def run_variant(
         result.weights_bytes = weights.get("weights_bytes")
         result.four_bit_size_bytes = weights.get("four_bit_size_bytes")
         result.weights_vs_four_bit = weights.get("weights_vs_four_bit")
+        result.load_peak_bytes = weights.get("load_peak_bytes")
         timed = timer.t1 - timer.t0
         tokens = timer.tokens1 - timer.tokens0
         result.tokens_per_s = tokens / timed if timed > 0 else 0.0

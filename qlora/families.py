@@ -14,6 +14,7 @@ import importlib.util
 from dataclasses import dataclass, field
 
 from pipeline_config.schema import PipelineConfig
+from qlora.model import is_mixture_of_experts
 
 # Families the CI trains through the whole flow (tests/test_families.py) and whose fast path the H200 runs check;
 # others that transformers builds as a causal LM are trained too, with a warning.
@@ -46,15 +47,6 @@ class FamilyReport:
         lines = [f"family: {self.family} ({self.model_class}, {kind})"]
         lines += [f"  {part}" for part in self.parts]
         return "\n".join(lines)
-
-
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def is_mixture_of_experts(config) -> bool:
-    text = _text_config(config)
-    return bool(getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None))
 
 
 def causal_lm_class_name(config) -> str:

@@ -7,13 +7,16 @@ Everything comes from config: quant type, compute dtype, double quant and quant 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from peft import LoraConfig, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from pipeline_config.schema import LoraAdapterConfig, PipelineConfig, QuantizationConfig
 from qlora.errors import PipelineInputError
 from qlora.integrations.attention import load_attention
+from qlora.integrations.expert_loading import quantize_experts_while_loading
 from qlora.integrations.expert_lora import patch_expert_lora
 from qlora.model_source import ModelSource, hub_token
 
@@ -55,17 +58,29 @@ def load_quantized_model(
     the original recipe did (TRL <= 0.7 called it inside SFTTrainer). Off, they stay in the compute dtype: measured
     on an H100 (docs/benchmarks.md) that is most of the speed gap to TRL, and the loss curve is unchanged.
     """
-    model = AutoModelForCausalLM.from_pretrained(
-        source.path,
+    hub = dict(
         revision=source.model.revision,
         token=hub_token(source.model),
         trust_remote_code=source.model.trust_remote_code,
-        quantization_config=build_bnb_config(quant_cfg),
-        dtype=DTYPES[quant_cfg.compute_dtype],
-        device_map={"": device},
-        attn_implementation=load_attention(attention),
-        use_safetensors=True,
     )
+    moe = is_mixture_of_experts(AutoConfig.from_pretrained(source.path, **hub))
+    # A mixture of experts: each fused expert weight goes to 4 bits as it arrives (peak memory: one layer's experts
+    # in 16 bits, not all of them); quantize_expert_parameters below then finds none left (or any the loader skipped)
+    while_loading = (
+        quantize_experts_while_loading(lambda module, name: _quantize_expert(module, name, quant_cfg))
+        if moe
+        else contextlib.nullcontext()
+    )
+    with while_loading:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path,
+            **hub,
+            quantization_config=build_bnb_config(quant_cfg),
+            dtype=DTYPES[quant_cfg.compute_dtype],
+            device_map={"": device},
+            attn_implementation=load_attention(attention),
+            use_safetensors=True,
+        )
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     quantize_expert_parameters(model, quant_cfg)
     if upcast_base_to_fp32:
@@ -89,17 +104,26 @@ def quantize_expert_parameters(model: torch.nn.Module, quant_cfg: QuantizationCo
     bitsandbytes quantization covers nn.Linear only, and leaves the fused 3-D expert parameters (most of a MoE
     model: ~90 GB of Mixtral-8x7B's weights) in 16 bits. bitsandbytes' parametrization quantizes each in place, in
     blocks of 64 values that never straddle two experts, and de-quantizes it whenever it is read (forward and
-    backward); the router is an nn.Linear and stays as loaded. Returns how many parameters it quantized."""
-    from bitsandbytes.nn.parametrize import replace_parameter_4bit
-
+    backward); the router stays as loaded. `load_quantized_model` already quantizes them while loading; this catches
+    any the loader did not set (and a model from elsewhere). Returns how many parameters it quantized."""
     experts = expert_parameters(model)
     for _, module, name in experts:
-        replace_parameter_4bit(
-            module, name, compress_statistics=quant_cfg.double_quant, quant_type=quant_cfg.quant_type
-        )
-    if experts:  # LoRA on the experts (lora.target_parameters) then works over the 4-bit parametrization
-        patch_expert_lora()
+        _quantize_expert(module, name, quant_cfg)
+    if experts or is_mixture_of_experts(model.config):
+        patch_expert_lora()  # LoRA on the experts (lora.target_parameters) then works over the 4-bit parametrization
     return len(experts)
+
+
+def _quantize_expert(module: torch.nn.Module, name: str, quant_cfg: QuantizationConfig) -> None:
+    from bitsandbytes.nn.parametrize import replace_parameter_4bit
+
+    replace_parameter_4bit(module, name, compress_statistics=quant_cfg.double_quant, quant_type=quant_cfg.quant_type)
+
+
+def is_mixture_of_experts(config) -> bool:
+    """Whether a transformers config describes a mixture-of-experts model (its text part, for a multimodal one)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None))
 
 
 def dequantize_expert_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:

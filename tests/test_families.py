@@ -233,6 +233,37 @@ def test_moe_experts_are_stored_in_4_bits_and_dequantize_for_a_merge(family, fam
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_experts_quantized_as_they_load_equal_experts_quantized_after(family, family_dirs):
+    """The loader quantizes each expert weight the moment transformers sets it (peak memory: one layer's experts in
+    16 bits, qlora/integrations/expert_loading.py): bit for bit what quantizing the loaded model gives."""
+    import torch
+    import transformers.core_model_loading
+    from torch.nn.utils import parametrize
+    from transformers import AutoModelForCausalLM
+
+    from pipeline_config.schema import QuantizationConfig
+    from qlora.integrations.expert_loading import quantize_experts_while_loading
+    from qlora.model import _quantize_expert, build_bnb_config, quantize_expert_parameters
+
+    quant = QuantizationConfig(compute_dtype="float32", double_quant=True)
+    load = dict(dtype=torch.float32, quantization_config=build_bnb_config(quant), device_map={"": "cpu"})
+    set_param = transformers.core_model_loading.set_param_for_module
+    with quantize_experts_while_loading(lambda module, name: _quantize_expert(module, name, quant)) as names:
+        during = AutoModelForCausalLM.from_pretrained(family_dirs[family], **load)
+    assert transformers.core_model_loading.set_param_for_module is set_param  # put back
+    assert len(names) == 2 * len(during.model.layers) and quantize_expert_parameters(during, quant) == 0
+    after = AutoModelForCausalLM.from_pretrained(family_dirs[family], **load)
+    assert quantize_expert_parameters(after, quant) == len(names)
+    modules = dict(after.named_modules())
+    for module_name, module in during.named_modules():
+        if parametrize.is_parametrized(module):
+            for name, chain in module.parametrizations.items():
+                other = modules[module_name].parametrizations[name]
+                assert torch.equal(chain.original, other.original)
+                assert torch.equal(getattr(module, name), getattr(modules[module_name], name))
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_lora_on_4_bit_experts_trains_both_weights_reloads_and_merges(family, family_dirs, tmp_path):
     """LoRA on the experts (lora.target_parameters) and on attention in one adapter, over 4-bit experts: both expert
     weights of a block get gradients (peft nests two wrappers there), a forward does not change the next one (peft

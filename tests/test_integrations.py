@@ -15,6 +15,7 @@ from packaging.version import Version
 
 from qlora.integrations import (
     attention,
+    expert_loading,
     expert_lora,
     fused_lora,
     liger,
@@ -28,6 +29,7 @@ from tasks import prefect_server, stopping
 # Prefect's internals live beside the steps (qlora/ imports no Prefect): tasks/prefect_server.py, tasks/stopping.py
 MODULES = [
     attention,
+    expert_loading,
     expert_lora,
     fused_lora,
     liger,
@@ -150,6 +152,23 @@ def test_peft_param_wrapper_internals_the_expert_lora_patch_replaces():
     # The bug the patch works around is still there: peft's removal looks for one of the two proxy classes only.
     # When this fails, peft has fixed it: re-check qlora/integrations/expert_lora.py and drop what is fixed.
     assert "isinstance(module, _LoraParameterProxy)" in inspect.getsource(layer)
+
+
+def test_transformers_loading_functions_the_expert_quantization_wraps():
+    import transformers.core_model_loading as loading
+    import transformers.modeling_utils as modeling
+
+    assert _params(loading.set_param_for_module) == [
+        "model",
+        "target_name",
+        "param_value",
+        "loading_info",
+        "hf_quantizer",
+    ]
+    assert _params(modeling.caching_allocator_warmup) == ["model", "expanded_device_map", "hf_quantizer"]
+    # both are called by their module-level name, which is what the wrapper replaces for one load
+    assert "set_param_for_module(" in inspect.getsource(loading.convert_and_load_state_dict_in_model)
+    assert "caching_allocator_warmup(" in inspect.getsource(modeling.PreTrainedModel._load_pretrained_model)
 
 
 def test_liger_patch_target_exists():

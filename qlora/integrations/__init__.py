@@ -12,6 +12,8 @@ breaks one fails there, loudly, before it silently changes a run.
 | regional_compile.py | torch `nn.Module.compile` | drops `_compiled_call_impl` to run compiled layers eager again |
 | attention.py | transformers | registers an attention function; toggles `config._attn_implementation` while training |
 | fused_lora.py | peft LoRA layers over bitsandbytes Linear4bit | replaces each layer's `forward` on the instance |
+| expert_loading.py | transformers' weight loading | wraps `core_model_loading.set_param_for_module`, skips |
+| | | `modeling_utils.caching_allocator_warmup`, for one MoE load (experts to 4 bits as they arrive) |
 | expert_lora.py | peft `ParamWrapper` over a 4-bit (parametrized) MoE expert weight | `_remove_parametrizations` and |
 | | | `_activate_lora` (removes either LoRA proxy; drops torch's stale `parametrize._cache` entry) |
 | liger.py | Liger kernels / transformers' Llama module | undoes Liger's module-wide RoPE patch (bench) |
