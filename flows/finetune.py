@@ -26,7 +26,7 @@ from pipeline_config.schema import PipelineConfig
 from qlora.distributed import is_distributed
 from qlora.model import pick_device
 from qlora.registry import default_model_name
-from qlora.sweep import SweepTrial
+from qlora.trial import SweepTrial
 from tasks.config import resolve_model_source_task, validate_config_task
 from tasks.dataset import open_prepared_dataset_task, prepare_dataset_task
 from tasks.evaluate import evaluate_models_task
@@ -38,10 +38,10 @@ from tasks.report import publish_summary_task
 from tasks.run_folder import claimed_run_folder
 from tasks.save import save_adapter_task
 from tasks.stopping import stop_on_signals
-from tasks.sweep import prepare_trial_pruning_task
 from tasks.tokenizer import setup_tokenizer_task
 from tasks.tracking import log_dataset_task, log_results_task, mlflow_run_of_flow_run
 from tasks.train import train_adapter_task
+from tasks.trial import prepare_trial_pruning_task
 
 
 def prepare_inputs(cfg: PipelineConfig, device: str):

@@ -489,6 +489,29 @@ class DistributedConfig(_Section):
         return self
 
 
+class PruningConfig(_Section):
+    """A sweep's early stopping of hopeless trials with Optuna's pruners, on the eval loss a trial reports while it
+    trains: the `pruning` section of a sweep space file (pipeline_config/sweep.py), here because a trial's finetune
+    run reads it too."""
+
+    pruner: Literal["none", "median", "percentile"] = Field(
+        default="none",
+        description="'median': stop a trial whose eval loss is worse than the median of earlier trials' at the same "
+        "step (optuna MedianPruner); 'percentile': worse than `percentile` (PercentilePruner); 'none': never.",
+    )
+    eval_every_steps: int = Field(
+        default=10, gt=0, description="A trial computes its eval loss every this many optimizer steps."
+    )
+    eval_rows: int = Field(default=32, gt=0, description="Held-out rows of that eval loss (the first ones).")
+    n_startup_trials: int = Field(
+        default=1, ge=0, description="Never prune until this many trials have completed (they set the bar)."
+    )
+    n_warmup_steps: int = Field(default=0, ge=0, description="Never prune a trial before this optimizer step.")
+    percentile: float = Field(
+        default=25.0, gt=0, lt=100, description="'percentile' pruner: keep trials in the best this many percent."
+    )
+
+
 class PipelineConfig(_Section):
     """Everything one fine-tuning run needs."""
 

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pipeline_config.schema import (
     ConfigError,
     PipelineConfig,
+    PruningConfig,
     _field_annotation,
     _known_keys,
     _read_config_text,
@@ -79,27 +80,6 @@ class SweepSpaceError(ConfigError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class PruningConfig(_Section):
-    """Early stopping of hopeless trials with Optuna's pruners, on the eval loss a trial reports while it trains."""
-
-    pruner: Literal["none", "median", "percentile"] = Field(
-        default="none",
-        description="'median': stop a trial whose eval loss is worse than the median of earlier trials' at the same "
-        "step (optuna MedianPruner); 'percentile': worse than `percentile` (PercentilePruner); 'none': never.",
-    )
-    eval_every_steps: int = Field(
-        default=10, gt=0, description="A trial computes its eval loss every this many optimizer steps."
-    )
-    eval_rows: int = Field(default=32, gt=0, description="Held-out rows of that eval loss (the first ones).")
-    n_startup_trials: int = Field(
-        default=1, ge=0, description="Never prune until this many trials have completed (they set the bar)."
-    )
-    n_warmup_steps: int = Field(default=0, ge=0, description="Never prune a trial before this optimizer step.")
-    percentile: float = Field(
-        default=25.0, gt=0, lt=100, description="'percentile' pruner: keep trials in the best this many percent."
-    )
 
 
 class SweepSpaceConfig(_Section):

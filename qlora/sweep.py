@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import getpass
 import itertools
-import logging
 import math
 import tempfile
 from dataclasses import dataclass
@@ -38,39 +37,28 @@ from mlflow import MlflowClient
 from mlflow.entities import Param
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
-from pydantic import BaseModel
-from transformers import TrainerCallback
 
 from pipeline_config.schema import PipelineConfig, load_pipeline_config
-from pipeline_config.sweep import PruningConfig, SweepSpace
+from pipeline_config.sweep import SweepSpace
 from qlora.provenance import NUMERICS_LIBRARIES, library_versions, process_identity
 from qlora.run_folder import RunFolder, claim_run_folder, write_fingerprint
 from qlora.services import resolve_tracking_uri
 from qlora.tracking import config_params
+from qlora.trial import (
+    PRUNED_TAG,
+    build_pruner,
+    journal_storage,
+    trial_handle,
+)
 
 SWEEPS_DIRNAME = "sweeps"
-STUDY_JOURNAL = "study.journal"
 TRIAL_DIR_PREFIX = "trial-"
 MLFLOW_RUN_ATTR = "mlflow_run_id"  # Optuna user attribute: the trial's MLflow run (the newest attempt's)
 FLOW_RUN_ATTR = "prefect_flow_run_id"
 ERROR_ATTR = "error"
-PRUNED_TAG = "sweep.pruned_at_step"  # set on a trial's MLflow run when its pruner stopped it
 STATE_TAG = "sweep.trial_state"
-INTERMEDIATE_METRIC = "sweep_eval_loss"  # the eval loss a trial reports while it trains (MLflow metric, by step)
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-
-
-class SweepTrial(BaseModel):
-    """A finetune flow run's part in a sweep (its `trial` parameter, so it travels to a deployment's worker):
-    which Optuna trial it is, where the study is, and the MLflow run the sweep created for it."""
-
-    sweep_dir: str
-    study_name: str
-    number: int
-    mlflow_run_id: str
-    pruning: PruningConfig
 
 
 @dataclass
@@ -149,21 +137,6 @@ def claim_sweep_folder(
 # --- the study ---------------------------------------------------------------------------------------------------
 
 
-def journal_storage(sweep_dir: str | Path) -> JournalStorage:
-    """The study's storage: an append-only journal file in the sweep folder, which the sweep and trials running in
-    other processes (on workers that see the folder) write with a file lock."""
-    return JournalStorage(JournalFileBackend(str(Path(sweep_dir) / STUDY_JOURNAL)))
-
-
-def build_pruner(cfg: PruningConfig) -> optuna.pruners.BasePruner:
-    common = dict(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps)
-    if cfg.pruner == "median":
-        return optuna.pruners.MedianPruner(**common)
-    if cfg.pruner == "percentile":
-        return optuna.pruners.PercentilePruner(cfg.percentile, **common)
-    return optuna.pruners.NopPruner()
-
-
 def build_sampler(space: SweepSpace, trial_number: int) -> optuna.samplers.BaseSampler:
     """The sampler for trial `trial_number`, seeded by the space's seed and that number, so a sweep continued after
     a crash draws the same trials as an uninterrupted one (a sampler seeded once would start its draws over). A
@@ -212,13 +185,6 @@ def open_study(space: SweepSpace, sweep_dir: Path) -> optuna.Study:
         for point in grid_points(space):  # a study continued after a crash keeps what it has (and its order)
             study.enqueue_trial(point, skip_if_exists=True)
     return study
-
-
-def trial_handle(study: optuna.Study, storage: optuna.storages.BaseStorage, number: int) -> optuna.trial.Trial:
-    """The live Optuna trial `number` of `study` (to report to, prune, set attributes on and tell), looked up
-    through the storage's public API; `Trial(study, id)` is how Optuna itself hands a trial to an objective."""
-    study_id = storage.get_study_id_from_name(study.study_name)
-    return optuna.trial.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, number))
 
 
 def interrupted_trials(study: optuna.Study, sweep_dir: Path) -> list[TrialSpec]:
@@ -353,75 +319,6 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return None
     return study.best_trial
-
-
-# --- inside a trial: report the eval loss, stop when hopeless ----------------------------------------------------
-
-
-class ReportEvalLossToStudy(TrainerCallback):
-    """Every `every_steps` optimizer steps: the eval loss on the first held-out rows (qlora.evaluate.eval_loss, the
-    same loss the run reports at the end), reported to the trial's Optuna study and logged to its MLflow run as
-    `sweep_eval_loss`; training stops when the study's pruner judges the trial hopeless."""
-
-    def __init__(self, trial: optuna.trial.Trial, examples, tokenizer, batch_size: int, every_steps: int, logger=None):
-        self.trial, self.examples, self.tokenizer = trial, examples, tokenizer
-        self.batch_size, self.every_steps = batch_size, every_steps
-        # A function that returns the logger of the moment: the callback runs inside the training step, whose run
-        # log it belongs in, not in that of the step that built it.
-        self.logger = logger or (lambda: logging.getLogger(__name__))
-        self.pruned_at_step: int | None = None
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        step = state.global_step
-        if step % self.every_steps or model is None:
-            return
-        from qlora.evaluate import eval_loss
-
-        was_training = model.training
-        model.eval()
-        try:
-            loss = eval_loss(model, self.tokenizer, self.examples, self.batch_size)
-        finally:
-            model.train(was_training)
-        self.trial.report(loss, step)
-        if mlflow.active_run() is not None:
-            mlflow.log_metric(INTERMEDIATE_METRIC, loss, step=step)
-        if self.trial.should_prune():
-            self.pruned_at_step = step
-            control.should_training_stop = True
-            if mlflow.active_run() is not None:
-                mlflow.set_tag(PRUNED_TAG, str(step))
-            self.logger().info("pruned at step %d: eval loss %.4f is hopeless next to the earlier trials", step, loss)
-        else:
-            self.logger().info("step %d: eval loss %.4f reported to the sweep", step, loss)
-
-
-def trial_callbacks(trial: SweepTrial, data, tokenizer, cfg: PipelineConfig, logger=None) -> list[TrainerCallback]:
-    """The Trainer callbacks of a sweep's trial: the eval-loss report and pruning check when the sweep prunes.
-    None for a training in several processes (torchrun), which cannot take callbacks from the flow. `logger`: a
-    function returning the logger to report to."""
-    if trial.pruning.pruner == "none":
-        return []
-    from qlora.distributed import is_distributed
-    from qlora.evaluate import scored_examples
-    from qlora.model import pick_device
-
-    if is_distributed(cfg, pick_device(cfg.training.device)):
-        (logger or (lambda: logging.getLogger(__name__)))().warning("distributed training: this trial is not pruned")
-        return []
-    storage = journal_storage(trial.sweep_dir)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # A sampler that does nothing on load: this process only reports and asks the pruner.
-    study = optuna.load_study(
-        study_name=trial.study_name,
-        storage=storage,
-        pruner=build_pruner(trial.pruning),
-        sampler=optuna.samplers.RandomSampler(),
-    )
-    examples = scored_examples(data, tokenizer, trial.pruning.eval_rows, cfg.training.max_seq_length)
-    handle = trial_handle(study, storage, trial.number)
-    every = trial.pruning.eval_every_steps
-    return [ReportEvalLossToStudy(handle, examples, tokenizer, cfg.evaluation.batch_size, every, logger)]
 
 
 # --- the best trial's adapter into the registry ------------------------------------------------------------------

@@ -24,7 +24,6 @@ from qlora.report import mlflow_run_url
 from qlora.run_folder import RunFolder, mark_finished
 from qlora.services import resolve_tracking_uri
 from qlora.sweep import (
-    SweepTrial,
     TrialFailed,
     TrialOutcome,
     TrialSpec,
@@ -45,6 +44,7 @@ from qlora.sweep import (
 )
 from qlora.sweep_report import SPACE_ARTIFACT, log_sweep_results, results_markdown
 from qlora.tracking import tracking_run
+from qlora.trial import SweepTrial
 
 SWEEP_SUMMARY_ARTIFACT_KEY = "qlora-sweep-summary"
 SWEEP_MLFLOW_LINK_KEY = "qlora-sweep-mlflow-run"
@@ -364,13 +364,3 @@ def finish_sweep_task(study: optuna.Study, folder: RunFolder) -> None:
             f"no trial of sweep {Path(folder.path).name} completed ({', '.join(states)}): see its summary; nothing "
             "was registered"
         )
-
-
-@task(name="prepare-trial-pruning", cache_policy=NO_CACHE, persist_result=False)
-def prepare_trial_pruning_task(trial: SweepTrial, data, tokenizer, cfg: PipelineConfig) -> list:
-    """In a sweep's trial (the finetune flow): the Trainer callback that reports the eval loss to the sweep's study
-    every few steps and stops the trial when the pruner judges it hopeless (none when the sweep does not prune)."""
-    from qlora.sweep import trial_callbacks
-
-    # get_run_logger, called when the callback logs: the train-adapter step's run log
-    return trial_callbacks(trial, data, tokenizer, cfg, get_run_logger)

@@ -54,3 +54,17 @@ def test_private_overrides_only_in_integrations():
         needles = ("def _save_checkpoint", "def _load_from_checkpoint", "_attn_implementation =", "_skip_type_hint")
         for needle in needles:
             assert needle not in text, f"{path.relative_to(REPO)}: {needle}"
+
+
+def test_a_single_fine_tune_imports_nothing_of_the_sweep():
+    """A fine-tune (flows/finetune.py, which a sweep's trials also run) needs of the sweep only its `trial` parameter
+    and the trial's pruning callback (qlora/trial.py, tasks/trial.py): Optuna and the sweep's machinery are never
+    imported by it (a GPU run on a machine without Optuna once failed on that import)."""
+    import subprocess
+    import sys
+
+    sweep = ("optuna", "qlora.sweep", "tasks.sweep", "pipeline_config.sweep")
+    check = f"import sys, flows.finetune; print(sorted(m for m in {sweep!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -262,7 +262,7 @@ def test_three_trials_parent_and_children_best_registered_failed_trial_recorded(
 
 
 def _finished_trials(sweeps: Path) -> int:
-    from qlora.sweep import STUDY_JOURNAL, journal_storage
+    from qlora.trial import STUDY_JOURNAL, journal_storage
 
     journals = list(sweeps.glob(f"*/{STUDY_JOURNAL}"))
     if not journals:
@@ -363,7 +363,8 @@ def test_two_sweeps_at_once_get_folders_of_their_own(tiny_config_file, tmp_path)
     """A sweep's state (folder, lock, study journal, fingerprint) is its own: a second sweep of the same config and
     space started while the first holds its folder gets a new one; once both let go, the next continues the newest
     unfinished one; another space never continues it."""
-    from qlora.sweep import STUDY_JOURNAL, claim_sweep_folder, open_study, sweep_fingerprint
+    from qlora.sweep import claim_sweep_folder, open_study, sweep_fingerprint
+    from qlora.trial import STUDY_JOURNAL
 
     cfg = load_pipeline_config(tiny_config_file)
     space = load_sweep_space(_write(tmp_path / "a.yaml", {"parameters": {"lora.r": [4, 8]}}), cfg)
