@@ -216,10 +216,10 @@ def register_merged_model(merged_dir: Path, loaded, check: dict, flow_tags: dict
         **({"source_adapter_name": source[0], "source_adapter_version": source[1]} if source else {}),
     }
     uri = mlflow.get_tracking_uri()
-    from qlora.tracking import store_lock
+    from qlora.tracking import model_training_experiment, store_lock
 
     with store_lock(uri):
-        experiment = mlflow.set_experiment(MERGE_EXPERIMENT)
+        experiment = model_training_experiment(MERGE_EXPERIMENT)
     with mlflow.start_run(experiment_id=experiment.experiment_id, run_name=f"merge {name}", tags=flow_tags or {}):
         mlflow.log_params({"source_model": loaded.source, "merged_dir": str(merged_dir), "dtype": str(model.dtype)})
         mlflow.log_metrics({k: float(v) for k, v in check.items() if isinstance(v, int | float)})

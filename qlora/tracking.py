@@ -41,21 +41,38 @@ def store_lock(tracking_uri: str) -> Iterator[None]:
         yield
 
 
+# The MLflow UI (3.x) opens an experiment in the view its kind names: without the tag it guesses, and shows a
+# fine-tuning experiment in the GenAI view (evaluation runs, traces). Our runs train models.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+
+def model_training_experiment(name: str, artifact_location: str | None = None):
+    """The experiment `name` (set active), created if missing, with the model-training kind unless someone chose
+    another. The caller holds `store_lock`."""
+    if mlflow.get_experiment_by_name(name) is None:
+        try:
+            mlflow.create_experiment(
+                name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
+            )
+        except MlflowException as exc:  # another run created it on the tracking server a moment ago
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+    experiment = mlflow.set_experiment(name)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # created before this tag was set, or by someone else
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    return experiment
+
+
 def open_experiment(cfg: PipelineConfig):
     """The configured experiment, created (with its artifact location) if missing."""
     uri = resolve_tracking_uri(cfg.tracking)
     mlflow.set_tracking_uri(uri)
+    location = cfg.tracking.artifact_location
+    if location and "://" not in location:
+        location = Path(location).resolve().as_uri()
     with store_lock(uri):
-        if mlflow.get_experiment_by_name(cfg.tracking.experiment_name) is None:
-            location = cfg.tracking.artifact_location
-            if location and "://" not in location:
-                location = Path(location).resolve().as_uri()
-            try:
-                mlflow.create_experiment(cfg.tracking.experiment_name, artifact_location=location)
-            except MlflowException as exc:  # another run created it on the tracking server a moment ago
-                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-        return mlflow.set_experiment(cfg.tracking.experiment_name)
+        return model_training_experiment(cfg.tracking.experiment_name, location)
 
 
 def config_params(cfg: PipelineConfig) -> dict[str, object]:

@@ -28,6 +28,9 @@ def test_flow_records_run_and_adapter_reproduces_eval_loss(prefect_server, tiny_
     run = client.get_run(summary["mlflow_run_id"])
 
     assert run.info.status == "FINISHED"
+    # the MLflow UI opens the experiment in its model-training view, not the GenAI one
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     params = run.data.params
     assert params["lora.r"] == "8" and params["training.max_steps"] == "6" and params["data.source"] == "bundled:orders"
     assert params["model.name_or_path"] == cfg.model.name_or_path
