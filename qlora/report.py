@@ -14,9 +14,15 @@ def config_digest(cfg: PipelineConfig) -> str:
     return hashlib.sha256(dump_pipeline_config(cfg).encode()).hexdigest()[:16]
 
 
+# MLflow's UI (3.17) shows an experiment in its GenAI view (traces, evaluation runs) unless the page's
+# `workflowType` says otherwise (or the user flipped the GenAI / Model training switch, kept in the browser): the
+# experiment's `mlflow.experimentKind` tag (qlora/tracking.py) does not choose the view. Links carry it.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
 def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     ui = tracking_uri.rstrip("/") if tracking_uri.startswith("http") else LOCAL_MLFLOW_UI
-    return f"{ui}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{ui}/#/experiments/{experiment_id}/runs/{run_id}?{MODEL_TRAINING_VIEW}"
 
 
 def summary_markdown(cfg: PipelineConfig, comparison, adapter_dir: str, digest: str, run_id: str, decision) -> str:

@@ -41,8 +41,8 @@ def store_lock(tracking_uri: str) -> Iterator[None]:
         yield
 
 
-# The MLflow UI (3.x) opens an experiment in the view its kind names: without the tag it guesses, and shows a
-# fine-tuning experiment in the GenAI view (evaluation runs, traces). Our runs train models.
+# The experiment's kind, as MLflow records it (its API and UI read the tag; the 3.17 UI picks its view from the
+# page's `workflowType` instead, which the links this project prints carry: qlora/report.py). Our runs train models.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 

@@ -126,7 +126,9 @@ def test_deployments_run_on_demand_and_on_dataset_event(prefect_stack, tiny_conf
         assert "| eval_loss |" in artifacts["qlora-summary"].data
         samples = json.loads(artifacts["qlora-eval-samples"].data)
         assert samples and {"prompt", "expected", "base_output", "finetuned_output"} <= set(samples[0])
+        # the link opens MLflow's model-training view of the run, not its GenAI view
         assert "/#/experiments/" in artifacts["qlora-mlflow-run"].data
+        assert "?workflowType=machine_learning)" in artifacts["qlora-mlflow-run"].data
 
         # (b) a dataset.updated event starts the event-triggered deployment on that file
         rows = generate_orders(40, 200, seed=5)["train"]
