@@ -14,6 +14,7 @@ from peft import LoraConfig, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from pipeline_config.schema import LoraAdapterConfig, PipelineConfig, QuantizationConfig
+from qlora.architecture import _matches
 from qlora.errors import PipelineInputError
 from qlora.integrations.attention import load_attention
 from qlora.integrations.expert_loading import quantize_experts_while_loading
@@ -179,11 +180,6 @@ def load_base_for_training(source: ModelSource, cfg: PipelineConfig, device: str
 
 
 ALL_EXPERTS = "all-experts"
-
-
-def _matches(entry: str, name: str) -> bool:
-    """peft's rule for a target list entry: the full name, or a suffix after a dot."""
-    return name == entry or name.endswith("." + entry)
 
 
 def expert_lora_targets(model: torch.nn.Module, entries: list[str]) -> list[str]:

@@ -32,7 +32,7 @@ from qlora.integrations.attention import packed_training_attention, resolve_atte
 from qlora.integrations.fused_lora import fuse_lora_layers
 from qlora.integrations.regional_compile import compile_decoder_layers, uncompile_decoder_layers
 from qlora.integrations.trainer import CheckpointFirstLayers, PipelineSFTTrainer, use_one_gpu
-from qlora.model import build_lora_config
+from qlora.model import build_lora_config, is_mixture_of_experts
 from qlora.run_folder import TRAIN_RESULT_NAME, TRAINED_ADAPTER_DIRNAME, write_fingerprint
 from qlora.stop import current as current_stop
 
@@ -136,8 +136,7 @@ def liger_unsupported(config) -> str | None:
     so), or None. Exact or off: a mixture-of-experts block goes through Liger's fused SwiGLU, which reads expert
     attributes that peft's wrapped expert parameters do not have (AttributeError 'hidden_dim' on Mixtral and
     Qwen3-MoE, a wrong-shaped evaluation on OLMoE, measured on an H200)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None):
+    if is_mixture_of_experts(config):
         return "Liger's kernels do not handle its mixture-of-experts blocks under peft"
     return None
 
