@@ -37,8 +37,11 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from bench.run import _free, architecture, build_model_dir, layer_params, project_config, synthetic_tokenizer
+from bench.flops import layer_params
+from bench.memory import free_accelerator_memory
+from bench.models import architecture, build_model_dir, synthetic_tokenizer
 from bench.settings import BenchConfig
+from bench.variants import project_config
 from qlora.files import write_text_atomic
 
 DEFAULT_LENGTHS = (32768, 65536, 131072, 196608, 262144, 327680, 393216, 458752, 524288)
@@ -122,7 +125,7 @@ def train_one_document(cfg: BenchConfig, model, model_dir: Path, tokenizer, leng
     dataset = Dataset.from_dict({"input_ids": [ids]})
     splits = DatasetSplits(train=dataset, eval=dataset, kind="text", digest="bench", source="bench")
     clock = OneStepClock(device)
-    _free()
+    free_accelerator_memory()
     row = {"tokens": length}
     try:
         result = train_adapter(
@@ -143,7 +146,7 @@ def train_one_document(cfg: BenchConfig, model, model_dir: Path, tokenizer, leng
         row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
     row["host_peak_rss_gib"] = round(clock.host_peak / 2**30, 2)
-    _free()
+    free_accelerator_memory()
     return row
 
 

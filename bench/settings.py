@@ -7,125 +7,57 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Each entry: the transformers `model_type` ("llama" when not given) and the config.json fields of its shape; the
-# bench builds it with `AutoConfig.for_model(model_type, **BUILD_DEFAULTS | fields, vocab_size=<the bench
+
+def _shape(hidden: int, ff: int, layers: int, heads: int, kv_heads: int | None = None, **family) -> dict:
+    """One ARCHITECTURES entry: the sizes every family's config.json has (`num_key_value_heads` only where it
+    differs from the query heads: grouped-query attention), then the family's own fields (`model_type` among them)."""
+    sizes = dict(hidden_size=hidden, intermediate_size=ff, num_hidden_layers=layers, num_attention_heads=heads)
+    return sizes | ({"num_key_value_heads": kv_heads} if kv_heads else {}) | family
+
+
+# Fields two entries share: Qwen3's RoPE base, norm epsilon and context (Qwen3-8B, Qwen3-30B-A3B); Mistral's since
+# v0.2, which Mixtral has too: no sliding window (v0.1 had 4096), rope_theta 1e6
+_QWEN3 = dict(rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=40960)
+_MISTRAL = dict(sliding_window=None, rope_theta=1000000.0, max_position_embeddings=32768)
+
+# Each entry: the transformers `model_type` ("llama" when not given) and the config.json fields of its shape,
+# `_shape(hidden_size, intermediate_size, num_hidden_layers, num_attention_heads[, num_key_value_heads], **fields)`;
+# the bench builds it with `AutoConfig.for_model(model_type, **BUILD_DEFAULTS | fields, vocab_size=<the bench
 # tokenizer's>, ...)`, so the vocabulary (embeddings, LM head) is the bench tokenizer's, not the real model's.
 ARCHITECTURES: dict[str, dict] = {
     # Llama-2-7B / 13B shapes (meta-llama/Llama-2-*-hf config.json)
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
-    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+    "llama2-7b": _shape(4096, 11008, 32, 32),
+    "llama2-13b": _shape(5120, 13824, 40, 40),
     # Llama-2-70B width (grouped-query attention); build fewer of its 80 layers with --num-layers
-    "llama2-70b": dict(
-        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8
-    ),
+    "llama2-70b": _shape(8192, 28672, 80, 64, 8),
     # meta-llama/Meta-Llama-3-8B config.json (vocabulary 128256 there)
-    "llama3-8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        rope_theta=500000.0,
-        max_position_embeddings=8192,
-    ),
+    "llama3-8b": _shape(4096, 14336, 32, 32, 8, rope_theta=500000.0, max_position_embeddings=8192),
     # Qwen/Qwen3-8B config.json: head_dim 128, RMS-normed queries and keys (vocabulary 151936 there)
-    "qwen3-8b": dict(
-        model_type="qwen3",
-        hidden_size=4096,
-        intermediate_size=12288,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=40960,
-    ),
-    # mistralai/Mistral-7B-Instruct-v0.3 config.json: no sliding window since v0.2 (v0.1 had 4096), rope_theta 1e6
-    # (vocabulary 32768 there)
-    "mistral-7b": dict(
-        model_type="mistral",
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        sliding_window=None,
-        rope_theta=1000000.0,
-        max_position_embeddings=32768,
-    ),
+    "qwen3-8b": _shape(4096, 12288, 36, 32, 8, model_type="qwen3", head_dim=128, **_QWEN3),
+    # mistralai/Mistral-7B-Instruct-v0.3 config.json (vocabulary 32768 there)
+    "mistral-7b": _shape(4096, 14336, 32, 32, 8, model_type="mistral", **_MISTRAL),
     # google/gemma-2-9b-it config.json: head_dim 256 (16 x 256 > hidden 3584), logit soft-capping (attention 50,
     # final 30: SDPA cannot apply it, transformers loads it eager), a 4096-token window on every other layer, tied
     # embeddings (vocabulary 256000 there)
-    "gemma2-9b": dict(
-        model_type="gemma2",
-        hidden_size=3584,
-        intermediate_size=14336,
-        num_hidden_layers=42,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=256,
-        query_pre_attn_scalar=256,
-        attn_logit_softcapping=50.0,
-        final_logit_softcapping=30.0,
-        sliding_window=4096,
-        hidden_activation="gelu_pytorch_tanh",
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=8192,
-        tie_word_embeddings=True,
-    ),
+    "gemma2-9b": _shape(3584, 14336, 42, 16, 8, model_type="gemma2", head_dim=256, query_pre_attn_scalar=256)
+    | dict(attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096, tie_word_embeddings=True)
+    | dict(hidden_activation="gelu_pytorch_tanh", rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=8192),
     # mistralai/Mixtral-8x7B-Instruct-v0.1 config.json: 8 experts of Mistral-7B's MLP width, 2 per token (46.7B
     # parameters, 12.9B active; vocabulary 32000 there); build a few layers with --num-layers
-    "mixtral-8x7b": dict(
-        model_type="mixtral",
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        sliding_window=None,
-        rope_theta=1000000.0,
-        max_position_embeddings=32768,
-    ),
+    "mixtral-8x7b": _shape(4096, 14336, 32, 32, 8, model_type="mixtral", **_MISTRAL)
+    | dict(num_local_experts=8, num_experts_per_tok=2),
     # Qwen/Qwen3-30B-A3B config.json: 128 experts of width 768, 8 per token, every layer sparse (30.5B parameters,
-    # 3.3B active; vocabulary 151936 there); build a few layers with --num-layers
-    "qwen3-30b-a3b": dict(
-        model_type="qwen3_moe",
-        hidden_size=2048,
-        intermediate_size=6144,  # the dense MLP of mlp_only_layers (none here)
-        moe_intermediate_size=768,
-        num_hidden_layers=48,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        head_dim=128,
-        num_experts=128,
-        num_experts_per_tok=8,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        norm_topk_prob=True,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=40960,
-    ),
+    # 3.3B active; vocabulary 151936 there); intermediate_size 6144 is the dense MLP of mlp_only_layers (none
+    # here); build a few layers with --num-layers
+    "qwen3-30b-a3b": _shape(2048, 6144, 48, 32, 4, model_type="qwen3_moe", head_dim=128, **_QWEN3)
+    | dict(moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1)
+    | dict(mlp_only_layers=[], norm_topk_prob=True),
     # learns in a few hundred steps on one GPU: the loss-curve comparison
-    "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
+    "small": _shape(512, 1376, 8, 8),
     # CPU smoke tests (bitsandbytes' CPU kernel wants output widths in multiples of 32)
-    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
-    "tiny-moe": dict(
-        model_type="qwen3_moe",
-        hidden_size=64,
-        intermediate_size=256,
-        moe_intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_experts=4,
-        num_experts_per_tok=2,
-    ),
+    "tiny": _shape(64, 256, 2, 4),
+    "tiny-moe": _shape(64, 256, 2, 4, 2, model_type="qwen3_moe", head_dim=16)
+    | dict(moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2),
 }
 # What the builder passes unless the entry says otherwise (the Llama entries' saved configs as before).
 BUILD_DEFAULTS = dict(max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)

@@ -14,6 +14,9 @@ As a sweep's trial (flows/sweep.py passes `trial`), prepare-trial-pruning comes 
 the one the sweep created for the trial; train-adapter then reports its eval loss to the sweep and may stop early.
 Models travel between tasks in memory only; no task caches or persists them (prepare-dataset caches a reference
 to prepared Arrow files, nothing else).
+Each step is given `opaque(...)` of what it uses: Prefect then draws the run's graph from the step whose result each
+argument is, and does not look inside it (a config or a dataset shares strings with other steps' results, and
+looking inside tied every step to every other).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 from typing import Literal
 
 from prefect import flow
+from prefect.utilities.annotations import opaque
 
 from pipeline_config.schema import PipelineConfig
 from qlora.distributed import is_distributed
@@ -49,12 +53,12 @@ def prepare_inputs(cfg: PipelineConfig, device: str):
     setup-tokenizer -> prepare-dataset (cached) -> open-prepared-dataset -> preflight. Bad input stops the run
     there, before any weights load and before an MLflow run or anything else is written. Returns (model source,
     tokenizer, prepared dataset reference, opened dataset splits)."""
-    source = resolve_model_source_task(cfg.model)
+    source = resolve_model_source_task(opaque(cfg.model))
     # The tokenizer comes before the data: it is part of the prepared dataset's cache key.
-    tokenizer = setup_tokenizer_task(source, cfg.tokenizer, needs_chat_template=False)
-    prepared = prepare_dataset_task(cfg.data, tokenizer, cfg.training)
-    data = open_prepared_dataset_task(prepared, cfg.data)
-    preflight_task(cfg, source, data, tokenizer, device)
+    tokenizer = setup_tokenizer_task(opaque(source), opaque(cfg.tokenizer), needs_chat_template=False)
+    prepared = prepare_dataset_task(opaque(cfg.data), opaque(tokenizer), opaque(cfg.training))
+    data = open_prepared_dataset_task(opaque(prepared), opaque(cfg.data))
+    preflight_task(opaque(cfg), opaque(source), opaque(data), opaque(tokenizer), device)
     return source, tokenizer, prepared, data
 
 
@@ -71,45 +75,78 @@ def finetune(
     """Fine-tune the configured base model with QLoRA; returns a summary (metrics, adapter dir, MLflow run).
 
     Args:
-        config_path: YAML config, relative to the working folder (the repository for deployments).
-        overrides: `section.key=value` overrides, validated with the file.
+        config_path: the YAML config, relative to the working folder (the repository for deployments).
+        overrides: `section.key=value` overrides of the config, validated with it; repeatable.
         data_source: replaces `data.source` (what a `dataset.updated` event passes in).
-        resume: replaces `training.resume` ('never' = always a new run folder).
-        resume_dir: continue this run folder (refused if it would mix two runs).
+        resume: replaces `training.resume`: 'never' (--no-resume) always starts a new run folder; 'auto' continues
+            the newest unfinished run folder of the same run that no live process holds.
+        resume_dir: continue this run folder (see `qlora-flow runs`; refused if it would mix two runs).
         config: an already validated config; `config_path` and `overrides` are then not read.
         trial: set by a sweep (flows/sweep.py) for its trials: continue the MLflow run the sweep created, report
             the eval loss to the sweep's Optuna study while training, stop early when its pruner says so.
     """
-    cfg = validate_config_task(config, config_path, overrides, data_source)
+    cfg = validate_config_task(config, config_path, overrides, data_source, resume, resume_dir)
     device = pick_device(cfg.training.device)
     # SIGTERM / SIGINT / a cancellation from here on: training stops at the next step with a checkpoint (the folder
     # stays resumable), the MLflow run ends KILLED, locks and slots are released, and the flow run Cancelled/Crashed.
     with stop_on_signals(cfg.training.stop_grace_s):
         source, tokenizer, prepared, data = prepare_inputs(cfg, device)
-        callbacks = prepare_trial_pruning_task(trial, data, tokenizer, cfg) if trial else None
+        callbacks = None
+        if trial:
+            callbacks = prepare_trial_pruning_task(opaque(trial), opaque(data), opaque(tokenizer), opaque(cfg))
         with mlflow_run_of_flow_run(cfg, trial.mlflow_run_id if trial else None) as run:
-            log_dataset_task(data)
+            log_dataset_task(opaque(data))
             # This flow run's own folder, locked until the flow ends and finished only if every step succeeds; then
             # its share of the GPU, until the flow ends.
             with (
-                claimed_run_folder(cfg, source, data.digest, resume, resume_dir) as run_folder,
+                claimed_run_folder(cfg, source, data.digest, resume_dir) as run_folder,
                 gpu_slots(cfg.training),
             ):
                 # Several training processes (`distributed`) load their own copies; the flow's comes after training.
-                model = None if is_distributed(cfg, device) else load_quantized_model_task(source, cfg, device)
+                model = None
+                if not is_distributed(cfg, device):
+                    model = load_quantized_model_task(opaque(source), opaque(cfg), device)
                 train = train_adapter_task.with_options(retries=cfg.training.task_retries)
-                trained = train(model, data, tokenizer, cfg, device, run_folder, source, prepared, callbacks)
-                comparison = evaluate_models_task(
-                    trained.model, tokenizer, data, cfg.evaluation, cfg.training.max_seq_length
+                trained = train(
+                    opaque(model),
+                    opaque(data),
+                    opaque(tokenizer),
+                    opaque(cfg),
+                    device,
+                    opaque(run_folder),
+                    opaque(source),
+                    opaque(prepared),
+                    opaque(callbacks),
                 )
-                adapter_dir = save_adapter_task(trained.model, tokenizer, cfg, run_folder)
-                metrics = log_results_task(cfg, trained, comparison, adapter_dir)
+                comparison = evaluate_models_task(
+                    opaque(trained.model),
+                    opaque(tokenizer),
+                    opaque(data),
+                    opaque(cfg.evaluation),
+                    cfg.training.max_seq_length,
+                )
+                adapter_dir = save_adapter_task(
+                    opaque(trained.model), opaque(tokenizer), opaque(cfg), opaque(run_folder)
+                )
+                metrics = log_results_task(opaque(cfg), opaque(trained), opaque(comparison), opaque(adapter_dir))
                 decision = None
                 if cfg.registry.enabled:
                     decision = register_adapter_task(
-                        cfg, source, adapter_dir, metrics, data.digest, trained.adapter_dtype
+                        opaque(cfg),
+                        opaque(source),
+                        opaque(adapter_dir),
+                        opaque(metrics),
+                        opaque(data.digest),
+                        opaque(trained.adapter_dtype),
                     )
-                publish_summary_task(cfg, comparison, adapter_dir, data.digest, run, decision)
+                publish_summary_task(
+                    opaque(cfg),
+                    opaque(comparison),
+                    opaque(adapter_dir),
+                    opaque(data.digest),
+                    opaque(run),
+                    opaque(decision),
+                )
     return {
         "base": comparison.base.metrics,
         "finetuned": comparison.finetuned.metrics,

@@ -52,9 +52,9 @@ def sweep(
     Args:
         config_path: the config every trial starts from, relative to the working folder.
         space_path: the search space (pipeline_config/sweep.py says what it holds).
-        overrides: `section.key=value` overrides of the config, validated with it.
-        resume: 'auto' continues the newest unfinished sweep of the same config and space that no live process
-            holds (its finished trials are not run again); 'never' always starts a new sweep.
+        overrides: `section.key=value` overrides of the config, validated with it; repeatable.
+        resume: 'never' (--no-resume) always starts a new sweep; 'auto' continues the newest unfinished sweep of
+            the same config and space that no live process holds (its finished trials are not run again).
         resume_dir: continue this sweep folder (refused if it is another sweep's).
         trial_deployment: run each trial as a flow run of this finetune deployment ('flow/deployment', e.g.
             qlora-finetune/qlora-default), picked up by workers; unset: as subflows in this process.

@@ -1,38 +1,17 @@
 """The pipeline's one typed configuration.
 
 Every field carries a description; unknown keys are rejected; checks that involve several fields live in
-model validators. `load_pipeline_config` turns a YAML file plus `--set section.key=value` overrides into a
-validated `PipelineConfig`, collecting every problem into one `ConfigError`.
+model validators. Reading YAML files and `--set section.key=value` overrides into a `PipelineConfig`, and wording
+what is wrong with them, is pipeline_config/loading.py.
 """
 
 from __future__ import annotations
 
-import copy
-import difflib
-import os
-import types
-import typing
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-CONFIG_DIR = Path(__file__).resolve().parent
-DEFAULT_CONFIG_PATH = CONFIG_DIR / "default.yaml"
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DTypeName = Literal["float16", "bfloat16", "float32"]
-
-
-class ConfigError(ValueError):
-    """Invalid configuration; `problems` lists every finding, one line each."""
-
-    def __init__(self, problems: list[str], source: str | None = None):
-        self.problems = problems
-        self.source = source
-        head = f"invalid configuration in {source}" if source else "invalid configuration"
-        super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 class _Section(BaseModel):
@@ -377,16 +356,12 @@ class TrainingConfig(_Section):
                 "training.compile_layers and liger_kernels true: torch.compile can't trace Liger's kernels (it fuses "
                 "norms, SwiGLU and RoPE itself): set liger_kernels to auto or false"
             )
-        if self.packing and self.packing_strategy == "wrapped" and self.completion_only_loss:
-            raise ValueError(
-                "training.packing_strategy 'wrapped' cuts rows mid-sequence, so completion_only_loss cannot be kept: "
-                "use packing_strategy bfd or completion_only_loss false"
-            )
-        if self.packing and self.packing_strategy == "wrapped" and self.assistant_only_loss:
-            raise ValueError(
-                "training.packing_strategy 'wrapped' cuts rows mid-sequence, so assistant_only_loss cannot be kept: "
-                "use packing_strategy bfd or assistant_only_loss false"
-            )
+        for masked_loss in ("completion_only_loss", "assistant_only_loss"):
+            if self.packing and self.packing_strategy == "wrapped" and getattr(self, masked_loss):
+                raise ValueError(
+                    f"training.packing_strategy 'wrapped' cuts rows mid-sequence, so {masked_loss} cannot be kept: "
+                    f"use packing_strategy bfd or {masked_loss} false"
+                )
         if self.completion_only_loss and self.assistant_only_loss:
             raise ValueError(
                 "training.completion_only_loss and assistant_only_loss are both true: the first is for "
@@ -622,183 +597,3 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[key] = v
     return flat
-
-
-def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    keys = []
-    for name, field in model.model_fields.items():
-        keys.append(prefix + name)
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys.extend(_known_keys(ann, prefix + name + "."))
-    return keys
-
-
-def _describe(err: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err["loc"])
-    if err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(loc, _known_keys(PipelineConfig), n=1, cutoff=0.6)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return f"{loc}: unknown key{hint}"
-    if err["type"] == "missing":
-        return f"{loc}: required field missing"
-    msg = err["msg"].removeprefix("Value error, ")
-    if loc:
-        return f"{loc}: {msg} (got {err.get('input')!r})" if err["type"] != "value_error" else f"{loc}: {msg}"
-    return msg
-
-
-def _field_annotation(keys: list[str]) -> Any:
-    """The schema's type for a dotted key (None if the key names no field)."""
-    model: type[BaseModel] = PipelineConfig
-    for i, key in enumerate(keys):
-        field = model.model_fields.get(key)
-        if field is None:
-            return None
-        if i == len(keys) - 1:
-            return field.annotation
-        if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return None
-        model = field.annotation
-    return None
-
-
-def _takes_text_verbatim(annotation: Any) -> bool:
-    """True for a field whose values are only strings (str, str | None, a Literal of strings)."""
-    if annotation is str:
-        return True
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) is Literal:
-        return all(isinstance(a, str) for a in args)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return all(a is type(None) or _takes_text_verbatim(a) for a in args)
-    return False
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """`section.key=value`, the value typed against the schema: a string field takes the text as it is
-    (`data.response_template=[/INST]` stays a string); other fields read it as YAML (numbers, booleans, lists)."""
-    if "=" not in item:
-        raise ValueError(f"--set {item!r}: expected section.key=value")
-    key, raw = item.split("=", 1)
-    keys = key.strip().split(".")
-    annotation = _field_annotation(keys)
-    if raw.strip() in ("null", "~") and _accepts_none(annotation):
-        return keys, None  # an optional field set back to unset (`--set model.gguf_file=null`)
-    if _takes_text_verbatim(annotation):
-        return keys, raw
-    if not raw.strip():
-        return keys, ""
-    try:
-        return keys, yaml.safe_load(raw)
-    except yaml.YAMLError as exc:  # includes tags such as !!python/name:..., which safe_load refuses
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ValueError(f"--set {item!r}: the value is not a plain YAML value ({problem})") from None
-
-
-def _accepts_none(annotation: Any) -> bool:
-    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(
-        annotation
-    )
-
-
-def _read_config_text(source: str) -> str:
-    """The config file's text (UTF-8). Raises ConfigError naming the file when it is missing, a folder or binary."""
-    path = Path(source)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError([f"config file {source} not found: pass an existing --config path"]) from None
-    except IsADirectoryError:
-        raise ConfigError([f"config file {source} is a folder: pass the path of a YAML config file in it"]) from None
-    except OSError as exc:
-        raise ConfigError([f"config file {source} cannot be read ({exc.strerror or exc})"]) from None
-    try:
-        return data.decode("utf-8-sig")  # -sig: tolerate the byte-order mark some Windows editors write
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            [
-                f"config file {source} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}): "
-                "pass a YAML config file"
-            ]
-        ) from None
-
-
-def load_pipeline_config(
-    source: str | os.PathLike | Mapping[str, Any] | None = None,
-    overrides: list[str] | Mapping[str, Any] | None = None,
-) -> PipelineConfig:
-    """Read, override and validate a config. Raises ConfigError listing every problem.
-
-    `source`: a YAML file, or the config as a mapping (sections of keys); default: the embedded default config.
-    `overrides`: `section.key=value` strings (typed against the schema, see `parse_override`) or a mapping of
-    `section.key` to already-typed values."""
-    if isinstance(source, Mapping):
-        name, raw = "<mapping>", copy.deepcopy(dict(source))
-    else:
-        name = str(source) if source is not None else str(DEFAULT_CONFIG_PATH)
-        raw = _parse_yaml(_read_config_text(name), name)
-    problems: list[str] = []
-    if isinstance(overrides, Mapping):
-        items = [(str(k).split("."), v, f"{k}={v}") for k, v in overrides.items()]
-    else:
-        items = []
-        for item in overrides or []:
-            try:
-                items.append((*parse_override(item), item))
-            except ValueError as exc:
-                problems.append(str(exc))
-    for keys, value, text in _merged_key_by_key(items):
-        node = raw
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                problems.append(f"--set {text}: {k} is not a section")
-                break
-        else:
-            node[keys[-1]] = value
-    try:
-        cfg = PipelineConfig.model_validate(raw)
-    except ValidationError as exc:
-        problems.extend(_describe(e) for e in exc.errors())
-        raise ConfigError(problems, name) from None
-    if problems:
-        raise ConfigError(problems, name)
-    return cfg
-
-
-def _merged_key_by_key(items: list[tuple[list[str], Any, str]]) -> list[tuple[list[str], Any, str]]:
-    """A mapping given as a value (`training: {max_steps: 4}` in a sweep space's overrides, or `--set
-    training={max_steps: 4}`) sets its keys one by one: no field takes a mapping, so it never replaces a whole
-    section (which would silently reset every other key of it to its default)."""
-    flat = []
-    for keys, value, text in items:
-        if isinstance(value, Mapping) and value:
-            flat += _merged_key_by_key([([*keys, str(k)], v, text) for k, v in value.items()])
-        else:
-            flat.append((keys, value, text))
-    return flat
-
-
-def _parse_yaml(text: str, source: str) -> dict:
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.reader.ReaderError as exc:  # a control character: most likely a binary file that happens to decode
-        raise ConfigError(
-            [
-                f"config file {source} is not YAML text (character #x{exc.character:04x} at position {exc.position}):"
-                " pass a YAML config file"
-            ]
-        ) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError([f"YAML syntax error at{where}: {getattr(exc, 'problem', exc)}"], source) from None
-    if not isinstance(raw, dict):
-        raise ConfigError(["top level must be a mapping of sections (model:, data:, training: ...)"], source)
-    return raw
-
-
-def dump_pipeline_config(cfg: PipelineConfig) -> str:
-    """The resolved config as YAML (what a run saves next to its adapter)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -17,7 +17,6 @@ too), and the trial count must fit the method. Every problem is reported at once
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import math
 import re
@@ -25,18 +24,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline_config.schema import (
+from pipeline_config.loading import (
     ConfigError,
-    PipelineConfig,
-    PruningConfig,
-    _field_annotation,
-    _known_keys,
-    _read_config_text,
+    did_you_mean,
+    field_annotation,
+    known_keys,
     load_pipeline_config,
+    read_yaml_mapping,
+    validation_problems,
 )
+from pipeline_config.schema import PipelineConfig, PruningConfig
 
 # Settings a sweep may vary; the rest (model, data, evaluation, tracking, registry, distributed) is the same for
 # every trial, so that trials are compared on the same data and the same evaluation.
@@ -181,24 +180,6 @@ class SweepSpace:
 _CALL = re.compile(r"^\s*([A-Za-z_]\w*)\s*\((.*)\)\s*$")
 
 
-def _line_map(text: str) -> dict[tuple, int]:
-    """Line (1-based) of every mapping key in the YAML text, by its path: {('parameters', 'lora.r'): 7, ...}."""
-    lines: dict[tuple, int] = {}
-
-    def walk(node, path: tuple) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                sub = (*path, key.value)
-                lines[sub] = key.start_mark.line + 1
-                walk(value, sub)
-
-    try:
-        walk(yaml.compose(text), ())
-    except yaml.YAMLError:
-        pass
-    return lines
-
-
 def _dotted(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in mapping.items():
@@ -207,11 +188,6 @@ def _dotted(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def _at(lines: dict[tuple, int], *path) -> str:
-    line = lines.get(tuple(path))
-    return f"line {line}, " if line else ""
 
 
 def _number(text: str) -> float | None:
@@ -254,16 +230,10 @@ def parse_parameter(key: str, raw: Any) -> ParameterSpec:
 
 
 def _tunable_problem(key: str) -> str | None:
-    keys = key.split(".")
-    if (
-        _field_annotation(keys) is None
-        or isinstance(_field_annotation(keys), type)
-        and issubclass(_field_annotation(keys), BaseModel)
-    ):
-        close = difflib.get_close_matches(key, _known_keys(PipelineConfig), n=1, cutoff=0.6)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return f"unknown config setting{hint}"
-    if keys[0] not in TUNABLE_SECTIONS or key in UNTUNABLE_KEYS:
+    annotation = field_annotation(key.split("."))
+    if annotation is None or isinstance(annotation, type) and issubclass(annotation, BaseModel):  # or a section
+        return f"unknown config setting{did_you_mean(key, known_keys(PipelineConfig))}"
+    if key.split(".")[0] not in TUNABLE_SECTIONS or key in UNTUNABLE_KEYS:
         return (
             f"not a setting a sweep varies: trials differ only in {', '.join(s + '.*' for s in TUNABLE_SECTIONS)} "
             "(not where or how they run); set it in the config or under overrides:"
@@ -279,48 +249,25 @@ def _config_problems(base: dict, values: dict[str, Any]) -> list[str]:
     return []
 
 
-def _pydantic_problems(exc: ValidationError, lines: dict[tuple, int]) -> list[str]:
-    problems = []
-    for err in exc.errors():
-        loc = tuple(str(p) for p in err["loc"])
-        where = ".".join(loc)
-        if err["type"] == "extra_forbid" or err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(loc[-1], list(SweepSpaceConfig.model_fields), n=1, cutoff=0.6)
-            hint = f" (did you mean '{close[0]}'?)" if close and len(loc) == 1 else ""
-            problems.append(f"{_at(lines, *loc)}{where}: unknown key{hint}")
-        elif err["type"] == "missing":
-            problems.append(f"{where}: required (the settings the trials vary, e.g. lora.r: [8, 16])")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{_at(lines, *loc)}{where}: {msg} (got {err.get('input')!r})")
-    return problems
-
-
 def load_sweep_space(source: str | Path, cfg: PipelineConfig) -> SweepSpace:
     """Read and check a space file against the config `cfg` it sweeps. Raises SweepSpaceError (a ConfigError)
     listing every problem with its line."""
     name = str(source)
-    text = _read_config_text(name)
+    file = read_yaml_mapping(
+        name, "the top level must be a mapping (method:, n_trials:, parameters: ...)", SweepSpaceError
+    )
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise SweepSpaceError([f"{where}YAML syntax error: {getattr(exc, 'problem', exc)}"], name) from None
-    if not isinstance(raw, dict):
-        raise SweepSpaceError(["the top level must be a mapping (method:, n_trials:, parameters: ...)"], name)
-    lines = _line_map(text)
-    try:
-        space_cfg = SweepSpaceConfig.model_validate(raw)
+        space_cfg = SweepSpaceConfig.model_validate(file.data)
     except ValidationError as exc:
-        raise SweepSpaceError(_pydantic_problems(exc, lines), name) from None
+        missing = "required (the settings the trials vary, e.g. lora.r: [8, 16])"
+        raise SweepSpaceError(validation_problems(exc, SweepSpaceConfig, file, missing), name) from None
 
     problems: list[str] = []
     base_raw = cfg.model_dump(mode="json")
     # `training: {max_steps: 4}` is `training.max_steps: 4`: a nested override sets its keys, never a whole section
     overrides = _dotted(space_cfg.overrides)
     for key, value in overrides.items():
-        at = _at(lines, "overrides", key) or _at(lines, "overrides", *key.split("."))
+        at = file.at("overrides", key) or file.at("overrides", *key.split("."))
         if key in space_cfg.parameters:
             problems.append(f"{at}overrides.{key}: also under parameters: keep one")
         problems += [
@@ -333,7 +280,7 @@ def load_sweep_space(source: str | Path, cfg: PipelineConfig) -> SweepSpace:
 
     specs: dict[str, ParameterSpec] = {}
     for key, value in space_cfg.parameters.items():
-        where = f"{_at(lines, 'parameters', key)}parameters.{key}"
+        where = f"{file.at('parameters', key)}parameters.{key}"
         if problem := _tunable_problem(key):
             problems.append(f"{where}: {problem}")
             continue
@@ -359,7 +306,7 @@ def load_sweep_space(source: str | Path, cfg: PipelineConfig) -> SweepSpace:
         metric, greater = c.metric, METRIC_GREATER_IS_BETTER.get(c.metric, False)
         if c.metric not in METRIC_GREATER_IS_BETTER:
             problems.append(
-                f"{_at(lines, 'metric')}metric: {c.metric!r} is not a metric every trial logs: use one of "
+                f"{file.at('metric')}metric: {c.metric!r} is not a metric every trial logs: use one of "
                 f"{', '.join(METRIC_GREATER_IS_BETTER)}"
             )
     if metric == "finetuned_exact_match" and base.evaluation.task_metric != "exact_match":
@@ -367,14 +314,14 @@ def load_sweep_space(source: str | Path, cfg: PipelineConfig) -> SweepSpace:
     if c.pruning.pruner != "none":
         if metric not in PRUNABLE_METRICS:
             problems.append(
-                f"{_at(lines, 'pruning', 'pruner')}pruning.pruner: {c.pruning.pruner} compares the eval loss trials "
+                f"{file.at('pruning', 'pruner')}pruning.pruner: {c.pruning.pruner} compares the eval loss trials "
                 f"report while they train, so the sweep's metric must fall with it ({' or '.join(PRUNABLE_METRICS)}), "
                 f"not {metric}: set metric: finetuned_eval_loss, or pruner: none"
             )
         max_steps = base.training.max_steps
         if "training.max_steps" not in specs and max_steps > 0 and c.pruning.eval_every_steps >= max_steps:
             problems.append(
-                f"{_at(lines, 'pruning', 'eval_every_steps')}pruning.eval_every_steps: {c.pruning.eval_every_steps} is "
+                f"{file.at('pruning', 'eval_every_steps')}pruning.eval_every_steps: {c.pruning.eval_every_steps} is "
                 f"not below training.max_steps {max_steps}: trials would end before they report; lower it"
             )
 
@@ -385,14 +332,14 @@ def load_sweep_space(source: str | Path, cfg: PipelineConfig) -> SweepSpace:
         if c.method == "grid":
             if ranges:
                 problems += [
-                    f"{_at(lines, 'parameters', k)}parameters.{k}: {specs[k].describe()} is a range, and method grid "
+                    f"{file.at('parameters', k)}parameters.{k}: {specs[k].describe()} is a range, and method grid "
                     "needs a list of values: list them, or use method: random"
                     for k in ranges
                 ]
             elif n_trials is not None and n_trials != grid_size:
                 what = "larger than" if grid_size > n_trials else "smaller than"
                 problems.append(
-                    f"{_at(lines, 'n_trials')}n_trials: the grid has {grid_size} combinations, {what} n_trials "
+                    f"{file.at('n_trials')}n_trials: the grid has {grid_size} combinations, {what} n_trials "
                     f"{n_trials}: drop n_trials (or set it to {grid_size}) to run every combination, or use method: "
                     f"random to sample {n_trials}"
                 )
@@ -412,4 +359,4 @@ def load_sweep_space(source: str | Path, cfg: PipelineConfig) -> SweepSpace:
                     problems.append(f"parameters: the combination {values} makes an invalid config: {p}")
     if problems:
         raise SweepSpaceError(list(dict.fromkeys(problems)), name)
-    return SweepSpace(name, text, c, specs, n_trials, metric, greater, base, lines)
+    return SweepSpace(name, file.text, c, specs, n_trials, metric, greater, base, file.lines)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +57,19 @@ def text_lines(path: Path) -> Iterator[str]:
             except UnicodeDecodeError as exc:
                 raise _not_text(path, raw, exc, offset) from None
             offset += len(raw)
+
+
+def json_lines(path: Path, not_json: Callable[[int, str], Exception]) -> Iterator[tuple[int, object]]:
+    """The non-blank lines of a JSON Lines file, parsed, each with its line number (from 1). A line that is not JSON
+    raises `not_json(line number, the parser's reason)`; a byte that is not UTF-8 raises DataError (text_lines)."""
+    for number, line in enumerate(text_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise not_json(number, exc.msg) from None
+        yield number, value
 
 
 def _row_count(path: Path) -> int | None:
@@ -124,13 +137,11 @@ def _read_source(source: str, cfg: DataConfig, role: str = "training") -> datase
 
 def _check_jsonl(path: Path) -> None:
     """Name the first malformed line, which the json builder does not."""
-    for lineno, line in enumerate(text_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: line {lineno} is not valid JSON ({exc.msg}): fix or remove that line") from None
+
+    def not_json(lineno: int, reason: str) -> DataError:
+        return DataError(f"{path}: line {lineno} is not valid JSON ({reason}): fix or remove that line")
+
+    for lineno, obj in json_lines(path, not_json):
         if not isinstance(obj, dict):
             raise DataError(f"{path}: line {lineno} is not a JSON object")
 

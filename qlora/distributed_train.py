@@ -17,7 +17,8 @@ from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from pipeline_config.schema import ModelConfig, load_pipeline_config
+from pipeline_config.loading import load_pipeline_config
+from pipeline_config.schema import ModelConfig
 from qlora.distributed import STOPPED_NAME, gather_per_rank
 from qlora.files import write_text_atomic
 from qlora.model import load_base_for_training

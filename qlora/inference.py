@@ -93,7 +93,7 @@ def load_adapter_folder(adapter_dir: Path, source: str, device: str | None = Non
     """4-bit base (the flow's loader, the run's settings) + the adapter of a run's adapter folder."""
     from transformers import AutoTokenizer
 
-    from pipeline_config.schema import load_pipeline_config
+    from pipeline_config.loading import load_pipeline_config
     from qlora.model import load_quantized_model, load_trained_adapter, pick_device
     from qlora.model_source import resolve_model_source
     from qlora.save import RESOLVED_CONFIG_NAME, verify_adapter_dir
@@ -205,16 +205,13 @@ def read_prompts_file(path: Path) -> list[dict]:
     line."""
     if not path.is_file():
         raise PipelineInputError(f"--prompts {path}: file not found")
-    from qlora.data import text_lines
+    from qlora.data import json_lines
+
+    def not_json(number: int, reason: str) -> PipelineInputError:
+        return PipelineInputError(f"--prompts {path}: line {number} is not valid JSON ({reason})")
 
     rows = []
-    for number, line in enumerate(text_lines(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PipelineInputError(f"--prompts {path}: line {number} is not valid JSON ({exc.msg})") from None
+    for number, row in json_lines(path, not_json):
         prompt = row.get("prompt", row.get("messages")) if isinstance(row, dict) else None
         chat = isinstance(prompt, list) and prompt and all(isinstance(t, dict) and "content" in t for t in prompt)
         if not (isinstance(prompt, str) or chat):

@@ -65,6 +65,25 @@ class MergeResult:
     peak_memory_mib: float
 
 
+DEFAULT_MERGE_ROOT = "outputs/merged"
+
+
+def merge_target(output: str | None, run_name: str, max_loss_change_pct: float, min_agreement: float) -> Path:
+    """The new folder the merged model goes to: `output`, else one named for this run under outputs/merged. Checked
+    before the model loads: a path that exists or lies under a file, or check limits out of range, raise
+    PipelineInputError."""
+    from qlora.files import check_output_target
+
+    if not 0 <= min_agreement <= 1 or max_loss_change_pct < 0:
+        raise PipelineInputError("--min-agreement must be in [0, 1] and --max-loss-change-pct at least 0")
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = Path(output) if output else Path(DEFAULT_MERGE_ROOT) / f"{stamp}-{run_name}"
+    check_output_target(target, "--output", is_folder=True)
+    if target.exists():
+        raise PipelineInputError(f"--output {target} exists: choose a new folder (nothing is overwritten)")
+    return target
+
+
 def held_out_rows(loaded: LoadedModel, purpose: str = "merge checks the merged model on them"):
     """The run's held-out split, formatted as the run formatted it."""
     from qlora.data import load_dataset_splits

@@ -262,7 +262,7 @@ def check_preflight(cfg, source, data, tokenizer, device) -> PreflightReport:
 def preflight_from_config(config: str | Mapping | PipelineConfig | None, overrides: list[str] | None = None):
     """Everything `qlora-flow validate` checks: config, model source, data, tokenizer, preflight. No weights load and
     no GGUF conversion (the tokenizer and architecture come from the GGUF header)."""
-    from pipeline_config.schema import load_pipeline_config
+    from pipeline_config.loading import load_pipeline_config
     from qlora.data import load_dataset_splits
     from qlora.model import pick_device
     from qlora.model_source import resolve_model_source

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import hashlib
 
-from pipeline_config.schema import PipelineConfig, dump_pipeline_config
+from pipeline_config.loading import dump_pipeline_config
+from pipeline_config.schema import PipelineConfig
 
 LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"  # `make mlflow-ui` serves a local store here
 
@@ -42,4 +43,34 @@ def summary_markdown(cfg: PipelineConfig, comparison, adapter_dir: str, digest: 
     if decision is not None:
         role = "champion" if decision.became_champion else "challenger"
         lines += ["", f"Registry: version {decision.version} is **{role}** ({decision.reason})."]
+    return "\n".join(lines)
+
+
+def run_summary_text(summary: dict, tracking_uri: str, wall_s: float) -> str:
+    """What `qlora-flow run` prints when the flow has finished: metrics, where everything went, how to use it."""
+    base, tuned = summary["base"], summary["finetuned"]
+    lines = ["", "=== QLoRA fine-tuning summary ==="]
+    lines.append(f"{'metric':<16}{'base':>12}{'fine-tuned':>12}")
+    for key in ("exact_match", "eval_loss", "perplexity"):
+        if key in base:
+            lines.append(f"{key:<16}{base[key]:>12.3f}{tuned[key]:>12.3f}")
+    t = summary["train"]
+    lines.append(
+        f"training: {t['train_steps']:.0f} steps, {t['train_tokens_per_s']:.0f} tokens/s, "
+        f"peak memory {t['train_peak_memory_mib']:.0f} MiB on {summary['device']}"
+    )
+    lines.append(f"run folder: {summary['run_dir']} ({summary['run_dir_reason']})")
+    lines.append(f"adapter: {summary['adapter_dir']}")
+    lines.append(
+        f"MLflow run: {summary['mlflow_run_id']} (experiment {summary['mlflow_experiment_id']}) in {tracking_uri}"
+    )
+    lines.append(f"  browse: mlflow ui --backend-store-uri {tracking_uri}")
+    if summary.get("registry"):
+        reg = summary["registry"]
+        role = "champion" if reg["became_champion"] else "challenger"
+        lines.append(f"registered: {summary['registered_model']} v{reg['version']} -> {role} ({reg['reason']})")
+        lines.append(
+            f"  ask it: qlora-flow generate --model models:/{summary['registered_model']}@champion --prompt ..."
+        )
+    lines.append(f"flow wall time: {wall_s:.0f} s")
     return "\n".join(lines)

@@ -338,22 +338,21 @@ def _new_run_folder(root: Path, run_name: str, flow_run: dict[str, Any]) -> tupl
 
 
 def claim_run_folder(
-    cfg: PipelineConfig,
+    root: str | Path,
     fingerprint: dict[str, Any],
     run_name: str,
     flow_run: dict[str, Any] | None = None,
-    resume: str | None = None,
+    resume: str = "auto",
     resume_dir: str | None = None,
 ) -> RunFolder:
-    """Pick and lock the folder this flow run trains in (module docstring). Raises PipelineInputError when an
-    explicit `resume_dir` cannot be continued."""
-    root = Path(cfg.training.output_dir)
-    mode = resume or cfg.training.resume
+    """Pick and lock the folder under `root` this flow run trains in (module docstring): `resume` is the run's
+    settled `training.resume`. Raises PipelineInputError when an explicit `resume_dir` cannot be continued."""
+    root = Path(root)
     flow_run = flow_run or {}
     if resume_dir:
         return _claim_explicit(Path(resume_dir), fingerprint)
     why_fresh = "resume is off (--no-resume or training.resume: never)"
-    if mode == "auto":
+    if resume == "auto":
         unfinished = [p for p in run_folders(root) if not is_finished(p) and read_fingerprint(p) is not None]
         if not unfinished:
             why_fresh = "no unfinished run to resume"

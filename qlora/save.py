@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline_config.schema import PipelineConfig, dump_pipeline_config
+from pipeline_config.loading import dump_pipeline_config
+from pipeline_config.schema import PipelineConfig
 from qlora.errors import PipelineInputError
 from qlora.files import CHECKSUMS_NAME, atomic_folder, damaged_files, write_checksums
 from qlora.model_source import file_digest

@@ -39,7 +39,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from pipeline_config.schema import PipelineConfig, load_pipeline_config
+from pipeline_config.loading import load_pipeline_config
+from pipeline_config.schema import PipelineConfig
 from pipeline_config.sweep import SweepSpace
 from qlora.provenance import NUMERICS_LIBRARIES, library_versions, process_identity
 from qlora.run_folder import RunFolder, claim_run_folder, write_fingerprint
@@ -120,15 +121,13 @@ def claim_sweep_folder(
     fingerprint: dict[str, Any],
     run_name: str,
     flow_run: dict[str, Any],
-    resume: str | None,
+    resume: str,
     resume_dir: str | None,
 ) -> RunFolder:
     """This sweep's folder under `<training.output_dir>/sweeps/`, locked: the newest unfinished sweep of the same
     fingerprint that no live process holds (`resume` 'auto'), `resume_dir` (refused if it is another sweep's), or a
     new one. Raises PipelineInputError for a `resume_dir` that cannot be continued."""
-    training = space.base.training.model_copy(update={"output_dir": str(sweeps_root(space.base))})
-    cfg = space.base.model_copy(update={"training": training})
-    folder = claim_run_folder(cfg, fingerprint, run_name, flow_run, resume, resume_dir)
+    folder = claim_run_folder(sweeps_root(space.base), fingerprint, run_name, flow_run, resume, resume_dir)
     if not folder.resumed:
         write_fingerprint(folder.path, fingerprint)  # from now on a later sweep of the same fingerprint continues it
     return folder

@@ -94,6 +94,35 @@ def results_markdown(
     return "\n".join(lines)
 
 
+def registered_line(space: SweepSpace, study: optuna.Study, decision) -> str | None:
+    """One line on what the registry did with the best trial; None when nothing was registered."""
+    if decision is None:
+        return None
+    from qlora.registry import default_model_name
+
+    name = space.base.registry.model_name or default_model_name(space.base)
+    role = "champion" if decision.became_champion else "challenger"
+    return (
+        f"Registry: trial {best_trial(study).number}'s adapter is `{name}` version {decision.version}, **{role}** "
+        f"({decision.reason})."
+    )
+
+
+def summary_markdown(
+    space: SweepSpace, rows: list[dict[str, Any]], sweep_dir: str, parent_run_id: str, registered: str | None
+) -> str:
+    """The sweep's summary page (the Prefect artifact): where it ran, then the trials."""
+    return "\n".join(
+        [
+            f"# Sweep of `{space.base.model.name_or_path}` on `{space.base.data.source}`",
+            f"- space: `{space.source}`; sweep folder: `{sweep_dir}`",
+            f"- MLflow parent run: `{parent_run_id}` (each trial a child run)",
+            "",
+            results_markdown(rows, space, registered),
+        ]
+    )
+
+
 def results_figure(study: optuna.Study, space: SweepSpace, rows: list[dict[str, Any]]):
     """Left: each trial's reported eval loss by step (pruned trials dashed, the best one thick). Right: each
     trial's metric as its run logged it (`rows`; a pruned trial's at the step it stopped, failed trials have none),
@@ -162,3 +191,22 @@ def log_sweep_results(study: optuna.Study, space: SweepSpace, registered: str | 
         mlflow.log_metric(f"best_{space.metric}", best[space.metric])
         mlflow.set_tags({"sweep.best_trial": str(best["trial"]), "sweep.best_run_id": best["mlflow_run_id"]})
     return rows
+
+
+def sweep_summary_text(summary: dict, space, tracking_uri: str, wall_s: float) -> str:
+    """What `qlora-flow sweep` prints when the flow has finished."""
+    lines = ["", "=== QLoRA sweep summary ===", results_markdown(summary["trials"], space, bold=False)]
+    lines.append(f"sweep folder: {summary['sweep_dir']} ({summary['sweep_dir_reason']})")
+    lines.append(
+        f"MLflow parent run: {summary['mlflow_run_id']} (experiment {summary['mlflow_experiment_id']}) in "
+        f"{tracking_uri}; each trial is a child run"
+    )
+    if summary.get("registry"):
+        reg = summary["registry"]
+        role = "champion" if reg["became_champion"] else "challenger"
+        lines.append(
+            f"registered: {summary['registered_model']} v{reg['version']} (trial {summary['best']['trial']}) -> "
+            f"{role} ({reg['reason']})"
+        )
+    lines.append(f"sweep wall time: {wall_s:.0f} s")
+    return "\n".join(lines)

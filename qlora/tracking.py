@@ -17,7 +17,8 @@ from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
-from pipeline_config.schema import PipelineConfig, dump_pipeline_config
+from pipeline_config.loading import dump_pipeline_config
+from pipeline_config.schema import PipelineConfig
 from qlora.provenance import git_commit, library_versions, process_alive, process_identity
 from qlora.save import adapter_checksum
 from qlora.services import resolve_tracking_uri

@@ -10,13 +10,20 @@ import mlflow
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from qlora.inference import LoadedModel, load_for_inference
-from qlora.merge import MergeResult, merge_adapter
+from qlora.merge import MergeResult, merge_adapter, merge_target
 from qlora.registry import register_merged_model
 from qlora.services import tracking_uri_or_default
 
 MERGE_SUMMARY_ARTIFACT_KEY = "qlora-merge-summary"
+
+
+@task(name="check-merge-target", cache_policy=NO_CACHE, persist_result=False)
+def check_merge_target_task(output: str | None, max_loss_change_pct: float, min_agreement: float) -> Path:
+    """Before any weights load: the new folder the merged model goes to. Raises PipelineInputError."""
+    return merge_target(output, flow_run.get_name() or "local", max_loss_change_pct, min_agreement)
 
 
 @task(name="load-adapter-model", cache_policy=NO_CACHE, persist_result=False)
@@ -61,7 +68,9 @@ def publish_merge_summary_task(source: str, result: MergeResult, registered: dic
             "",
             f"- folder: `{result.path}` ({result.dtype}, {result.seconds:.0f} s, "
             f"peak {result.peak_memory_mib:,.0f} MiB)",
-            f"- registered: `models:/{registered['name']}/{registered['version']}`",
+            f"- registered: `models:/{registered['name']}/{registered['version']}`"
+            if registered
+            else "- not registered (register_model: false)",
             f"- eval loss: {c.reference_eval_loss:.4f} (base + adapter, 4-bit) -> {c.merged_eval_loss:.4f} (merged), "
             f"{c.loss_change_pct:+.3f}% (allowed +-{c.max_loss_change_pct}%) on {c.loss_rows} held-out rows",
             f"- greedy answers agree on {c.agreement:.0%} of {c.prompts} held-out prompts "

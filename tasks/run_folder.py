@@ -11,6 +11,7 @@ import mlflow
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.utilities.annotations import opaque
 
 from pipeline_config.schema import PipelineConfig
 from qlora.model_source import ModelSource
@@ -62,7 +63,7 @@ def report_lost_flow_runs(root: str, log) -> list[str]:
 
 @task(name="claim-run-folder", cache_policy=NO_CACHE, persist_result=False)
 def claim_run_folder_task(
-    cfg: PipelineConfig, source: ModelSource, data_digest: str, resume: str | None, resume_dir: str | None
+    cfg: PipelineConfig, source: ModelSource, data_digest: str, resume_dir: str | None
 ) -> RunFolder:
     """Report flow runs that died in earlier run folders, fingerprint this run, claim its folder, say why in the run
     log, and tag the MLflow run with it."""
@@ -71,7 +72,7 @@ def claim_run_folder_task(
     name = flow_run.name or f"local-{os.getpid()}"
     fingerprint = run_fingerprint(cfg, data_digest, source.digest or "")
     identity = {"flow_run_id": str(flow_run.id or ""), "flow_run_name": name}
-    folder = claim_run_folder(cfg, fingerprint, name, identity, resume, resume_dir)
+    folder = claim_run_folder(cfg.training.output_dir, fingerprint, name, identity, cfg.training.resume, resume_dir)
     folder.begin_attempt(identity)
     log.info("run folder %s (%s)", folder.path, folder.reason)
     if (active := mlflow.active_run()) is not None:
@@ -84,11 +85,11 @@ def claim_run_folder_task(
 
 
 @contextlib.contextmanager
-def claimed_run_folder(cfg, source, data_digest: str, resume: str | None, resume_dir: str | None) -> Iterator:
+def claimed_run_folder(cfg, source, data_digest: str, resume_dir: str | None) -> Iterator:
     """The flow's hold on its run folder: released when the flow ends (or by the kernel, if the process dies). The
     folder is marked finished only when the block succeeds: a failure after training (evaluation, saving,
     registration) leaves it resumable, and the re-run continues from its trained adapter."""
-    folder = claim_run_folder_task(cfg, source, data_digest, resume, resume_dir)
+    folder = claim_run_folder_task(opaque(cfg), opaque(source), opaque(data_digest), resume_dir)
     try:
         yield folder
         mark_finished(folder.path)

@@ -16,8 +16,10 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
+from prefect.utilities.annotations import opaque
 
-from pipeline_config.schema import PipelineConfig, load_pipeline_config
+from pipeline_config.loading import load_pipeline_config
+from pipeline_config.schema import PipelineConfig
 from pipeline_config.sweep import SweepSpace, load_sweep_space
 from qlora.errors import PipelineInputError
 from qlora.report import mlflow_run_url
@@ -27,22 +29,17 @@ from qlora.sweep import (
     TrialFailed,
     TrialOutcome,
     TrialSpec,
-    ask_trial,
     best_trial,
     claim_sweep_folder,
-    close_interrupted_trial_run,
-    interrupted_trials,
     open_study,
     parent_params,
-    record_trial,
     register_best_trial,
-    start_trial_run,
     sweep_fingerprint,
-    trial_config,
     trial_outcome,
-    trials_to_ask,
 )
-from qlora.sweep_report import SPACE_ARTIFACT, log_sweep_results, results_markdown
+from qlora.sweep_report import SPACE_ARTIFACT, log_sweep_results, registered_line, summary_markdown
+from qlora.sweep_schedule import run_trials as schedule_trials
+from qlora.sweep_schedule import trial_parallelism
 from qlora.tracking import tracking_run
 from qlora.trial import SweepTrial
 
@@ -84,14 +81,7 @@ def plan_trial_slots_task(space: SweepSpace, trial_deployment: str | None) -> in
             limit = client.read_global_concurrency_limit_by_name(t.gpu_concurrency_limit).limit if t.gpu_slots else None
         except ObjectNotFound:
             limit = None
-    wanted = space.config.max_parallel_trials
-    if limit is None:
-        parallel = wanted or 1
-        why = "no GPU concurrency limit to bound it" if t.gpu_slots else "trials take no GPU slots"
-    else:
-        slots = max(1, limit // t.gpu_slots)
-        parallel = min(wanted or slots, slots)
-        why = f"{limit} slot(s) of {t.gpu_concurrency_limit!r}, {t.gpu_slots} per trial"
+    parallel, why = trial_parallelism(space.config.max_parallel_trials, limit, t.gpu_slots, t.gpu_concurrency_limit)
     log.info("up to %d trial(s) at once through deployment %r (%s)", parallel, trial_deployment, why)
     return parallel
 
@@ -117,7 +107,7 @@ def claim_sweep_folder_task(
 @contextlib.contextmanager
 def claimed_sweep_folder(space, data_digest: str, model_digest: str, resume, resume_dir) -> Iterator[RunFolder]:
     """The sweep's folder, held until the flow ends (or by the kernel, if the process dies)."""
-    folder = claim_sweep_folder_task(space, data_digest, model_digest, resume, resume_dir)
+    folder = claim_sweep_folder_task(opaque(space), opaque(data_digest), opaque(model_digest), resume, resume_dir)
     try:
         yield folder
     finally:
@@ -209,7 +199,7 @@ def _wait_cancelling_on_stop(flow_run_id, name: str, poll_s: float = 2.0):
             time.sleep(poll_s)
 
 
-def _ended(future, spec: TrialSpec, run_id: str, metric: str) -> TrialOutcome:
+def _outcome(future, spec: TrialSpec, run_id: str, metric: str) -> TrialOutcome:
     result = future.result(raise_on_failure=False)
     if isinstance(result, TrialOutcome):
         return result
@@ -219,77 +209,28 @@ def _ended(future, spec: TrialSpec, run_id: str, metric: str) -> TrialOutcome:
     return trial_outcome(spec.number, run_id, metric, None, f"{type(result).__name__}: {result}")
 
 
-def run_trials(
-    study: optuna.Study,
-    space: SweepSpace,
-    folder: RunFolder,
-    parent_run,
-    trial_flow,
-    trial_deployment: str | None,
-    parallel: int,
-) -> None:
-    """Run the sweep's trials until `n_trials` have finished: first those an interrupted attempt left RUNNING, then
-    new ones from the sampler; at most `parallel` `run-trial` task runs at once, each told to the study as it ends
-    (COMPLETE, PRUNED or FAIL: a failed trial never fails the sweep) and the parent run's results refreshed.
-
-    A stop (SIGTERM / SIGINT, qlora/stop.py) reaches every trial in flight: one in this process stops at its next
-    optimizer step; a deployment run is cancelled through Prefect. No new trial starts, and once the trials in
-    flight have ended the sweep ends with RunInterrupted, its stopped trials left to a resumed sweep."""
+def run_trials(study, space: SweepSpace, folder: RunFolder, parent_run, trial_flow, trial_deployment, parallel: int):
+    """The sweep's trials (qlora/sweep_schedule.py), each a `run-trial` task run, at most `parallel` at once. A stop
+    (SIGTERM / SIGINT) reaches every trial in flight: one in this process stops at its next optimizer step; a
+    deployment run is cancelled through Prefect."""
     from qlora.stop import current as current_stop
 
-    log = get_run_logger()
-    stop = current_stop()
-    again = interrupted_trials(study, folder.path)
-    for spec in again:
-        close_interrupted_trial_run(spec.previous_run_id)
-        log.info("trial %d was interrupted by a crash: running it again with %s", spec.number, spec.params)
-    in_flight: dict = {}
-    # While trials run, a stop is theirs to act on (each stops at its next step); the sweep then ends here.
-    with contextlib.nullcontext() if stop is None else stop.deferred():
-        _run_until_done(
-            study, space, folder, parent_run, trial_flow, trial_deployment, parallel, again, in_flight, stop
-        )
+    def launch(spec: TrialSpec, cfg: PipelineConfig, trial: SweepTrial):
+        run = run_trial_task.with_options(task_run_name=f"run-trial-{spec.number}")
+        return run.submit(spec.number, opaque(cfg), opaque(trial), space.metric, opaque(trial_flow), trial_deployment)
 
-
-def _run_until_done(study, space, folder, parent_run, trial_flow, trial_deployment, parallel, again, in_flight, stop):
-    log = get_run_logger()
-    while True:
-        while len(in_flight) < parallel and not (stop is not None and stop.requested):
-            if again:
-                spec = again.pop(0)
-            elif trials_to_ask(study, space, len(in_flight)):
-                spec = ask_trial(study, space)
-            else:
-                break
-            cfg = trial_config(space, spec.params, folder.path, spec.number)
-            run_id = start_trial_run(parent_run.info.experiment_id, parent_run.info.run_id, spec, cfg, folder.path.name)
-            trial = SweepTrial(
-                sweep_dir=str(folder.path.resolve()),
-                study_name=study.study_name,
-                number=spec.number,
-                mlflow_run_id=run_id,
-                pruning=space.config.pruning,
-            )
-            log.info("trial %d: %s (MLflow run %s)", spec.number, spec.params, run_id)
-            run = run_trial_task.with_options(task_run_name=f"run-trial-{spec.number}")
-            in_flight[run.submit(spec.number, cfg, trial, space.metric, trial_flow, trial_deployment)] = (spec, run_id)
-        if not in_flight:
-            if stop is not None and stop.requested:
-                # The trials the stop ended stay RUNNING in the study: a resumed sweep runs them again.
-                raise stop.interrupted()
-            return
-        done = next(as_completed(list(in_flight)))
-        spec, run_id = in_flight.pop(done)
-        outcome = _ended(done, spec, run_id, space.metric)
-        if stop is not None and stop.requested and outcome.state == "FAIL":
-            log.info("trial %d stopped by %s: left to a resumed sweep", spec.number, stop.signal_name)
-            continue
-        record_trial(study, spec, outcome)
-        if outcome.state == "FAIL":
-            log.warning("trial %d FAILED (recorded; the sweep goes on): %s", spec.number, outcome.error)
-        elif outcome.state == "PRUNED":
-            log.info("trial %d PRUNED at step %d", spec.number, outcome.pruned_at_step)
-        log_sweep_results(study, space)
+    schedule_trials(
+        study,
+        space,
+        folder.path,
+        parent_run,
+        parallel,
+        launch=launch,
+        first_ended=lambda futures: next(as_completed(futures)),
+        outcome=lambda future, spec, run_id: _outcome(future, spec, run_id, space.metric),
+        stop=current_stop(),
+        log=get_run_logger(),
+    )
 
 
 @task(name="register-best-trial", cache_policy=NO_CACHE, persist_result=False)
@@ -307,20 +248,6 @@ def register_best_trial_task(study: optuna.Study, space: SweepSpace, folder: Run
     return decision
 
 
-def registered_line(space: SweepSpace, study: optuna.Study, decision) -> str | None:
-    if decision is None:
-        return None
-    from qlora.registry import default_model_name
-
-    name = space.base.registry.model_name or default_model_name(space.base)
-    role = "champion" if decision.became_champion else "challenger"
-    best = best_trial(study)
-    return (
-        f"Registry: trial {best.number}'s adapter is `{name}` version {decision.version}, **{role}** "
-        f"({decision.reason})."
-    )
-
-
 @task(name="log-sweep-results", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=[5, 30])
 def log_sweep_results_task(study: optuna.Study, space: SweepSpace, decision) -> list[dict]:
     """The final results table, plot and counts on the parent run. Retried: the store can fail transiently."""
@@ -334,15 +261,8 @@ def publish_sweep_summary_task(
     """Prefect artifacts of the sweep: the trials as a markdown table with the best one marked, and a link to the
     MLflow parent run."""
     uri = resolve_tracking_uri(space.base.tracking)
-    markdown = "\n".join(
-        [
-            f"# Sweep of `{space.base.model.name_or_path}` on `{space.base.data.source}`",
-            f"- space: `{space.source}`; sweep folder: `{folder.path}`",
-            f"- MLflow parent run: `{parent_run.info.run_id}` (each trial a child run)",
-            "",
-            results_markdown(rows, space, registered_line(space, study, decision)),
-        ]
-    )
+    registered = registered_line(space, study, decision)
+    markdown = summary_markdown(space, rows, str(folder.path), parent_run.info.run_id, registered)
     create_markdown_artifact(markdown=markdown, key=SWEEP_SUMMARY_ARTIFACT_KEY, description="trials, best marked")
     url = mlflow_run_url(uri, parent_run.info.experiment_id, parent_run.info.run_id)
     create_link_artifact(link=url, link_text=f"MLflow sweep run {parent_run.info.run_id}", key=SWEEP_MLFLOW_LINK_KEY)

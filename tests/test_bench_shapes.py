@@ -14,20 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.run import (
-    architecture,
-    architecture_params,
-    expected_four_bit_bytes,
-    four_bit_size,
-    linear_params,
-    markdown_table,
-    model_config,
-    recipe_config,
-    run_unsloth,
-    synthetic_tokenizer,
-    trl_best_config,
-)
+from bench.flops import architecture_params, linear_params
+from bench.memory import expected_four_bit_bytes, four_bit_size
+from bench.models import architecture, model_config, synthetic_tokenizer
+from bench.report import markdown_table
 from bench.settings import ARCHITECTURES, BenchConfig
+from bench.unsloth_variants import run_unsloth
+from bench.variants import recipe_config, trl_best_config
 from tests.conftest import tiny_model_widths
 from tests.test_families import FAMILIES
 

@@ -21,7 +21,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from peft import PeftModel
 
-from pipeline_config.schema import load_pipeline_config
+from pipeline_config.loading import load_pipeline_config
 from qlora.bundled_data import generate_orders
 from qlora.data import load_dataset_splits
 from qlora.evaluate import eval_loss, scored_examples

@@ -148,7 +148,7 @@ def test_overrides_are_typed_against_the_schema(tiny_config_file):
 
 
 def test_config_loads_from_a_mapping_with_typed_overrides(tiny_llama_dir, tmp_path):
-    from pipeline_config.schema import ConfigError
+    from pipeline_config.loading import ConfigError
     from tests.conftest import tiny_config_dict
 
     raw = tiny_config_dict(tiny_llama_dir, tmp_path)

@@ -10,7 +10,7 @@ from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 from prefect.flows import load_flow_from_entrypoint
 
 from flows.deployments import DATASET_EVENT, deployment_specs
-from pipeline_config.schema import load_pipeline_config
+from pipeline_config.loading import load_pipeline_config
 
 REPO = Path(__file__).resolve().parent.parent
 SPECS = deployment_specs()

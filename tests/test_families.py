@@ -123,7 +123,7 @@ def _documents(model_dir: Path, n: int = 6) -> list[list[int]]:
 def test_packed_documents_get_their_per_document_loss(family, family_dirs, tmp_path):
     """The padding-free packed row SFTTrainer trains on gives every document of every family the loss it has alone
     (on the CPU: transformers' SDPA or eager attention with its block-diagonal mask, sliding windows included)."""
-    from bench.run import packed_vs_unpacked_loss
+    from bench.packing import packed_vs_unpacked_loss
 
     model = _peft_model(family_dirs[family], tmp_path)[0]
     docs = _documents(family_dirs[family])
@@ -140,7 +140,7 @@ def test_fast_path_packed_loss_equals_per_document_loss_on_the_gpu(family, famil
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from bench.run import packed_vs_unpacked_loss
+    from bench.packing import packed_vs_unpacked_loss
     from qlora.integrations.attention import (
         VARLEN_ATTENTION,
         packed_fallback,
@@ -173,7 +173,7 @@ def test_gemma2_packed_rows_on_flex_attention_get_their_per_document_loss(smol_t
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from bench.run import packed_vs_unpacked_loss
+    from bench.packing import packed_vs_unpacked_loss
     from qlora.integrations.attention import VARLEN_ATTENTION, packed_training_attention
 
     tokenizer = AutoTokenizer.from_pretrained(smol_tokenizer_dir)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline_config.schema import CONFIG_DIR, ConfigError, load_pipeline_config
+from pipeline_config.loading import CONFIG_DIR, ConfigError, load_pipeline_config
 from qlora.model import build_bnb_config, build_lora_config, load_quantized_model
 from qlora.model_source import resolve_model_source
 
@@ -50,7 +50,7 @@ def _documents(tokenizer, n: int = 6) -> list[list[int]]:
 def test_packed_loss_equals_per_document_loss(tiny_llama_dir, tmp_path):
     """Padding-free packing (the collator SFTTrainer uses with bfd packing) gives each document the loss it has
     alone; the same row with positions that run on (documents attending to each other) does not."""
-    from bench.run import packed_vs_unpacked_loss
+    from bench.packing import packed_vs_unpacked_loss
 
     model, _ = _peft_model(tiny_llama_dir, tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
@@ -135,8 +135,8 @@ def test_fast_switches_are_validated(tiny_config_file):
 def test_bench_recipe_variant_is_the_shipped_recipe(tmp_path):
     """The benchmark's 'original recipe' variant is pipeline_config/llama2-7b-chat-guanaco.yaml: only the model, the
     data and the step/logging/saving settings of the bench differ."""
-    from bench.run import recipe_config
     from bench.settings import BenchConfig
+    from bench.variants import recipe_config
 
     cfg = load_pipeline_config(CONFIG_DIR / "llama2-7b-chat-guanaco.yaml")
     bench = recipe_config(BenchConfig(), tmp_path, str(tmp_path / "out"), "cuda")
@@ -159,16 +159,19 @@ def test_bench_recipe_variant_is_the_shipped_recipe(tmp_path):
     assert recipe_config(BenchConfig(), tmp_path, str(tmp_path), "cpu").training.optim == "adamw_torch"
 
 
+def _run_bench(*args: str, timeout: int) -> subprocess.CompletedProcess[str]:
+    """`qlora-flow bench ARGS`, run from the repository root with its output captured as text."""
+    command = [sys.executable, "-m", "flows.cli", "bench", *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.mark.slow
 def test_bench_smoke_cpu(tmp_path):
     """What CI runs: `qlora-flow bench --model tiny --device cpu --steps 3` writes a full report."""
     out = tmp_path / "bench"
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "bench", "--model", "tiny", "--device", "cpu", "--steps", "3"]
-        + ["--model-dir", str(tmp_path / "models"), "--out-dir", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    proc = _run_bench(
+        *["--model", "tiny", "--device", "cpu", "--steps", "3"],
+        *["--model-dir", str(tmp_path / "models"), "--out-dir", str(out)],
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -196,12 +199,9 @@ def test_bench_max_context_trains_one_document_per_length_on_one_loaded_model(tm
     """`bench --max-context`: one optimizer step on one document of each length, the lean path, the 4-bit model
     loaded once and its LoRA layers removed after each length; the report gives the memory curve."""
     out = tmp_path / "bench"
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "bench", "--model", "tiny", "--device", "cpu", "--max-context"]
-        + ["--context-lengths", "1024,256", "--model-dir", str(tmp_path / "models"), "--out-dir", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    proc = _run_bench(
+        *["--model", "tiny", "--device", "cpu", "--max-context"],
+        *["--context-lengths", "1024,256", "--model-dir", str(tmp_path / "models"), "--out-dir", str(out)],
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -212,13 +212,7 @@ def test_bench_max_context_trains_one_document_per_length_on_one_loaded_model(tm
         assert 9 < row["loss"] < 12  # one step on random ids: ~ln(32000)
     assert report["longest_document_tokens"] == 1024
     assert "| 1,024 | ok |" in (out / "max-context.md").read_text()
-    bad = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "bench", "--max-context", "--context-lengths", "128k"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bad = _run_bench("--max-context", "--context-lengths", "128k", timeout=120)
     assert bad.returncode == 2 and "--context-lengths '128k'" in bad.stderr
 
 
@@ -227,9 +221,8 @@ def test_bench_on_two_processes_reports_the_total_of_both(tmp_path):
     """`bench --num-processes 2` re-launches itself through torchrun (gloo on the CPU): both processes train with the
     per-process batch, only rank 0 writes the report, and tokens per step is the total of both."""
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "flows.cli", "bench", "--model", "tiny", "--device", "cpu", "--steps", "2"]
-    cmd += ["--variants", "project", "--num-processes", "2", "--model-dir", str(tmp_path / "models")]
-    proc = subprocess.run([*cmd, "--out-dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    args = ["--model", "tiny", "--device", "cpu", "--steps", "2", "--variants", "project", "--num-processes", "2"]
+    proc = _run_bench(*args, "--model-dir", str(tmp_path / "models"), "--out-dir", str(out), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "torch.distributed.run --standalone --nproc-per-node 2" in proc.stderr
     report = json.loads((out / "bench.json").read_text())
@@ -255,7 +248,7 @@ def test_bench_fsdp_measures_only_the_project_path(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_varlen_attention_matches_sdpa_per_document(tiny_llama_dir, tmp_path):
     """On the GPU, the varlen flash path on a packed row equals each document run alone (bf16 tolerance)."""
-    from bench.run import packed_vs_unpacked_loss
+    from bench.packing import packed_vs_unpacked_loss
     from qlora.integrations.attention import VARLEN_ATTENTION, packed_training_attention, varlen_available
 
     assert varlen_available()

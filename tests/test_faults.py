@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from flows.cli import main
-from pipeline_config.schema import ConfigError, load_pipeline_config, parse_override
+from pipeline_config.loading import ConfigError, load_pipeline_config, parse_override
 from tests.conftest import free_port, tiny_config_dict
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from peft import PeftModel
 
 from flows.finetune import finetune
-from pipeline_config.schema import load_pipeline_config
+from pipeline_config.loading import load_pipeline_config
 from qlora.data import load_dataset_splits
 from qlora.evaluate import eval_loss, scored_examples
 from qlora.model import load_quantized_model
@@ -21,8 +21,23 @@ from qlora.tokenizer import setup_tokenizer
 pytestmark = pytest.mark.slow
 
 
+# The run's graph in the Prefect UI: each step tied to the steps whose results it uses, nothing else.
+PIPELINE_EDGES = {}
+
+
+def task_graph(flow_run_id: str) -> set[tuple[str, str]]:
+    """(upstream step, step) for each input of each task run of the flow run, as the Prefect UI draws them."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    step = {r.id: r.name.rsplit("-", 1)[0] for r in runs}
+    return {(step.get(i.id, "?"), step[r.id]) for r in runs for inputs in r.task_inputs.values() for i in inputs}
+
+
 def test_flow_records_run_and_adapter_reproduces_eval_loss(prefect_server, tiny_config_file, tmp_path):
-    summary = finetune(config_path=str(tiny_config_file))
+    summary = finetune(config_path=str(tiny_config_file), resume="never")
     cfg = load_pipeline_config(tiny_config_file)
     client = MlflowClient(cfg.tracking.tracking_uri)
     run = client.get_run(summary["mlflow_run_id"])
@@ -39,8 +54,11 @@ def test_flow_records_run_and_adapter_reproduces_eval_loss(prefect_server, tiny_
         assert f"base_{key}" in metrics and f"finetuned_{key}" in metrics
     assert metrics["train_tokens_per_s"] > 0 and metrics["train_peak_memory_mib"] > 0
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 3  # logging every 2 of 6 steps
+    assert params["training.resume"] == "never"  # the run parameter, settled into the config the run logs
     tags = run.data.tags
     assert tags["prefect.flow_run_id"] not in ("", "none") and len(tags["git_commit"]) >= 7
+    print("EDGES", sorted(task_graph(tags["prefect.flow_run_id"])))
+    assert task_graph(tags["prefect.flow_run_id"]) == PIPELINE_EDGES
     assert tags["dataset_digest"] == summary["dataset_digest"]
     inputs = run.inputs.dataset_inputs
     assert {i.dataset.digest for i in inputs} == {summary["dataset_digest"]}

@@ -7,36 +7,22 @@ per-document loss in test_fast_path.py, the served model's input check in test_s
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import inspect
+import pkgutil
 
 import pytest
 from packaging.version import Version
 
-from qlora.integrations import (
-    attention,
-    expert_loading,
-    expert_lora,
-    fused_lora,
-    liger,
-    mlflow_names,
-    mlflow_pyfunc,
-    regional_compile,
-    trainer,
-)
+from qlora import integrations
+from qlora.integrations import fused_lora, liger, mlflow_names, mlflow_pyfunc, trainer
 from tasks import prefect_server, stopping
 
-# Prefect's internals live beside the steps (qlora/ imports no Prefect): tasks/prefect_server.py, tasks/stopping.py
+# Every module of qlora/integrations/, and Prefect's internals, which live beside the steps (qlora/ imports no
+# Prefect): tasks/prefect_server.py, tasks/stopping.py
 MODULES = [
-    attention,
-    expert_loading,
-    expert_lora,
-    fused_lora,
-    liger,
-    mlflow_names,
-    mlflow_pyfunc,
-    regional_compile,
-    trainer,
+    *(importlib.import_module(f"qlora.integrations.{m.name}") for m in pkgutil.iter_modules(integrations.__path__)),
     prefect_server,
     stopping,
 ]

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.cli import main
 from flows.finetune import finetune
-from pipeline_config.schema import load_pipeline_config
+from pipeline_config.loading import load_pipeline_config
 from qlora.data import load_dataset_splits
 from tests.conftest import free_port, wait_for_http
 

@@ -79,7 +79,7 @@ def cfg(tiny_llama_dir, tmp_path) -> PipelineConfig:
 
 
 def _unfinished_run(cfg, fingerprint, name="first") -> Path:
-    folder = claim_run_folder(cfg, fingerprint, name)
+    folder = claim_run_folder(cfg.training.output_dir, fingerprint, name)
     write_fingerprint(folder.path, fingerprint)
     (folder.path / "checkpoint-2").mkdir()
     folder.release()
@@ -89,20 +89,20 @@ def _unfinished_run(cfg, fingerprint, name="first") -> Path:
 def test_claim_resumes_only_a_matching_unlocked_unfinished_run(cfg):
     first = _unfinished_run(cfg, _fingerprint())
 
-    other = claim_run_folder(cfg, _fingerprint(data_digest="d2"), "other-data")
+    other = claim_run_folder(cfg.training.output_dir, _fingerprint(data_digest="d2"), "other-data")
     assert other.path != first and not other.resumed
     assert "trained something else" in other.reason and "data digest d1 -> d2" in other.reason
     other.release()  # `other` never trained: no fingerprint, so it is no candidate for resuming
 
-    again = claim_run_folder(cfg, _fingerprint(), "again")
+    again = claim_run_folder(cfg.training.output_dir, _fingerprint(), "again")
     assert again.path == first and again.resumed and "from checkpoint-2" in again.reason
-    while_held = claim_run_folder(cfg, _fingerprint(), "while-held")  # `again` still holds the lock
+    while_held = claim_run_folder(cfg.training.output_dir, _fingerprint(), "while-held")  # `again` still holds the lock
     assert while_held.path not in (first, other.path) and "held by a live process" in while_held.reason
     assert f"pid {os.getpid()}" in while_held.reason
     again.release()
     while_held.release()
 
-    never = claim_run_folder(cfg, _fingerprint(), "never", resume="never")
+    never = claim_run_folder(cfg.training.output_dir, _fingerprint(), "never", resume="never")
     assert not never.resumed and "resume is off" in never.reason
     never.release()
 
@@ -110,7 +110,7 @@ def test_claim_resumes_only_a_matching_unlocked_unfinished_run(cfg):
 def test_finished_runs_are_never_resumed(cfg):
     first = _unfinished_run(cfg, _fingerprint())
     (first / FINISHED_MARKER).write_text("")
-    fresh = claim_run_folder(cfg, _fingerprint(), "after-finish")
+    fresh = claim_run_folder(cfg.training.output_dir, _fingerprint(), "after-finish")
     assert fresh.path != first and not fresh.resumed and "no unfinished run" in fresh.reason
     fresh.release()
 
@@ -120,17 +120,17 @@ def test_explicit_resume_is_refused_when_it_would_mix_runs(cfg, tmp_path):
 
     first = _unfinished_run(cfg, _fingerprint())
     with pytest.raises(PipelineInputError, match=r"lora.r: 8 -> 16"):
-        claim_run_folder(cfg, _fingerprint(config={"lora.r": 16}), "x", resume_dir=str(first))
+        claim_run_folder(cfg.training.output_dir, _fingerprint(config={"lora.r": 16}), "x", resume_dir=str(first))
     holder = _lock_holder(first)
     try:
         with pytest.raises(PipelineInputError, match=f"held by a live run.*pid {holder.pid}"):
-            claim_run_folder(cfg, _fingerprint(), "x", resume_dir=str(first))
+            claim_run_folder(cfg.training.output_dir, _fingerprint(), "x", resume_dir=str(first))
     finally:
         holder.kill()
         holder.wait(timeout=30)
     with pytest.raises(PipelineInputError, match="not a run folder"):
-        claim_run_folder(cfg, _fingerprint(), "x", resume_dir=str(tmp_path))
-    resumed = claim_run_folder(cfg, _fingerprint(), "x", resume_dir=str(first))
+        claim_run_folder(cfg.training.output_dir, _fingerprint(), "x", resume_dir=str(tmp_path))
+    resumed = claim_run_folder(cfg.training.output_dir, _fingerprint(), "x", resume_dir=str(first))
     assert resumed.resumed and resumed.path == first
     resumed.release()
 
@@ -201,7 +201,7 @@ def test_killed_closer_leaves_a_live_writer_alone(tmp_path):
 PREPARE = textwrap.dedent(
     """
     import json, os, pathlib, sys, time
-    from pipeline_config.schema import load_pipeline_config
+    from pipeline_config.loading import load_pipeline_config
     from qlora.prepare import prepare_dataset
     cfg = load_pipeline_config(sys.argv[1])
     barrier = pathlib.Path(sys.argv[2])

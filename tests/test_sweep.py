@@ -16,7 +16,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline_config.schema import CONFIG_DIR, load_pipeline_config
+from pipeline_config.loading import CONFIG_DIR, load_pipeline_config
 from pipeline_config.sweep import load_sweep_space
 from tests.conftest import start_in_own_session, stop_process_group, tiny_config_dict
 

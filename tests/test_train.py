@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline_config.schema import load_pipeline_config
+from pipeline_config.loading import load_pipeline_config
 from qlora.data import load_dataset_splits
 from qlora.evaluate import eval_loss, scored_examples
 from qlora.model import load_quantized_model

@@ -208,7 +208,7 @@ def test_the_merge_flow_registers_a_merged_version(trained, monkeypatch):
     monkeypatch.chdir(trained["tmp"])
     summary = merge(
         model=f"models:/{MODEL_NAME}@champion",
-        output_dir=str(trained["tmp"] / "merged-by-flow"),
+        output=str(trained["tmp"] / "merged-by-flow"),
         dtype="fp32",
         min_agreement=0.0,  # the tiny random model: see test_merged_model_matches_base_plus_adapter...
         tracking_uri=trained["tracking_uri"],
