@@ -14,9 +14,10 @@ As a sweep's trial (flows/sweep.py passes `trial`), prepare-trial-pruning comes 
 the one the sweep created for the trial; train-adapter then reports its eval loss to the sweep and may stop early.
 Models travel between tasks in memory only; no task caches or persists them (prepare-dataset caches a reference
 to prepared Arrow files, nothing else).
-Each step is given `opaque(...)` of what it uses: Prefect then draws the run's graph from the step whose result each
-argument is, and does not look inside it (a config or a dataset shares strings with other steps' results, and
-looking inside tied every step to every other).
+The run's graph in the Prefect UI shows the pipeline: each step is given `opaque(...)` of the step results it uses
+(Prefect draws an edge from the step that made each, and does not look inside: a dataset shares strings with other
+results, and looking inside tied steps that share none), and `quote(...)` of the config it reads (every step reads
+the config; an edge from validate-config to each would hide the pipeline, so the first step waits for it instead).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 from typing import Literal
 
 from prefect import flow
-from prefect.utilities.annotations import opaque
+from prefect.utilities.annotations import opaque, quote
 
 from pipeline_config.schema import PipelineConfig
 from qlora.distributed import is_distributed
@@ -48,17 +49,18 @@ from tasks.train import train_adapter_task
 from tasks.trial import prepare_trial_pruning_task
 
 
-def prepare_inputs(cfg: PipelineConfig, device: str):
+def prepare_inputs(cfg: PipelineConfig, device: str, config_step=None):
     """The steps every run of `cfg` starts with (this flow's and the sweep's): resolve-model-source ->
     setup-tokenizer -> prepare-dataset (cached) -> open-prepared-dataset -> preflight. Bad input stops the run
     there, before any weights load and before an MLflow run or anything else is written. Returns (model source,
-    tokenizer, prepared dataset reference, opened dataset splits)."""
-    source = resolve_model_source_task(opaque(cfg.model))
+    tokenizer, prepared dataset reference, opened dataset splits). They start once `config_step` (the step result
+    the config came out of: `cfg` itself, or a sweep's space) is there."""
+    source = resolve_model_source_task(quote(cfg.model), wait_for=[opaque(config_step or cfg)])
     # The tokenizer comes before the data: it is part of the prepared dataset's cache key.
-    tokenizer = setup_tokenizer_task(opaque(source), opaque(cfg.tokenizer), needs_chat_template=False)
-    prepared = prepare_dataset_task(opaque(cfg.data), opaque(tokenizer), opaque(cfg.training))
-    data = open_prepared_dataset_task(opaque(prepared), opaque(cfg.data))
-    preflight_task(opaque(cfg), opaque(source), opaque(data), opaque(tokenizer), device)
+    tokenizer = setup_tokenizer_task(opaque(source), quote(cfg.tokenizer), needs_chat_template=False)
+    prepared = prepare_dataset_task(quote(cfg.data), opaque(tokenizer), quote(cfg.training))
+    data = open_prepared_dataset_task(opaque(prepared), quote(cfg.data))
+    preflight_task(quote(cfg), opaque(source), opaque(data), opaque(tokenizer), device)
     return source, tokenizer, prepared, data
 
 
@@ -93,7 +95,7 @@ def finetune(
         source, tokenizer, prepared, data = prepare_inputs(cfg, device)
         callbacks = None
         if trial:
-            callbacks = prepare_trial_pruning_task(opaque(trial), opaque(data), opaque(tokenizer), opaque(cfg))
+            callbacks = prepare_trial_pruning_task(opaque(trial), opaque(data), opaque(tokenizer), quote(cfg))
         with mlflow_run_of_flow_run(cfg, trial.mlflow_run_id if trial else None) as run:
             log_dataset_task(opaque(data))
             # This flow run's own folder, locked until the flow ends and finished only if every step succeeds; then
@@ -105,13 +107,13 @@ def finetune(
                 # Several training processes (`distributed`) load their own copies; the flow's comes after training.
                 model = None
                 if not is_distributed(cfg, device):
-                    model = load_quantized_model_task(opaque(source), opaque(cfg), device)
+                    model = load_quantized_model_task(opaque(source), quote(cfg), device)
                 train = train_adapter_task.with_options(retries=cfg.training.task_retries)
                 trained = train(
                     opaque(model),
                     opaque(data),
                     opaque(tokenizer),
-                    opaque(cfg),
+                    quote(cfg),
                     device,
                     opaque(run_folder),
                     opaque(source),
@@ -122,17 +124,17 @@ def finetune(
                     opaque(trained.model),
                     opaque(tokenizer),
                     opaque(data),
-                    opaque(cfg.evaluation),
+                    quote(cfg.evaluation),
                     cfg.training.max_seq_length,
                 )
                 adapter_dir = save_adapter_task(
-                    opaque(trained.model), opaque(tokenizer), opaque(cfg), opaque(run_folder)
+                    opaque(trained.model), opaque(tokenizer), quote(cfg), opaque(run_folder)
                 )
-                metrics = log_results_task(opaque(cfg), opaque(trained), opaque(comparison), opaque(adapter_dir))
+                metrics = log_results_task(quote(cfg), opaque(trained), opaque(comparison), opaque(adapter_dir))
                 decision = None
                 if cfg.registry.enabled:
                     decision = register_adapter_task(
-                        opaque(cfg),
+                        quote(cfg),
                         opaque(source),
                         opaque(adapter_dir),
                         opaque(metrics),
@@ -140,7 +142,7 @@ def finetune(
                         opaque(trained.adapter_dtype),
                     )
                 publish_summary_task(
-                    opaque(cfg),
+                    quote(cfg),
                     opaque(comparison),
                     opaque(adapter_dir),
                     opaque(data.digest),

@@ -79,7 +79,7 @@ def context_length(config) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
-def _matches(entry: str, name: str) -> bool:
+def peft_name_matches(entry: str, name: str) -> bool:
     """peft's rule for a list entry (peft.tuners.tuners_utils.check_target_module_exists)."""
     return name == entry or name.endswith("." + entry)
 
@@ -122,9 +122,9 @@ def target_module_problems(
     missing: list[str] = []
     not_adaptable: dict[str, str] = {}
     for entry in targets:
-        if any(_matches(entry, n) for n in adaptable):
+        if any(peft_name_matches(entry, n) for n in adaptable):
             continue
-        others = sorted({type(m).__name__ for n, m in modules.items() if n and _matches(entry, n)})
+        others = sorted({type(m).__name__ for n, m in modules.items() if n and peft_name_matches(entry, n)})
         if others:
             not_adaptable[entry] = ", ".join(others)
         else:

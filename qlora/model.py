@@ -14,7 +14,7 @@ from peft import LoraConfig, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from pipeline_config.schema import LoraAdapterConfig, PipelineConfig, QuantizationConfig
-from qlora.architecture import _matches
+from qlora.architecture import peft_name_matches
 from qlora.errors import PipelineInputError
 from qlora.integrations.attention import load_attention
 from qlora.integrations.expert_loading import quantize_experts_while_loading
@@ -64,7 +64,8 @@ def load_quantized_model(
         token=hub_token(source.model),
         trust_remote_code=source.model.trust_remote_code,
     )
-    moe = is_mixture_of_experts(AutoConfig.from_pretrained(source.path, **hub))
+    config = AutoConfig.from_pretrained(source.path, **hub)
+    moe = is_mixture_of_experts(config)
     # A mixture of experts: each fused expert weight goes to 4 bits as it arrives (peak memory: one layer's experts
     # in 16 bits, not all of them); quantize_expert_parameters below then finds none left (or any the loader skipped)
     while_loading = (
@@ -76,6 +77,7 @@ def load_quantized_model(
         model = AutoModelForCausalLM.from_pretrained(
             source.path,
             **hub,
+            config=config,  # read once, above
             quantization_config=build_bnb_config(quant_cfg),
             dtype=DTYPES[quant_cfg.compute_dtype],
             device_map={"": device},
@@ -196,7 +198,7 @@ def expert_lora_targets(model: torch.nn.Module, entries: list[str]) -> list[str]
     names = [n.replace(".base_layer", "") for n in names]  # a model peft has wrapped already
     found = []
     for entry in entries:
-        hits = names if entry == ALL_EXPERTS else [n for n in names if _matches(entry, n)]
+        hits = names if entry == ALL_EXPERTS else [n for n in names if peft_name_matches(entry, n)]
         if not hits:
             kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
             listing = f"its expert parameters are: {', '.join(kinds)}" if kinds else "it has no fused expert weights"

@@ -107,14 +107,12 @@ def family_check(cfg: PipelineConfig, source: ModelSource, device: str, report: 
     `lora.target_parameters` against the experts of the architecture built on the meta device."""
     from qlora.architecture import build_meta_model, read_model_config
     from qlora.families import family_report
-    from qlora.model import expert_lora_targets
+    from qlora.model import expert_lora_targets, is_mixture_of_experts
 
     config = read_model_config(cfg.model, source.path, source.gguf_file)
     if config is None:
         return  # the model-source check reports an unreadable model
-    needs_modules = (
-        cfg.lora.target_parameters or getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
-    )
+    needs_modules = cfg.lora.target_parameters or is_mixture_of_experts(config)
     meta = build_meta_model(cfg.model, source.path, source.gguf_file) if needs_modules else None
     family = family_report(cfg, config, device, meta)
     report.family = family.render()

@@ -11,7 +11,7 @@ import mlflow
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
-from prefect.utilities.annotations import opaque
+from prefect.utilities.annotations import opaque, quote
 
 from pipeline_config.schema import PipelineConfig
 from qlora.model_source import ModelSource
@@ -89,7 +89,7 @@ def claimed_run_folder(cfg, source, data_digest: str, resume_dir: str | None) ->
     """The flow's hold on its run folder: released when the flow ends (or by the kernel, if the process dies). The
     folder is marked finished only when the block succeeds: a failure after training (evaluation, saving,
     registration) leaves it resumable, and the re-run continues from its trained adapter."""
-    folder = claim_run_folder_task(opaque(cfg), opaque(source), opaque(data_digest), resume_dir)
+    folder = claim_run_folder_task(quote(cfg), opaque(source), opaque(data_digest), resume_dir)
     try:
         yield folder
         mark_finished(folder.path)

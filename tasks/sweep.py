@@ -16,9 +16,8 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
-from prefect.utilities.annotations import opaque
+from prefect.utilities.annotations import opaque, quote
 
-from pipeline_config.loading import load_pipeline_config
 from pipeline_config.schema import PipelineConfig
 from pipeline_config.sweep import SweepSpace, load_sweep_space
 from qlora.errors import PipelineInputError
@@ -47,13 +46,10 @@ SWEEP_SUMMARY_ARTIFACT_KEY = "qlora-sweep-summary"
 SWEEP_MLFLOW_LINK_KEY = "qlora-sweep-mlflow-run"
 
 
-@task(name="validate-sweep", cache_policy=NO_CACHE, persist_result=False)
-def validate_sweep_task(
-    config: PipelineConfig | None, config_path: str | None, overrides: list[str] | None, space_path: str
-) -> SweepSpace:
-    """The config (`config` as given, else the file with its overrides) and the space file checked against it.
-    Raises ConfigError / SweepSpaceError listing every problem."""
-    return load_sweep_space(space_path, config or load_pipeline_config(config_path, overrides))
+@task(name="validate-sweep-space", cache_policy=NO_CACHE, persist_result=False)
+def validate_sweep_space_task(space_path: str, cfg: PipelineConfig) -> SweepSpace:
+    """The space file checked against the run config. Raises SweepSpaceError listing every problem with its line."""
+    return load_sweep_space(space_path, cfg)
 
 
 @task(name="plan-trial-slots", cache_policy=NO_CACHE, persist_result=False)
@@ -107,7 +103,7 @@ def claim_sweep_folder_task(
 @contextlib.contextmanager
 def claimed_sweep_folder(space, data_digest: str, model_digest: str, resume, resume_dir) -> Iterator[RunFolder]:
     """The sweep's folder, held until the flow ends (or by the kernel, if the process dies)."""
-    folder = claim_sweep_folder_task(opaque(space), opaque(data_digest), opaque(model_digest), resume, resume_dir)
+    folder = claim_sweep_folder_task(quote(space), opaque(data_digest), opaque(model_digest), resume, resume_dir)
     try:
         yield folder
     finally:
@@ -217,7 +213,7 @@ def run_trials(study, space: SweepSpace, folder: RunFolder, parent_run, trial_fl
 
     def launch(spec: TrialSpec, cfg: PipelineConfig, trial: SweepTrial):
         run = run_trial_task.with_options(task_run_name=f"run-trial-{spec.number}")
-        return run.submit(spec.number, opaque(cfg), opaque(trial), space.metric, opaque(trial_flow), trial_deployment)
+        return run.submit(spec.number, quote(cfg), opaque(trial), space.metric, opaque(trial_flow), trial_deployment)
 
     schedule_trials(
         study,

@@ -177,3 +177,14 @@ def wait_for_http(url: str, proc, timeout_s: float) -> bool:
             pass
         time.sleep(0.5)
     return False
+
+
+def task_graph(flow_run_id: str) -> set[tuple[str, str]]:
+    """(upstream step, step) for each input of each task run of the flow run, as the Prefect UI draws them."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    step = {r.id: r.name.rsplit("-", 1)[0] for r in runs}
+    return {(step.get(i.id, "?"), step[r.id]) for r in runs for inputs in r.task_inputs.values() for i in inputs}

@@ -17,23 +17,43 @@ from qlora.evaluate import eval_loss, scored_examples
 from qlora.model import load_quantized_model
 from qlora.model_source import resolve_model_source
 from qlora.tokenizer import setup_tokenizer
+from tests.conftest import task_graph
 
 pytestmark = pytest.mark.slow
 
 
-# The run's graph in the Prefect UI: each step tied to the steps whose results it uses, nothing else.
-PIPELINE_EDGES = {}
-
-
-def task_graph(flow_run_id: str) -> set[tuple[str, str]]:
-    """(upstream step, step) for each input of each task run of the flow run, as the Prefect UI draws them."""
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    step = {r.id: r.name.rsplit("-", 1)[0] for r in runs}
-    return {(step.get(i.id, "?"), step[r.id]) for r in runs for inputs in r.task_inputs.values() for i in inputs}
+# The run's graph in the Prefect UI: each step drawn from the steps whose results it uses (flows/finetune.py passes
+# those `opaque` and the config `quote`), the first one waiting for validate-config. Before, the config travelling
+# whole through the steps tied each step to nearly every other.
+STEP_INPUTS = {
+    "resolve-model-source": {"validate-config"},
+    "setup-tokenizer": {"resolve-model-source"},
+    "prepare-dataset": {"setup-tokenizer"},
+    "open-prepared-dataset": {"prepare-dataset"},
+    "preflight": {"resolve-model-source", "setup-tokenizer", "open-prepared-dataset"},
+    "log-dataset": {"open-prepared-dataset"},
+    "claim-run-folder": {"resolve-model-source", "open-prepared-dataset"},
+    "load-quantized-model": {"resolve-model-source"},
+    "train-adapter": {
+        "resolve-model-source",
+        "setup-tokenizer",
+        "prepare-dataset",
+        "open-prepared-dataset",
+        "claim-run-folder",
+        "load-quantized-model",
+    },
+    "evaluate-models": {"setup-tokenizer", "open-prepared-dataset", "train-adapter"},
+    "save-adapter": {"setup-tokenizer", "claim-run-folder", "train-adapter"},
+    "log-results": {"train-adapter", "evaluate-models", "save-adapter"},
+    "register-adapter": {
+        "resolve-model-source",
+        "open-prepared-dataset",
+        "train-adapter",
+        "save-adapter",
+        "log-results",
+    },
+    "publish-summary": {"open-prepared-dataset", "evaluate-models", "save-adapter", "register-adapter"},
+}
 
 
 def test_flow_records_run_and_adapter_reproduces_eval_loss(prefect_server, tiny_config_file, tmp_path):
@@ -57,8 +77,7 @@ def test_flow_records_run_and_adapter_reproduces_eval_loss(prefect_server, tiny_
     assert params["training.resume"] == "never"  # the run parameter, settled into the config the run logs
     tags = run.data.tags
     assert tags["prefect.flow_run_id"] not in ("", "none") and len(tags["git_commit"]) >= 7
-    print("EDGES", sorted(task_graph(tags["prefect.flow_run_id"])))
-    assert task_graph(tags["prefect.flow_run_id"]) == PIPELINE_EDGES
+    assert task_graph(tags["prefect.flow_run_id"]) == {(up, step) for step, ups in STEP_INPUTS.items() for up in ups}
     assert tags["dataset_digest"] == summary["dataset_digest"]
     inputs = run.inputs.dataset_inputs
     assert {i.dataset.digest for i in inputs} == {summary["dataset_digest"]}

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline_config.loading import CONFIG_DIR, load_pipeline_config
 from pipeline_config.sweep import load_sweep_space
-from tests.conftest import start_in_own_session, stop_process_group, tiny_config_dict
+from tests.conftest import start_in_own_session, stop_process_group, task_graph, tiny_config_dict
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_SPACES = sorted((CONFIG_DIR / "sweeps").glob("*.yaml"))
@@ -175,6 +175,24 @@ def test_trials_in_flight_are_bounded_by_the_gpu_slots(prefect_server, tiny_conf
 # --- sweeps of the tiny model (slow) -----------------------------------------------------------------------------
 
 FAIL_LR = 2e-3  # the trial with this learning rate is forced to fail (test_three_trials...)
+# The sweep's graph in the Prefect UI (see tests/test_flow.py's STEP_INPUTS): each step drawn from the steps whose
+# results it uses.
+SWEEP_STEP_INPUTS = {
+    "validate-sweep-space": {"validate-config"},
+    "resolve-model-source": {"validate-sweep-space"},
+    "setup-tokenizer": {"resolve-model-source"},
+    "prepare-dataset": {"setup-tokenizer"},
+    "open-prepared-dataset": {"prepare-dataset"},
+    "preflight": {"resolve-model-source", "setup-tokenizer", "open-prepared-dataset"},
+    "plan-trial-slots": {"validate-sweep-space"},
+    "claim-sweep-folder": {"resolve-model-source", "open-prepared-dataset"},
+    "open-study": {"claim-sweep-folder"},
+    "run-trial": {"validate-sweep-space"},
+    "register-best-trial": {"resolve-model-source", "claim-sweep-folder", "open-study"},
+    "log-sweep-results": {"open-study", "register-best-trial"},
+    "publish-sweep-summary": {"claim-sweep-folder", "open-study", "log-sweep-results", "register-best-trial"},
+    "finish-sweep": {"claim-sweep-folder", "open-study"},
+}
 
 
 @pytest.mark.slow
@@ -240,6 +258,12 @@ def test_three_trials_parent_and_children_best_registered_failed_trial_recorded(
 
     # Prefect: the sweep completed; each trial is a finetune subflow run, the forced one Failed
     sweep_run_id = parent.data.tags["prefect.flow_run_id"]
+    # (a trial's subflow run, qlora-finetune-<id> in this graph, hangs off its run-trial; Prefect also draws edges into
+    # it from whichever step results share an object with the trial's config: those are not the sweep's steps)
+    graph = task_graph(sweep_run_id)
+    steps = {edge for edge in graph if not edge[1].startswith("qlora-finetune")}
+    assert steps == {(up, step) for step, ups in SWEEP_STEP_INPUTS.items() for up in ups}
+    assert sum(edge[0] == "run-trial" and edge[1].startswith("qlora-finetune") for edge in graph) == 3
     with get_client(sync_client=True) as prefect:
         sweep_run = prefect.read_flow_run(sweep_run_id)
         assert sweep_run.state.is_completed()
