@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 # Only light imports here: commands that load no model (--help, promote, emit-dataset-updated) start fast, and each
 # command imports what it uses.
-from flows.flow_options import Switch, add_flow_options, flow_arguments
+from flows.flow_options import Switch, add_flow_options, flow_arguments, flow_parameter_schema
 from pipeline_config.loading import DEFAULT_CONFIG_PATH, ConfigError
 from qlora.errors import PipelineInputError
 
@@ -95,8 +95,8 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     for name, command in FLOW_COMMANDS.items():
         p = sub.add_parser(name, parents=[common], help=command.help, description=command.help)
         p.set_defaults(handler=handlers[name])
-        if name == chosen:  # a flow module takes seconds to import: only the chosen command's is
-            add_flow_options(p, _flow(command.flow), command.flags, command.only, _METAVARS)
+        if name == chosen:  # only the command that runs reads its flow's parameters
+            add_flow_options(p, flow_parameter_schema(command.flow), command.flags, command.only, _METAVARS)
 
     folders = argparse.ArgumentParser(add_help=False)
     folders.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), help="config whose output_dir to look in")
@@ -182,14 +182,14 @@ def _add_inference_commands(sub, parents: list[argparse.ArgumentParser]) -> None
 
 
 class _OneLineInputErrors(logging.Filter):
-    """Bad input is reported as one line: Prefect's log records of a failed step lose the traceback when the
-    exception is an input error (`--debug` keeps it)."""
+    """Bad input, a refusal or a stop is reported as one line: Prefect's log records of a failed step lose the
+    traceback when the exception is one of those (`--debug` keeps it)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from qlora.errors import RunEnvironmentError
+        from qlora.errors import Refused, RunEnvironmentError
         from qlora.stop import RunInterrupted
 
-        one_line = ConfigError | PipelineInputError | RunEnvironmentError | RunInterrupted
+        one_line = ConfigError | PipelineInputError | RunEnvironmentError | RunInterrupted | Refused
         if record.exc_info and isinstance(record.exc_info[1], one_line):
             record.exc_info, record.exc_text = None, None
         return True

@@ -2,9 +2,12 @@
 a run takes (Prefect reads the same into the deployment's parameter form), and `qlora-flow` builds its options from
 them: names, types, choices, defaults and help.
 
-    add_flow_options(parser, finetune, flags={"config_path": "--config", "resume": Switch("--no-resume", "never")})
+    add_flow_options(parser, flow_parameter_schema("flows.finetune:finetune"), flags={"config_path": "--config"})
     finetune(**flow_arguments(args))
 
+The signature is read from the flow's source, not by importing it: a flow module imports the whole pipeline (torch,
+transformers: seconds), and `qlora-flow run` must find a service that is down, or print its --help, before that.
+Prefect's own `generate_parameter_schema` turns it into the schema `flow.parameters` gives (a test compares them).
 A flag is `--<parameter-name>` unless `flags` names it otherwise; parameters whose type is an object (a validated
 config, a sweep's trial) are for callers in Python and get no option.
 """
@@ -12,8 +15,12 @@ config, a sweep's trial) are for callers in Python and get no option.
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib.util
+import inspect
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 FLOW_PARAMETERS = "flow_parameters"  # the argparse namespace attribute holding the names of the flow's options
 
@@ -24,6 +31,28 @@ class Switch:
 
     flag: str
     value: Any
+
+
+def flow_parameter_schema(target: str) -> dict[str, Any]:
+    """Prefect's parameter schema (as a dict) of the flow `target` ('package.module:function'), from its source. The
+    parameters whose annotation names a class (a config object) are left out: they have no command-line form."""
+    from prefect.utilities.callables import generate_parameter_schema, parameter_docstrings
+
+    module, name = target.split(":")
+    source = Path(importlib.util.find_spec(module).origin).read_text()
+    func = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef) and n.name == name)
+    defaults = [None] * (len(func.args.args) - len(func.args.defaults)) + list(func.args.defaults)
+    parameters = []
+    for arg, default in zip(func.args.args, defaults, strict=True):
+        try:
+            annotation = eval(ast.unparse(arg.annotation), {"Literal": Literal})  # builtins and Literal only
+        except NameError:
+            continue
+        value = inspect.Parameter.empty if default is None else ast.literal_eval(default)
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        parameters.append(inspect.Parameter(arg.arg, kind, default=value, annotation=annotation))
+    docstrings = parameter_docstrings(ast.get_docstring(func))
+    return generate_parameter_schema(inspect.Signature(parameters), docstrings).model_dump()
 
 
 def _option_type(prop: dict[str, Any]) -> dict[str, Any]:
@@ -50,14 +79,13 @@ def _help(prop: dict[str, Any]) -> str:
 
 def add_flow_options(
     parser: argparse.ArgumentParser,
-    flow,
+    schema: dict[str, Any],
     flags: dict[str, str | Switch] | None = None,
     only: tuple[str, ...] | None = None,
     metavars: dict[str, str] | None = None,
 ) -> None:
-    """Options for `flow`'s parameters (those in `only`, if given) on `parser`."""
+    """Options on `parser` for the parameters in a flow's `schema` (those in `only`, if given)."""
     flags, metavars = flags or {}, metavars or {}
-    schema = flow.parameters.model_dump()
     names = []
     for name, prop in sorted(schema["properties"].items(), key=lambda item: item[1]["position"]):
         kwargs = _option_type(prop)

@@ -30,6 +30,11 @@ class RunEnvironmentError(RuntimeError):
     """The machine cannot continue the run (disk full); the message names the folder and what is needed."""
 
 
+class Refused(RuntimeError):
+    """The command's answer is no, for a reason its message gives (a merge that changes the model, a sweep with no
+    completed trial): one line and exit code 1, not a crash with a traceback."""
+
+
 class LostProcessError(RuntimeError):
     """A training process died from outside (killed, lost node): a retry on a healthy machine can succeed."""
 

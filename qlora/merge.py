@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from qlora.errors import PipelineInputError
+from qlora.errors import PipelineInputError, Refused
 from qlora.files import atomic_folder
 from qlora.inference import LoadedModel
 
@@ -28,7 +28,7 @@ MERGE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 MERGE_INFO_NAME = "merge_info.json"
 
 
-class MergeRefused(RuntimeError):
+class MergeRefused(Refused):
     """The merged model does not behave like base + adapter; the message says how it differs."""
 
 
@@ -78,9 +78,9 @@ def merge_target(output: str | None, run_name: str, max_loss_change_pct: float, 
         raise PipelineInputError("--min-agreement must be in [0, 1] and --max-loss-change-pct at least 0")
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     target = Path(output) if output else Path(DEFAULT_MERGE_ROOT) / f"{stamp}-{run_name}"
-    check_output_target(target, "--output", is_folder=True)
     if target.exists():
         raise PipelineInputError(f"--output {target} exists: choose a new folder (nothing is overwritten)")
+    check_output_target(target, "--output", is_folder=True)  # e.g. a path under a file
     return target
 
 

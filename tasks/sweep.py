@@ -20,7 +20,7 @@ from prefect.utilities.annotations import opaque, quote
 
 from pipeline_config.schema import PipelineConfig
 from pipeline_config.sweep import SweepSpace, load_sweep_space
-from qlora.errors import PipelineInputError
+from qlora.errors import PipelineInputError, Refused
 from qlora.report import mlflow_run_url
 from qlora.run_folder import RunFolder, mark_finished
 from qlora.services import resolve_tracking_uri
@@ -265,7 +265,7 @@ def publish_sweep_summary_task(
     return markdown
 
 
-class SweepFailed(RuntimeError):
+class SweepFailed(Refused):
     """No trial of the sweep completed."""
 
 
