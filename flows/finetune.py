@@ -7,8 +7,9 @@ Steps, in order (each a task in tasks/, each over plain functions in qlora/):
   validate-config -> resolve-model-source -> setup-tokenizer -> prepare-dataset (cached) -> open-prepared-dataset
   -> preflight -> [MLflow run] log-dataset -> claim-run-folder (this run's own folder, locked)
   -> [GPU slot] load-quantized-model -> train-adapter (SFTTrainer applies LoRA) -> evaluate-models (base vs
-  fine-tuned) -> save-adapter -> log-results -> register-adapter -> publish-summary; the run folder is marked
-  finished only then (a failure after training leaves it to resume from its trained adapter)
+  fine-tuned) -> evaluate-suites (lm-evaluation-harness suites, base vs fine-tuned) -> save-adapter -> log-results
+  -> register-adapter -> publish-summary; the run folder is marked finished only then (a failure after training
+  leaves it to resume from its trained adapter)
 SIGTERM, SIGINT or a cancellation stop training at the next optimizer step with a checkpoint (tasks/stopping.py).
 As a sweep's trial (flows/sweep.py passes `trial`), prepare-trial-pruning comes before the MLflow run, which is
 the one the sweep created for the trial; train-adapter then reports its eval loss to the sweep and may stop early.
@@ -34,7 +35,7 @@ from qlora.registry import default_model_name
 from qlora.trial import SweepTrial
 from tasks.config import resolve_model_source_task, validate_config_task
 from tasks.dataset import open_prepared_dataset_task, prepare_dataset_task
-from tasks.evaluate import evaluate_models_task
+from tasks.evaluate import evaluate_models_task, evaluate_suites_task
 from tasks.gpu_slots import gpu_slots
 from tasks.model import load_quantized_model_task
 from tasks.preflight import preflight_task
@@ -127,10 +128,15 @@ def finetune(
                     quote(cfg.evaluation),
                     cfg.training.max_seq_length,
                 )
+                suites = evaluate_suites_task(
+                    opaque(trained.model), opaque(tokenizer), opaque(data), quote(cfg.evaluation), opaque(run_folder)
+                )
                 adapter_dir = save_adapter_task(
                     opaque(trained.model), opaque(tokenizer), quote(cfg), opaque(run_folder)
                 )
-                metrics = log_results_task(quote(cfg), opaque(trained), opaque(comparison), opaque(adapter_dir))
+                metrics = log_results_task(
+                    quote(cfg), opaque(trained), opaque(comparison), opaque(adapter_dir), opaque(suites)
+                )
                 decision = None
                 if cfg.registry.enabled:
                     decision = register_adapter_task(
@@ -148,6 +154,7 @@ def finetune(
                     opaque(data.digest),
                     opaque(run),
                     opaque(decision),
+                    opaque(suites),
                 )
     return {
         "base": comparison.base.metrics,

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pipeline_config.evaluation import EvaluationConfig, RegistryConfig
+
 DTypeName = Literal["float16", "bfloat16", "float32"]
 
 
@@ -370,19 +372,6 @@ class TrainingConfig(_Section):
         return self
 
 
-class EvaluationConfig(_Section):
-    """Held-out evaluation of the base and the fine-tuned model."""
-
-    max_loss_rows: int = Field(default=200, gt=0, description="Held-out rows for eval loss / perplexity.")
-    max_generation_rows: int = Field(default=100, ge=0, description="Held-out rows for greedy generation.")
-    max_new_tokens: int = Field(default=64, gt=0, description="Generation length limit per answer.")
-    batch_size: int = Field(default=16, gt=0, description="Rows per evaluation batch.")
-    task_metric: Literal["exact_match", "none"] = Field(
-        default="exact_match", description="Metric on greedy generations: exact match of the stripped answer."
-    )
-    samples_to_log: int = Field(default=20, ge=0, description="Eval samples saved as an artifact table.")
-
-
 class TrackingConfig(_Section):
     """MLflow tracking."""
 
@@ -404,21 +393,6 @@ class TrackingConfig(_Section):
         default=True, description="Log CPU, memory (and GPU, with pynvml) usage during the run."
     )
     system_metrics_interval_s: float = Field(default=5.0, gt=0, description="Seconds between system-metric samples.")
-
-
-class RegistryConfig(_Section):
-    """MLflow model registry: every successful run registers a version; aliases pick champion/challenger."""
-
-    enabled: bool = Field(default=True, description="Register a model version at the end of each successful run.")
-    model_name: str | None = Field(
-        default=None, description="Registered model name. Unset: derived from the base model and dataset names."
-    )
-    metric: str = Field(
-        default="finetuned_exact_match",
-        description="Run metric that decides the champion (compared only between versions of the same dataset digest).",
-    )
-    greater_is_better: bool = Field(default=True, description="Direction of `metric` (false for losses).")
-    max_new_tokens: int = Field(default=128, gt=0, description="Generation length of the served model's predict().")
 
 
 class DistributedConfig(_Section):

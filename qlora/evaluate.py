@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from pipeline_config.schema import EvaluationConfig
+from pipeline_config.evaluation import EvaluationConfig
 from qlora.data import DatasetSplits, eval_prompt_and_reference
 
 

@@ -183,6 +183,10 @@ def run_preflight(
     if device == "cpu":
         report.fatal += cuda_only_problems(cfg)
     report.fatal += library_setting_problems(cfg)
+    if cfg.evaluation.suites or cfg.registry.guards:
+        from qlora.suites import suite_problems
+
+        report.fatal += suite_problems(cfg)  # unknown tasks, malformed task files, unguarded guards
     if problem := tracking_store_problem(resolve_tracking_uri(cfg.tracking)):
         report.fatal.append(problem)
     if problem := writable_problem(t.output_dir):

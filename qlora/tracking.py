@@ -188,13 +188,17 @@ def loss_curve_figure(loss_history: list[tuple[int, float]], title: str):
     return fig
 
 
-def log_results(cfg: PipelineConfig, train_result, comparison, adapter_dir: str) -> dict[str, float]:
-    """Metrics of base vs fine-tuned and of training, loss curve, eval samples, adapter folder and resolved config.
-    Returns the metrics it logged."""
+def log_results(cfg: PipelineConfig, train_result, comparison, adapter_dir: str, suites=()) -> dict[str, float]:
+    """Metrics of base vs fine-tuned and of training, the harness suites' results (qlora/suites.py), loss curve,
+    eval samples, adapter folder and resolved config. Returns the metrics it logged."""
     metrics = {f"base_{k}": v for k, v in comparison.base.metrics.items()}
     metrics |= {f"finetuned_{k}": v for k, v in comparison.finetuned.metrics.items()}
     metrics |= train_result.metrics
     mlflow.log_metrics(metrics)
+    if suites:
+        from qlora.suites import log_suite_results
+
+        metrics |= log_suite_results(suites)
     mlflow.set_tag(
         "resumed_from_checkpoint", Path(train_result.resumed_from).name if train_result.resumed_from else "none"
     )

@@ -28,6 +28,6 @@ def log_dataset_task(data) -> None:
 
 
 @task(name="log-results", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=[5, 30])
-def log_results_task(cfg: PipelineConfig, train_result, comparison, adapter_dir: str) -> dict[str, float]:
+def log_results_task(cfg: PipelineConfig, train_result, comparison, adapter_dir: str, suites=()) -> dict[str, float]:
     """Retried: the tracking server or artifact store can fail transiently."""
-    return log_results(cfg, train_result, comparison, adapter_dir)
+    return log_results(cfg, train_result, comparison, adapter_dir, suites)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import lm_eval
 import mlflow
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from peft import PeftModel
+from prefect import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from flows.finetune import finetune
 from pipeline_config.loading import load_pipeline_config
@@ -18,6 +22,7 @@ from qlora.model import load_quantized_model
 from qlora.model_source import resolve_model_source
 from qlora.tokenizer import setup_tokenizer
 from tests.conftest import task_graph
+from tests.test_suites import OFFLINE_SUITE
 
 pytestmark = pytest.mark.slow
 
@@ -43,8 +48,9 @@ STEP_INPUTS = {
         "load-quantized-model",
     },
     "evaluate-models": {"setup-tokenizer", "open-prepared-dataset", "train-adapter"},
+    "evaluate-suites": {"setup-tokenizer", "open-prepared-dataset", "claim-run-folder", "train-adapter"},
     "save-adapter": {"setup-tokenizer", "claim-run-folder", "train-adapter"},
-    "log-results": {"train-adapter", "evaluate-models", "save-adapter"},
+    "log-results": {"train-adapter", "evaluate-models", "evaluate-suites", "save-adapter"},
     "register-adapter": {
         "resolve-model-source",
         "open-prepared-dataset",
@@ -52,12 +58,18 @@ STEP_INPUTS = {
         "save-adapter",
         "log-results",
     },
-    "publish-summary": {"open-prepared-dataset", "evaluate-models", "save-adapter", "register-adapter"},
+    "publish-summary": {
+        "open-prepared-dataset",
+        "evaluate-models",
+        "evaluate-suites",
+        "save-adapter",
+        "register-adapter",
+    },
 }
 
 
 def test_flow_records_run_and_adapter_reproduces_eval_loss(prefect_server, tiny_config_file, tmp_path):
-    summary = finetune(config_path=str(tiny_config_file), resume="never")
+    summary = finetune(config_path=str(tiny_config_file), overrides=[OFFLINE_SUITE], resume="never")
     cfg = load_pipeline_config(tiny_config_file)
     client = MlflowClient(cfg.tracking.tracking_uri)
     run = client.get_run(summary["mlflow_run_id"])
@@ -77,6 +89,26 @@ def test_flow_records_run_and_adapter_reproduces_eval_loss(prefect_server, tiny_
     assert params["training.resume"] == "never"  # the run parameter, settled into the config the run logs
     tags = run.data.tags
     assert tags["prefect.flow_run_id"] not in ("", "none") and len(tags["git_commit"]) >= 7
+    # the harness suite: every task's metrics for base and fine-tuned, results JSON, samples, versions
+    for prefix in ("harness", "base_harness"):
+        assert metrics[f"{prefix}/qlora_general_text/bits_per_byte"] > 0
+        assert 0 <= metrics[f"{prefix}/qlora_heldout/exact_match"] <= 1
+        assert f"{prefix}/qlora_heldout/exact_match_stderr" in metrics
+    assert (
+        metrics["harness/qlora_general_text/bits_per_byte"] != metrics["base_harness/qlora_general_text/bits_per_byte"]
+    )
+    suite_files = {a.path for a in client.list_artifacts(run.info.run_id, "harness/offline")}
+    assert {"harness/offline/finetuned_results.json", "harness/offline/base_qlora_heldout_samples.json"} <= suite_files
+    assert tags["harness.lm_eval_version"] == lm_eval.__version__ and len(tags["harness.suite_version.offline"]) == 12
+    with get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[tags["prefect.flow_run_id"]]))
+        )
+    table = json.loads(next(a.data for a in artifacts if a.key == "qlora-harness-suites"))
+    assert {(r["task"], r["metric"]) for r in table} >= {
+        ("qlora_heldout", "exact_match"),
+        ("qlora_general_text", "bits_per_byte"),
+    }
     assert task_graph(tags["prefect.flow_run_id"]) == {(up, step) for step, ups in STEP_INPUTS.items() for up in ups}
     assert tags["dataset_digest"] == summary["dataset_digest"]
     inputs = run.inputs.dataset_inputs
