@@ -129,7 +129,7 @@ def finetune(
                     cfg.training.max_seq_length,
                 )
                 suites = evaluate_suites_task(
-                    opaque(trained.model), opaque(tokenizer), opaque(data), quote(cfg.evaluation), opaque(run_folder)
+                    opaque(trained.model), opaque(tokenizer), opaque(data), quote(cfg), opaque(run_folder)
                 )
                 adapter_dir = save_adapter_task(
                     opaque(trained.model), opaque(tokenizer), quote(cfg), opaque(run_folder)
@@ -146,6 +146,7 @@ def finetune(
                         opaque(metrics),
                         opaque(data.digest),
                         opaque(trained.adapter_dtype),
+                        opaque(suites),
                     )
                 publish_summary_task(
                     quote(cfg),

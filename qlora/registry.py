@@ -49,9 +49,16 @@ class PromotionDecision:
 
 
 def decide_champion(
-    client: MlflowClient, name: str, version: str, metric: float | None, digest: str, cfg: PipelineConfig
+    client: MlflowClient,
+    name: str,
+    version: str,
+    metric: float | None,
+    digest: str,
+    cfg: PipelineConfig,
+    guard_check=None,
 ) -> PromotionDecision:
-    """Apply the champion rule (module docstring) and move the aliases."""
+    """Apply the champion rule (module docstring) and move the aliases. `guard_check(champion version)` -> (passed,
+    what each guard found): a challenger that wins on the metric is promoted only if it passes (qlora/gate.py)."""
     client.set_registered_model_alias(name, CHALLENGER, version)
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
@@ -74,6 +81,10 @@ def decide_champion(
             won = better
             verdict = "beats" if better else "does not beat"
             reason = f"{cfg.registry.metric} {metric:.4f} {verdict} champion v{current.version}'s {champion_metric:.4f}"
+    if won and current is not None and guard_check is not None:
+        passed, found = guard_check(current)
+        won = passed
+        reason += f"; guards {'hold' if passed else 'block it'}: {found}"
     if won:
         client.set_registered_model_alias(name, CHAMPION, version)
     return PromotionDecision(version, won, reason, metric, champion_metric, current.version if current else None)
@@ -86,16 +97,17 @@ def register_adapter(
     metrics: dict[str, float],
     dataset_digest: str,
     adapter_dtype: str,
+    suites=(),
 ) -> PromotionDecision:
     """Log the pyfunc model into the active run, register a version, tag it, and move the aliases."""
     from qlora.tracking import store_lock
 
     # Runs that finish together must not both see "no champion" and both take the alias (tracking.store_lock).
     with store_lock(mlflow.get_tracking_uri()):
-        return _register_adapter(cfg, source, adapter_dir, metrics, dataset_digest, adapter_dtype)
+        return _register_adapter(cfg, source, adapter_dir, metrics, dataset_digest, adapter_dtype, suites)
 
 
-def _register_adapter(cfg, source: ModelSource, adapter_dir, metrics, dataset_digest, adapter_dtype):
+def _register_adapter(cfg, source: ModelSource, adapter_dir, metrics, dataset_digest, adapter_dtype, suites):
     from qlora.provenance import git_commit, library_versions
     from qlora.serving import QLoRAChatModel
 
@@ -146,15 +158,29 @@ def _register_adapter(cfg, source: ModelSource, adapter_dir, metrics, dataset_di
     client.update_model_version(
         name, version, description=f"QLoRA adapter on {base_desc}, data {cfg.data.source} (digest {dataset_digest})."
     )
-    decision = decide_champion(client, name, version, metrics.get(cfg.registry.metric), dataset_digest, cfg)
+    guard_check = None
+    if suites:
+        from qlora.gate import SUITE_VERSION_TAG, champion_tags, guard_check_for
+        from qlora.suites import suite_version
+
+        for result in suites:
+            client.set_model_version_tag(name, version, SUITE_VERSION_TAG + result.suite.name, suite_version(result))
+            if result.champion_version is not None:  # the champion, scored by this run: its scores go on its version
+                for key, value in champion_tags([result]).items():
+                    client.set_model_version_tag(name, result.champion_version, key, value)
+        if cfg.registry.guards:
+            guard_check = guard_check_for(cfg, metrics, suites)
+    metric = metrics.get(cfg.registry.metric)
+    decision = decide_champion(client, name, version, metric, dataset_digest, cfg, guard_check)
     mlflow.set_tags(
         {
             "registry.model_name": name,
             "registry.version": version,
             "registry.decision": "champion" if decision.became_champion else "challenger",
-            "registry.reason": decision.reason,
+            "registry.reason": decision.reason[:4900],
         }
     )
+    client.set_model_version_tag(name, version, "registry.reason", decision.reason[:4900])
     if decision.candidate_metric is not None:
         mlflow.log_metric("registry.candidate_metric", decision.candidate_metric)
     if decision.champion_metric is not None:

@@ -52,6 +52,8 @@ class SuiteResult:
     base: dict[str, Any]
     finetuned: dict[str, Any]
     data_digests: dict[str, str] = field(default_factory=dict)  # offline task -> digest of the documents it built
+    champion: dict[str, Any] | None = None  # the champion's results, when it had to be scored (qlora/gate.py)
+    champion_version: str | None = None
 
 
 def general_text_documents(n: int = GENERAL_TEXT_DOCUMENTS) -> list[str]:

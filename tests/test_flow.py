@@ -55,6 +55,7 @@ STEP_INPUTS = {
         "resolve-model-source",
         "open-prepared-dataset",
         "train-adapter",
+        "evaluate-suites",
         "save-adapter",
         "log-results",
     },

@@ -95,3 +95,109 @@ def test_scores_equal_the_harness_run_directly_on_the_same_model(tiny_llama_dir,
     assert base == pytest.approx(direct, rel=1e-5)
     # the adapter (random, not zero) changes the fine-tuned scores: they come from the adapter switched on
     assert task_scores(ours.finetuned)["prose_ppl"]["bits_per_byte"] != pytest.approx(base["bits_per_byte"])
+
+
+def _suite_result(name: str, scores: dict[str, dict[str, float]], higher: dict[str, dict[str, bool]]):
+    from pipeline_config.evaluation import SuiteConfig
+    from qlora.suites import SuiteResult
+
+    def run(values):
+        results = {t: {f"{m},none": v for m, v in ms.items()} for t, ms in values.items()}
+        return {"results": results, "higher_is_better": higher, "versions": dict.fromkeys(values, 1.0)}
+
+    return SuiteResult(SuiteConfig(name=name, tasks=sorted(scores)), run(scores), run(scores), {"t": "d"})
+
+
+@pytest.mark.parametrize(
+    ("guard", "promoted"),
+    [
+        ({"max_regression": 0.05}, False),  # accuracy 0.70 -> 0.60: a loss of 0.10 > 0.05
+        ({"max_regression": 0.15}, True),
+        ({"max_regression_stderr": 1.0}, False),  # 0.10 > 1 x stderr 0.02
+        ({"max_regression_stderr": 6.0}, True),
+    ],
+)
+def test_the_gate_keeps_a_challenger_that_regresses_past_a_guard(tmp_path, tiny_config_file, guard, promoted):
+    """The challenger beats the champion on registry.metric; a guard on a harness score decides, and the reason
+    names the guard with both numbers, on the run's decision and the version's tags."""
+    from mlflow import MlflowClient
+
+    from pipeline_config.loading import load_pipeline_config
+    from qlora.gate import SUITE_VERSION_TAG, guard_check_for
+    from qlora.registry import decide_champion
+    from qlora.suites import suite_version
+
+    guards = f"registry.guards=[{{task: arc, metric: acc, {next(iter(guard))}: {next(iter(guard.values()))}}}]"
+    cfg = load_pipeline_config(tiny_config_file, [guards])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'registry.db'}")
+    client.create_registered_model("m")
+    for _ in range(2):
+        client.create_model_version("m", source=str(tmp_path))
+    result = _suite_result("general", {"arc": {"acc": 0.60, "acc_stderr": 0.02}}, {"arc": {"acc": True}})
+    champion_tags = {
+        "dataset_digest": "d",
+        "metric.finetuned_exact_match": "0.5",
+        "metric.harness/arc/acc": "0.70",
+        "metric.harness/arc/acc_stderr": "0.02",
+        SUITE_VERSION_TAG + "general": suite_version(result),
+    }
+    for key, value in champion_tags.items():
+        client.set_model_version_tag("m", "1", key, value)
+    client.set_registered_model_alias("m", "champion", "1")
+
+    metrics = {"finetuned_exact_match": 0.9, "harness/arc/acc": 0.60}
+    check = guard_check_for(cfg, metrics, [result])
+    decision = decide_champion(client, "m", "2", 0.9, "d", cfg, check)
+    assert decision.became_champion is promoted
+    assert "finetuned_exact_match 0.9000 beats champion v1's 0.5000" in decision.reason
+    assert "arc/acc 0.6 vs champion 0.7" in decision.reason
+    assert ("REGRESSED" in decision.reason) is not promoted
+    assert str(client.get_model_version_by_alias("m", "champion").version) == ("2" if promoted else "1")
+
+
+def test_a_champion_without_scores_for_the_suite_version_is_not_compared_on_old_ones(tiny_config_file):
+    """Scores of another suite version (another harness, task version or data) are not the champion's scores for
+    this one: it must be scored first (qlora/gate.py `unscored_suites`)."""
+    from types import SimpleNamespace
+
+    from pipeline_config.loading import load_pipeline_config
+    from qlora.gate import SUITE_VERSION_TAG, champion_metrics, unscored_suites
+    from qlora.suites import suite_version
+
+    cfg = load_pipeline_config(tiny_config_file, ["registry.guards=[{task: arc, metric: acc, max_regression: 0.1}]"])
+    result = _suite_result("general", {"arc": {"acc": 0.6}}, {"arc": {"acc": True}})
+    stale = SimpleNamespace(tags={"metric.harness/arc/acc": "0.7", SUITE_VERSION_TAG + "general": "older"})
+    assert unscored_suites(stale, cfg, [result]) == [result] and champion_metrics(stale, [result]) == {}
+    current = SimpleNamespace(tags={**stale.tags, SUITE_VERSION_TAG + "general": suite_version(result)})
+    assert unscored_suites(current, cfg, [result]) == []
+    assert champion_metrics(current, [result]) == {"harness/arc/acc": 0.7}
+
+
+@pytest.mark.slow
+def test_a_champion_without_scores_is_scored_first_through_the_flow(prefect_server, tiny_llama_dir, tmp_path):
+    """Champion v1 was registered before any suite ran. The next run's guarded suite scores v1 first (its adapter on
+    the same in-memory base), writes the scores on v1's version, and decides against them."""
+    from mlflow import MlflowClient
+
+    from flows.finetune import finetune
+    from tests.conftest import train_tiny_champion
+
+    _, raw = train_tiny_champion(tiny_llama_dir, tmp_path, "gated", max_steps=2)
+    client = MlflowClient(raw["tracking"]["tracking_uri"])
+    assert not any(k.startswith("metric.harness/") for k in client.get_model_version("gated", "1").tags)
+
+    config = tmp_path / "tiny.yaml"  # written by train_tiny_champion
+    guard = "registry.guards=[{task: qlora_general_text, metric: bits_per_byte, max_regression: 100.0}]"
+    metric = "registry.metric=train_steps"  # 6 steps beat the champion's 2: the guards then decide
+    summary = finetune(config_path=str(config), overrides=[OFFLINE_SUITE, guard, metric, "training.max_steps=4"])
+    scored = client.get_model_version("gated", "1").tags
+    assert (
+        scored["harness.suite_version.offline"]
+        == client.get_model_version("gated", "2").tags["harness.suite_version.offline"]
+    )
+    champion_bpb = float(scored["metric.harness/qlora_general_text/bits_per_byte"])
+    run = client.get_run(summary["mlflow_run_id"])
+    assert champion_bpb != pytest.approx(run.data.metrics["base_harness/qlora_general_text/bits_per_byte"])
+    reason = summary["registry"]["reason"]
+    assert summary["registry"]["became_champion"], reason
+    assert "guards hold: qlora_general_text/bits_per_byte" in reason and f"champion {champion_bpb:.4g}" in reason
