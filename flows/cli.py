@@ -4,6 +4,7 @@
     qlora-flow run --resume RUN_DIR | --no-resume                       continue a given run folder / always a new one
     qlora-flow validate [--config FILE] [--set ...]                     check config + data, load no weights
     qlora-flow sweep    [--config FILE] --space SPACE.yaml [--set ...]  trials of a search space, the best registered
+    qlora-flow evaluate --model SOURCE [--config FILE]                  score a model on the config's harness suites
     qlora-flow merge    --model SOURCE [--output DIR] [--dtype fp32]    merge, check, save and register a merged model
     qlora-flow promote NAME VERSION --reason TEXT                       move the `champion` alias by hand
     qlora-flow generate --model SOURCE --prompt TEXT | --prompts FILE    answer prompts (stream one; batch a file)
@@ -15,8 +16,8 @@
     qlora-flow emit-dataset-updated PATH [--config FILE]                trigger re-training on a data file
     qlora-flow bench [--model llama2-7b] [--device auto] [--steps 10]   training speed: recipe vs TRL vs this
 
-`run`, `validate`, `sweep` and `merge` take their flow's parameters (flows/flow_options.py): the flow's signature
-and docstring are the one description of them, for this command line and for a deployment's parameters alike.
+`run`, `validate`, `sweep`, `evaluate` and `merge` take their flow's parameters (flows/flow_options.py): the flow's
+signature and docstring are the one description of them, for this command line and for a deployment's parameters.
 SOURCE: an adapter folder (outputs/<run>/adapter), a merged model folder, or an MLflow model URI
 (models:/NAME@champion, models:/NAME/3, runs:/RUN_ID/model).
 Bad input exits with code 2 and one short message (add --debug for the traceback).
@@ -70,6 +71,9 @@ FLOW_COMMANDS = {
         "run the trials of a search space on a config; register the best",
         _CONFIG_FLAGS | _RESUME_FLAGS | {"space_path": "--space"},
     ),
+    "evaluate": FlowCommand(
+        "flows.evaluate:evaluate", "score a model on the config's harness suites; record the scores", _CONFIG_FLAGS
+    ),
     "merge": FlowCommand(
         "flows.merge:merge",
         "merge an adapter into its de-quantized base; check, save, register",
@@ -91,7 +95,13 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    handlers = {"run": run_command, "validate": validate_command, "sweep": sweep_command, "merge": merge_command}
+    handlers = {
+        "run": run_command,
+        "validate": validate_command,
+        "sweep": sweep_command,
+        "evaluate": evaluate_command,
+        "merge": merge_command,
+    }
     for name, command in FLOW_COMMANDS.items():
         p = sub.add_parser(name, parents=[common], help=command.help, description=command.help)
         p.set_defaults(handler=handlers[name])
@@ -310,6 +320,26 @@ def sweep_command(args) -> int:
     if summary is not None:
         print(sweep_summary_text(summary, space, tracking_uri, wall_s))
     return code
+
+
+def evaluate_command(args) -> int:
+    from pipeline_config.loading import load_pipeline_config
+    from qlora.services import resolve_tracking_uri
+
+    params = flow_arguments(args)
+    cfg = load_pipeline_config(params["config_path"], params.get("overrides"))  # bad input fails before Prefect
+    if not cfg.evaluation.suites:
+        raise PipelineInputError(f"{params['config_path']}: evaluation.suites is empty: nothing to score the model on")
+    tracking_uri = params.get("tracking_uri") or resolve_tracking_uri(cfg.tracking)
+    given = {} if params.get("tracking_uri") else {"tracking_uri": tracking_uri}  # the config's, unless given
+    summary, code, wall_s = _run_flow(args, tracking_uri, **given)
+    if summary is None:
+        return code
+    for key, value in sorted(summary["metrics"].items()):
+        print(f"{key:<60}{value:>14.4f}")
+    where = f"; scores on {summary['version']}'s tags" if summary["version"] else ""
+    print(f"MLflow run {summary['run_id']} in {tracking_uri}{where} ({wall_s:.0f} s)")
+    return 0
 
 
 def merge_command(args) -> int:

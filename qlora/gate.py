@@ -114,15 +114,20 @@ def score_champion(peft_model, tokenizer, champion, results: list[SuiteResult], 
         peft_model.delete_adapter(CHAMPION_ADAPTER)
 
 
+def score_tags(result: SuiteResult, harness_results: dict) -> dict[str, str]:
+    """Version tags recording a model's scores on `result`'s suite (`harness_results`: that model's run of it)."""
+    tags = {SUITE_VERSION_TAG + result.suite.name: suite_version(result)}
+    for task, values in task_scores(harness_results).items():
+        tags |= {f"metric.{METRIC_PREFIX}/{task}/{m}": f"{v:.6g}" for m, v in values.items()}
+    return tags
+
+
 def champion_tags(results: list[SuiteResult]) -> dict[str, str]:
     """Version tags that record the champion's fresh scores (`score_champion`) on its version."""
-    tags = {}
+    tags: dict[str, str] = {}
     for result in results:
-        if result.champion is None:
-            continue
-        tags[SUITE_VERSION_TAG + result.suite.name] = suite_version(result)
-        for task, values in task_scores(result.champion).items():
-            tags |= {f"metric.{METRIC_PREFIX}/{task}/{m}": f"{v:.6g}" for m, v in values.items()}
+        if result.champion is not None:
+            tags |= score_tags(result, result.champion)
     return tags
 
 

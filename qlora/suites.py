@@ -49,7 +49,7 @@ class SuiteResult:
     """One suite's harness results for base and fine-tuned (each `simple_evaluate`'s dict, samples included)."""
 
     suite: SuiteConfig
-    base: dict[str, Any]
+    base: dict[str, Any] | None  # None for a model without an adapter to switch off (a merged model)
     finetuned: dict[str, Any]
     data_digests: dict[str, str] = field(default_factory=dict)  # offline task -> digest of the documents it built
     champion: dict[str, Any] | None = None  # the champion's results, when it had to be scored (qlora/gate.py)
@@ -183,7 +183,8 @@ def suite_problems(cfg: PipelineConfig) -> list[str]:
                 "harness task name, a task YAML file, or one of " + ", ".join(BUILT_IN_TASKS)
             )
     for guard in cfg.registry.guards:
-        if guard.task not in names and not any(n.startswith(guard.task) for n in names):
+        # a task a suite lists, or a subtask of a group it lists (mmlu_anatomy of mmlu)
+        if guard.task not in names and not any(guard.task.startswith(f"{n}_") for n in names):
             problems.append(
                 f"registry.guards task {guard.task!r} is not run by any suite in evaluation.suites: add it to one"
             )
@@ -258,8 +259,10 @@ def run_suites(peft_model, tokenizer, suites: list[SuiteConfig], data, folder: P
     peft_model.eval()
     for suite in suites:
         tasks, digests, manager = suite_tasks(suite, folder / suite.name, data, tokenizer)
-        with peft_model.disable_adapter():
-            base = evaluate_with_harness(peft_model, tokenizer, suite, tasks, manager)
+        base = None
+        if hasattr(peft_model, "disable_adapter"):  # a merged model has no base to compare with
+            with peft_model.disable_adapter():
+                base = evaluate_with_harness(peft_model, tokenizer, suite, tasks, manager)
         tuned = evaluate_with_harness(peft_model, tokenizer, suite, tasks, manager)
         results.append(SuiteResult(suite, base, tuned, digests))
     return results
@@ -284,7 +287,7 @@ def suite_metrics(results: list[SuiteResult]) -> dict[str, float]:
     metrics = {}
     for result in results:
         for prefix, run in ((METRIC_PREFIX, result.finetuned), (f"base_{METRIC_PREFIX}", result.base)):
-            for task, values in task_scores(run).items():
+            for task, values in task_scores(run or {"results": {}}).items():
                 metrics |= {f"{prefix}/{task}/{metric}": value for metric, value in values.items()}
     return metrics
 
@@ -335,6 +338,8 @@ def log_suite_results(results: list[SuiteResult]) -> dict[str, float]:
         tags |= {f"harness.data_digest.{t}": d for t, d in result.data_digests.items()}
         mlflow.set_tags(tags)
         for which, run in (("base", result.base), ("finetuned", result.finetuned)):
+            if run is None:
+                continue
             mlflow.log_dict(_plain({k: v for k, v in run.items() if k != "samples"}), f"{folder}/{which}_results.json")
             for task, samples in run.get("samples", {}).items():
                 mlflow.log_table(_sample_columns(samples), artifact_file=f"{folder}/{which}_{task}_samples.json")
@@ -347,7 +352,7 @@ def comparison_rows(results: list[SuiteResult]) -> list[dict[str, Any]]:
     none)."""
     rows = []
     for result in results:
-        base, tuned = task_scores(result.base), task_scores(result.finetuned)
+        base, tuned = task_scores(result.base or {"results": {}}), task_scores(result.finetuned)
         directions = result.finetuned.get("higher_is_better", {})
         for task, values in tuned.items():
             for metric, value in values.items():

@@ -16,10 +16,11 @@ REPO = Path(__file__).resolve().parent.parent
 SPECS = deployment_specs()
 
 
-def test_the_seven_deployments_exist():
+def test_the_eight_deployments_exist():
     names = {s["name"] for s in SPECS}
     assert names == {
         "merge-champion",
+        "rescore-champion",
         "qlora-sweep",
         "qlora-default",
         "qlora-nightly",
@@ -37,6 +38,8 @@ def test_entrypoint_and_parameters_validate(spec):
         assert params["model"].startswith("models:/") and params["dtype"] in ("bf16", "fp16", "fp32")
         return
     cfg = load_pipeline_config(REPO / params["config_path"], params["overrides"])
+    if spec["entrypoint"] == "flows/evaluate.py:evaluate":
+        assert params["model"].startswith("models:/") and cfg.evaluation.suites  # something to score it on
     if spec["entrypoint"] == "flows/sweep.py:sweep":
         from pipeline_config.sweep import load_sweep_space
 
@@ -107,7 +110,14 @@ def test_serve_builds_every_process_pool_deployment_with_its_schedule_and_trigge
     from flows.deployments import runner_deployments
 
     built = {d.name: d for d in runner_deployments()}
-    assert set(built) == {"qlora-default", "qlora-nightly", "qlora-on-dataset-update", "merge-champion", "qlora-sweep"}
+    assert set(built) == {
+        "qlora-default",
+        "qlora-nightly",
+        "qlora-on-dataset-update",
+        "merge-champion",
+        "rescore-champion",
+        "qlora-sweep",
+    }
     (schedule,) = built["qlora-nightly"].schedules
     assert schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "Europe/Berlin"
     assert len(built["qlora-on-dataset-update"].triggers) == 1

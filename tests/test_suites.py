@@ -201,3 +201,28 @@ def test_a_champion_without_scores_is_scored_first_through_the_flow(prefect_serv
     reason = summary["registry"]["reason"]
     assert summary["registry"]["became_champion"], reason
     assert "guards hold: qlora_general_text/bits_per_byte" in reason and f"champion {champion_bpb:.4g}" in reason
+
+
+@pytest.mark.slow
+def test_evaluate_scores_a_registered_version_and_records_it(prefect_server, tiny_llama_dir, tmp_path, capsys):
+    """`qlora-flow evaluate` on a registry URI: an MLflow run of the scores, and the scores on the version's tags
+    (what the gate compares a challenger with)."""
+    from mlflow import MlflowClient
+
+    from tests.conftest import train_tiny_champion
+
+    _, raw = train_tiny_champion(tiny_llama_dir, tmp_path, "scored", max_steps=2)
+    uri = raw["tracking"]["tracking_uri"]
+    args = ["evaluate", "--model", "models:/scored@champion", "--config", str(tmp_path / "tiny.yaml")]
+    args += ["--set", OFFLINE_SUITE, "--tracking-uri", uri, "--output-dir", str(tmp_path / "evaluations")]
+    assert main(args) == 0, capsys.readouterr().err[-3000:]
+    out = capsys.readouterr().out
+    assert "harness/qlora_general_text/bits_per_byte" in out and "scores on scored/1's tags" in out
+    client = MlflowClient(uri)
+    tags = client.get_model_version("scored", "1").tags
+    run_id = out.strip().splitlines()[-1].split()[2]
+    run = client.get_run(run_id)
+    assert run.data.tags["qlora.kind"] == "evaluation" and run.data.tags["evaluated_model"] == "models:/scored@champion"
+    bits = run.data.metrics["harness/qlora_general_text/bits_per_byte"]
+    assert float(tags["metric.harness/qlora_general_text/bits_per_byte"]) == pytest.approx(bits, rel=1e-5)
+    assert tags["harness.suite_version.offline"] == run.data.tags["harness.suite_version.offline"]
