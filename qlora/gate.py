@@ -48,6 +48,8 @@ class GuardVerdict:
         name = f"{g.task}/{g.metric}"
         if self.challenger is None or self.champion is None:
             return f"{name}: {self.note}"
+        if self.allowed_loss is None:
+            return f"{name} {self.challenger:.4g} vs champion {self.champion:.4g}: {self.note}"
         verdict = "ok" if self.passed else "REGRESSED"
         return (
             f"{name} {self.challenger:.4g} vs champion {self.champion:.4g} (allowed loss {self.allowed_loss:.4g}): "

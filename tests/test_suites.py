@@ -226,3 +226,23 @@ def test_evaluate_scores_a_registered_version_and_records_it(prefect_server, tin
     bits = run.data.metrics["harness/qlora_general_text/bits_per_byte"]
     assert float(tags["metric.harness/qlora_general_text/bits_per_byte"]) == pytest.approx(bits, rel=1e-5)
     assert tags["harness.suite_version.offline"] == run.data.tags["harness.suite_version.offline"]
+
+
+def test_a_guard_in_standard_errors_on_a_metric_without_one_blocks_and_says_why(tiny_config_file):
+    from types import SimpleNamespace
+
+    from pipeline_config.loading import load_pipeline_config
+    from qlora.gate import SUITE_VERSION_TAG, guard_check_for
+    from qlora.suites import suite_version
+
+    guard = "registry.guards=[{task: prose, metric: bits_per_byte, max_regression_stderr: 2}]"
+    cfg = load_pipeline_config(tiny_config_file, [guard])
+    result = _suite_result("s", {"prose": {"bits_per_byte": 1.0}}, {"prose": {"bits_per_byte": False}})
+    champion = SimpleNamespace(
+        tags={"metric.harness/prose/bits_per_byte": "1.1", SUITE_VERSION_TAG + "s": suite_version(result)}
+    )
+    passed, found = guard_check_for(cfg, {"harness/prose/bits_per_byte": 1.0}, [result])(champion)
+    assert not passed and found == (
+        "prose/bits_per_byte 1 vs champion 1.1: the harness gives no standard error for it: "
+        "bound it with max_regression"
+    )
