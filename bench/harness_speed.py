@@ -5,7 +5,8 @@ hf` calls), in bf16 and in 4-bit NF4: same machine, same tasks, limit and batch 
 
     python -m bench.harness_speed --tokenizer-dir /tmp/tokpack --out /tmp/out/harness-speed.json
 
-The model is the Llama-2-7B shape with random weights (no hub on the GPU machine), saved once under --model-dir. The
+The model is the bench's Llama-2-7B shape with random weights (no hub on the GPU machine), built once under
+--model-dir by bench/models.py. The
 tasks are offline: multiple choice over continuations of Python-documentation prose (4 choices), and generation of
 up to 64 tokens after a prompt (random weights never stop early, so every item generates the same number of tokens).
 """
@@ -66,31 +67,16 @@ def _tasks(folder: Path, n_mc: int, n_gen: int) -> list[dict]:
     ]
 
 
-def _build_model(model_dir: Path, tokenizer_dir: str) -> None:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def _build_model(model_dir: Path, tokenizer_dir: str) -> Path:
+    """The bench's Llama-2-7B shape with random weights (bench/models.py), built once under `model_dir`."""
+    from transformers import AutoTokenizer
 
-    if (model_dir / "config.json").is_file():
-        return
+    from bench.models import build_model_dir
+    from bench.settings import BenchConfig
+
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        dtype="bfloat16",
-    )
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    del model
-    torch.cuda.empty_cache()
+    cfg = BenchConfig(model="llama2-7b", model_dir=str(model_dir))
+    return build_model_dir(cfg, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, "cuda")
 
 
 def _timed(label: str, run) -> dict:
@@ -106,7 +92,7 @@ def _timed(label: str, run) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", default="/tmp/llama7b-random")
+    parser.add_argument("--model-dir", default="/tmp/bench-models")
     parser.add_argument("--tokenizer-dir", required=True)
     parser.add_argument("--mc", type=int, default=400, help="multiple-choice items")
     parser.add_argument("--gen", type=int, default=64, help="generative items")
@@ -120,8 +106,8 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    model_dir = Path(args.model_dir)
-    _build_model(model_dir, args.tokenizer_dir)
+    model_dir = _build_model(Path(args.model_dir), args.tokenizer_dir)
+    tokenizer_dir = args.tokenizer_dir
     tasks = _tasks(Path("/tmp/harness-speed-tasks"), args.mc, args.gen)
     nf4 = BitsAndBytesConfig(
         load_in_4bit=True,
@@ -132,7 +118,7 @@ def main() -> None:
     report = {"gpu": torch.cuda.get_device_name(), "batch_size": args.batch_size, "variants": {}}
 
     def flow_lm():  # the flow's path: the 4-bit base loaded once, the adapter on, an HFLM around the model
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=nf4, device_map={"": 0})
         model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).eval()
         return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, max_length=4096)
@@ -140,10 +126,13 @@ def main() -> None:
     # lm-eval's own `hf` model (what `lm_eval --model hf --model_args ...` builds) on the same checkpoint
     variants = {
         "flow (4-bit + adapter)": flow_lm,
-        "lm_eval hf bf16": lambda: HFLM(pretrained=str(model_dir), dtype="bfloat16", batch_size=args.batch_size),
+        "lm_eval hf bf16": lambda: HFLM(
+            pretrained=str(model_dir), tokenizer=tokenizer_dir, dtype="bfloat16", batch_size=args.batch_size
+        ),
         # the harness's own 4-bit options (it builds its BitsAndBytesConfig from them)
         "lm_eval hf 4-bit": lambda: HFLM(
             pretrained=str(model_dir),
+            tokenizer=tokenizer_dir,
             dtype="bfloat16",
             batch_size=args.batch_size,
             load_in_4bit=True,

@@ -22,6 +22,7 @@ from pipeline_config.evaluation import GuardConfig
 from pipeline_config.schema import PipelineConfig
 from qlora.suites import (
     METRIC_PREFIX,
+    SUITE_VERSION_TAG,
     SuiteResult,
     evaluate_with_harness,
     run_suites,
@@ -31,7 +32,6 @@ from qlora.suites import (
 )
 
 CHAMPION_ADAPTER = "champion"  # the peft adapter name the champion's weights are loaded under while it is scored
-SUITE_VERSION_TAG = "harness.suite_version."
 
 
 @dataclass

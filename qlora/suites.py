@@ -31,6 +31,7 @@ import yaml
 from pipeline_config.evaluation import BUILT_IN_TASKS, GENERAL_TEXT_TASK, HELDOUT_TASK, SuiteConfig
 from pipeline_config.schema import PipelineConfig
 
+SUITE_VERSION_TAG = "harness.suite_version."  # + suite name: what its scores are comparable with (suite_version)
 METRIC_PREFIX = "harness"  # MLflow: harness/<task>/<metric> (fine-tuned), base_harness/<task>/<metric> (base)
 # Python's standard library, whose documentation is the general-text task's prose (fixed order: same text each run
 # on one Python version; the task's data digest says which text it was).
@@ -332,7 +333,7 @@ def log_suite_results(results: list[SuiteResult]) -> dict[str, float]:
         folder = f"harness/{result.suite.name}"
         tags = {
             "harness.lm_eval_version": str(result.finetuned.get("lm_eval_version")),
-            f"harness.suite_version.{result.suite.name}": suite_version(result),
+            SUITE_VERSION_TAG + result.suite.name: suite_version(result),
         }
         tags |= {f"harness.task_version.{t}": str(v) for t, v in result.finetuned.get("versions", {}).items()}
         tags |= {f"harness.data_digest.{t}": d for t, d in result.data_digests.items()}
