@@ -1,7 +1,8 @@
 """Throughput of the evaluation suites on a GPU: items per second of a multiple-choice and a generative harness task
 through the flow's path (qlora/suites.py: an `HFLM` around the 4-bit model with its LoRA adapter on) against
 lm-evaluation-harness loading the same checkpoint itself (`simple_evaluate(model="hf", ...)`, what `lm_eval --model
-hf` calls), in bf16 and in 4-bit NF4: same machine, same tasks, limit and batch size.
+hf` calls), in bf16, in 4-bit NF4 from its own options, and on the 4-bit checkpoint saved from the flow's model
+(with and without the adapter through its `peft=` argument): same machine, same tasks, limit and batch size.
 
     python -m bench.harness_speed --tokenizer-dir /tmp/tokpack --out /tmp/out/harness-speed.json
 
@@ -117,9 +118,32 @@ def main() -> None:
     )
     report = {"gpu": torch.cuda.get_device_name(), "batch_size": args.batch_size, "variants": {}}
 
-    def flow_lm():  # the flow's path: the 4-bit base loaded once, the adapter on, an HFLM around the model
+    def save_4bit_checkpoint() -> tuple[Path, Path]:
+        """The 4-bit model as the flow holds it, saved (quantization_config in its config.json) with a LoRA adapter:
+        what lm-eval's own `hf` model loads in 4-bit on transformers 5 (`--model_args pretrained=DIR,peft=ADAPTER`)."""
+        checkpoint, adapter = Path(args.model_dir) / "nf4-checkpoint", Path(args.model_dir) / "nf4-adapter"
+        if not (adapter / "adapter_config.json").is_file():
+            base = AutoModelForCausalLM.from_pretrained(
+                model_dir, quantization_config=nf4, dtype=torch.bfloat16, device_map={"": 0}
+            )
+            base.save_pretrained(checkpoint)
+            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(checkpoint)
+            get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).save_pretrained(adapter)
+            del base
+            torch.cuda.empty_cache()
+        return checkpoint, adapter
+
+    def own_4bit_lm(with_adapter: bool):
+        checkpoint, adapter = save_4bit_checkpoint()
+        extra = {"peft": str(adapter)} if with_adapter else {}
+        return HFLM(pretrained=str(checkpoint), dtype="bfloat16", batch_size=args.batch_size, max_length=4096, **extra)
+
+    def flow_lm():  # the flow's path: the 4-bit base loaded once (in the compute dtype, as qlora/model.py loads it),
+        # the adapter on, an HFLM around the model
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=nf4, device_map={"": 0})
+        base = AutoModelForCausalLM.from_pretrained(
+            model_dir, quantization_config=nf4, dtype=torch.bfloat16, device_map={"": 0}
+        )
         model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).eval()
         return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, max_length=4096)
 
@@ -129,6 +153,8 @@ def main() -> None:
         "lm_eval hf bf16": lambda: HFLM(
             pretrained=str(model_dir), tokenizer=tokenizer_dir, dtype="bfloat16", batch_size=args.batch_size
         ),
+        "lm_eval hf 4-bit checkpoint + peft": lambda: own_4bit_lm(True),
+        "lm_eval hf 4-bit checkpoint": lambda: own_4bit_lm(False),
         # the harness's own 4-bit options (it builds its BitsAndBytesConfig from them)
         "lm_eval hf 4-bit": lambda: HFLM(
             pretrained=str(model_dir),

@@ -330,15 +330,23 @@ def evaluate_command(args) -> int:
     cfg = load_pipeline_config(params["config_path"], params.get("overrides"))  # bad input fails before Prefect
     if not cfg.evaluation.suites:
         raise PipelineInputError(f"{params['config_path']}: evaluation.suites is empty: nothing to score the model on")
+    if params.get("all_versions") and not params["model"].startswith("models:/"):
+        from qlora.scoring import sources_to_score
+
+        sources_to_score(params["model"], True)  # raises the input error before Prefect starts
     tracking_uri = params.get("tracking_uri") or resolve_tracking_uri(cfg.tracking)
     given = {} if params.get("tracking_uri") else {"tracking_uri": tracking_uri}  # the config's, unless given
     summary, code, wall_s = _run_flow(args, tracking_uri, **given)
     if summary is None:
         return code
-    for key, value in sorted(summary["metrics"].items()):
-        print(f"{key:<60}{value:>14.4f}")
-    where = f"; scores on {summary['version']}'s tags" if summary["version"] else ""
-    print(f"MLflow run {summary['run_id']} in {tracking_uri}{where} ({wall_s:.0f} s)")
+    for scored in summary["scored"]:
+        if len(summary["scored"]) > 1:
+            print(f"-- {scored['model']}")
+        for key, value in sorted(scored["metrics"].items()):
+            print(f"{key:<60}{value:>14.4f}")
+        where = f"; scores on {scored['version']}'s tags" if scored["version"] else ""
+        print(f"MLflow run {scored['run_id']} in {tracking_uri}{where}")
+    print(f"scored {len(summary['scored'])} model(s) in {wall_s:.0f} s")
     return 0
 
 

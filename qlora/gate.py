@@ -58,16 +58,39 @@ class GuardVerdict:
 
 
 def evaluate_suites(peft_model, tokenizer, data, cfg: PipelineConfig, folder: Path) -> list[SuiteResult]:
-    """The configured suites on base and fine-tuned; with guards, the comparable champion too when it has no scores
-    for a guarded suite's current version (module docstring)."""
+    """The configured suites on base and fine-tuned, and the comparable champion's scores beside them: from its
+    version's tags when they are of the same suite version; scored now when a guard needs them (module docstring);
+    else none (`champion_scores` None: a suite changed since the champion was scored)."""
     results = run_suites(peft_model, tokenizer, cfg.evaluation.suites, data, folder)
-    if cfg.registry.enabled and cfg.registry.guards:
+    if cfg.registry.enabled:
         from qlora.registry import default_model_name
 
         champion = comparable_champion(cfg, cfg.registry.model_name or default_model_name(cfg), data.digest)
-        if champion is not None and (missing := unscored_suites(champion, cfg, results)):
+        if champion is None:
+            return results
+        if cfg.registry.guards and (missing := unscored_suites(champion, cfg, results)):
             score_champion(peft_model, tokenizer, champion, missing, data, folder)
+        for result in results:
+            result.champion_version = str(champion.version)
+            result.champion_scores = recorded_scores(champion, result)
     return results
+
+
+def recorded_scores(champion, result: SuiteResult) -> dict[str, dict[str, float]] | None:
+    """The champion's scores on `result`'s suite, as {task: {metric: value}}: freshly scored, else from its version's
+    tags when they are of the same suite version; None when it has none of this version."""
+    if result.champion is not None:
+        return task_scores(result.champion)
+    if champion.tags.get(SUITE_VERSION_TAG + result.suite.name) != suite_version(result):
+        return None
+    tasks = set(result.finetuned["results"])
+    scores: dict[str, dict[str, float]] = {}
+    for key, raw in champion.tags.items():
+        if key.startswith(f"metric.{METRIC_PREFIX}/"):
+            task, metric = key.removeprefix(f"metric.{METRIC_PREFIX}/").rsplit("/", 1)
+            if task in tasks:
+                scores.setdefault(task, {})[metric] = float(raw)
+    return scores
 
 
 def comparable_champion(cfg: PipelineConfig, name: str, dataset_digest: str):
@@ -110,7 +133,6 @@ def score_champion(peft_model, tokenizer, champion, results: list[SuiteResult], 
         for result in results:
             tasks, _, manager = suite_tasks(result.suite, folder / result.suite.name, data, tokenizer)
             result.champion = evaluate_with_harness(peft_model, tokenizer, result.suite, tasks, manager)
-            result.champion_version = champion.version
     finally:
         peft_model.set_adapter(active)
         peft_model.delete_adapter(CHAMPION_ADAPTER)

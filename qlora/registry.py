@@ -165,7 +165,7 @@ def _register_adapter(cfg, source: ModelSource, adapter_dir, metrics, dataset_di
 
         for result in suites:
             client.set_model_version_tag(name, version, SUITE_VERSION_TAG + result.suite.name, suite_version(result))
-            if result.champion_version is not None:  # the champion, scored by this run: its scores go on its version
+            if result.champion is not None:  # the champion, scored by this run: its scores go on its version
                 for key, value in champion_tags([result]).items():
                     client.set_model_version_tag(name, result.champion_version, key, value)
         if cfg.registry.guards:

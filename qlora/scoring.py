@@ -19,6 +19,23 @@ from qlora.gate import score_tags
 from qlora.suites import SuiteResult, log_suite_results, run_suites
 
 
+def sources_to_score(model: str, all_versions: bool) -> list[str]:
+    """`model` alone, or with `all_versions` every version of the registered model it names (oldest first)."""
+    from qlora.errors import PipelineInputError
+    from qlora.registry import source_registry_version
+
+    if not all_versions:
+        return [model]
+    registered = source_registry_version(model) if model.startswith("models:/") else None
+    if registered is None:
+        raise PipelineInputError(
+            f"all_versions needs a registered model (models:/NAME@ALIAS or models:/NAME/VERSION), not {model!r}"
+        )
+    name = registered[0]
+    versions = sorted(int(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'"))
+    return [f"models:/{name}/{v}" for v in versions]
+
+
 def score_model(loaded, cfg: PipelineConfig, folder: Path) -> list[SuiteResult]:
     """`cfg`'s suites on the loaded model; the held-out task reads the model's own run's data where it has one."""
     from qlora.data import load_dataset_splits

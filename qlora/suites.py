@@ -30,6 +30,7 @@ import yaml
 
 from pipeline_config.evaluation import BUILT_IN_TASKS, GENERAL_TEXT_TASK, HELDOUT_TASK, SuiteConfig
 from pipeline_config.schema import PipelineConfig
+from qlora.inference import without_router_aux_loss
 
 SUITE_VERSION_TAG = "harness.suite_version."  # + suite name: what its scores are comparable with (suite_version)
 METRIC_PREFIX = "harness"  # MLflow: harness/<task>/<metric> (fine-tuned), base_harness/<task>/<metric> (base)
@@ -53,8 +54,10 @@ class SuiteResult:
     base: dict[str, Any] | None  # None for a model without an adapter to switch off (a merged model)
     finetuned: dict[str, Any]
     data_digests: dict[str, str] = field(default_factory=dict)  # offline task -> digest of the documents it built
-    champion: dict[str, Any] | None = None  # the champion's results, when it had to be scored (qlora/gate.py)
-    champion_version: str | None = None
+    champion: dict[str, Any] | None = None  # the champion's harness results, when it had to be scored (qlora/gate.py)
+    champion_version: str | None = None  # the comparable champion's registry version, when there is one
+    # its scores on this suite's current version ({task: {metric: value}}); None when it has none (a suite changed)
+    champion_scores: dict[str, dict[str, float]] | None = None
 
 
 def general_text_documents(n: int = GENERAL_TEXT_DOCUMENTS) -> list[str]:
@@ -235,17 +238,18 @@ def evaluate_with_harness(model, tokenizer, suite: SuiteConfig, tasks: list, man
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=suite.batch_size, max_length=_max_length(model))
-    return simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        num_fewshot=suite.num_fewshot,
-        limit=suite.limit,
-        task_manager=manager,
-        apply_chat_template=suite.apply_chat_template,
-        gen_kwargs={"max_gen_toks": suite.max_gen_toks},
-        log_samples=True,
-        bootstrap_iters=1000,
-    )
+    with without_router_aux_loss(model):  # generative tasks decode a padded batch: see the context manager
+        return simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=suite.num_fewshot,
+            limit=suite.limit,
+            task_manager=manager,
+            apply_chat_template=suite.apply_chat_template,
+            gen_kwargs={"max_gen_toks": suite.max_gen_toks},
+            log_samples=True,
+            bootstrap_iters=1000,
+        )
 
 
 def _max_length(model) -> int | None:
@@ -347,23 +351,32 @@ def log_suite_results(results: list[SuiteResult]) -> dict[str, float]:
     return metrics
 
 
+def _change(value: float, other: float | None, higher: bool, stderr: float | None) -> tuple[float | None, bool]:
+    """(value - other, whether that is worse by more than the standard error); (None, False) with nothing to compare."""
+    if other is None:
+        return None, False
+    change = value - other
+    return change, (-change if higher else change) > (stderr or 0.0)
+
+
 def comparison_rows(results: list[SuiteResult]) -> list[dict[str, Any]]:
-    """One row per task and metric: base, fine-tuned, the change, the standard error, and whether the fine-tuned
-    model regressed (worse than the base by more than one standard error; by anything, where the harness gives
-    none)."""
+    """One row per task and metric: base, fine-tuned, the champion (its version, when one is comparable), the
+    changes, the standard error, and whether the fine-tuned model regressed against the base and against the champion
+    (worse by more than one standard error; by anything, where the harness gives none)."""
     rows = []
     for result in results:
         base, tuned = task_scores(result.base or {"results": {}}), task_scores(result.finetuned)
+        champion = result.champion_scores or {}
         directions = result.finetuned.get("higher_is_better", {})
         for task, values in tuned.items():
             for metric, value in values.items():
                 if metric.endswith("_stderr"):
                     continue
-                before = base.get(task, {}).get(metric)
                 stderr = values.get(f"{metric}_stderr")
                 higher = directions.get(task, {}).get(metric, True)
-                change = None if before is None else value - before
-                worse = change is not None and (-change if higher else change) > (stderr or 0.0)
+                before, theirs = base.get(task, {}).get(metric), champion.get(task, {}).get(metric)
+                change, worse = _change(value, before, higher, stderr)
+                change_vs_champion, worse_than_champion = _change(value, theirs, higher, stderr)
                 rows.append(
                     {
                         "suite": result.suite.name,
@@ -371,10 +384,14 @@ def comparison_rows(results: list[SuiteResult]) -> list[dict[str, Any]]:
                         "metric": metric,
                         "base": before,
                         "finetuned": value,
+                        "champion": theirs,
+                        "champion_version": result.champion_version if theirs is not None else None,
                         "change": change,
+                        "change_vs_champion": change_vs_champion,
                         "stderr": stderr,
                         "higher_is_better": higher,
                         "regressed": worse,
+                        "regressed_vs_champion": worse_than_champion,
                     }
                 )
     return rows

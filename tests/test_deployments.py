@@ -11,6 +11,7 @@ from prefect.flows import load_flow_from_entrypoint
 
 from flows.deployments import DATASET_EVENT, deployment_specs
 from pipeline_config.loading import load_pipeline_config
+from tasks.evaluate import SUITE_CHANGED_EVENT
 
 REPO = Path(__file__).resolve().parent.parent
 SPECS = deployment_specs()
@@ -54,8 +55,43 @@ def test_entrypoint_and_parameters_validate(spec):
         assert cron.timezone == "Europe/Berlin"
     for trigger in spec.get("triggers", []):
         parsed = DeploymentEventTrigger(**{k: v for k, v in trigger.items() if k != "type"})
-        assert parsed.expect == {DATASET_EVENT}
-        assert set(parsed.parameters) == {"data_source", "config_path"}
+        expected = {DATASET_EVENT: {"data_source", "config_path"}, SUITE_CHANGED_EVENT: {"model", "config_path"}}
+        (event,) = parsed.expect
+        assert set(parsed.parameters) == expected[event]
+
+
+def test_a_changed_suite_event_matches_the_rescore_trigger_and_fills_its_parameters():
+    """The event a fine-tune run emits when the champion has no scores of a suite's current version
+    (tasks/evaluate.py) matches the rescore-champion deployment's trigger, and every parameter the trigger templates
+    reads a field the event has."""
+    import re
+    from types import SimpleNamespace
+
+    from prefect.events.schemas.events import Resource
+
+    from pipeline_config.evaluation import SuiteConfig
+    from pipeline_config.loading import load_pipeline_config
+    from tasks.evaluate import suite_changed_event
+
+    cfg = load_pipeline_config(REPO / "pipeline_config/default.yaml", [])
+    run = {"results": {"qlora_general_text": {}}, "versions": {"qlora_general_text": 1}, "lm_eval_version": "0.4"}
+    stale = SimpleNamespace(
+        suite=SuiteConfig(name="offline", tasks=["qlora_general_text"]), finetuned=run, data_digests={},
+        champion_version="3", champion_scores=None,
+    )  # fmt: skip
+    event = suite_changed_event(cfg, [stale], "pipeline_config/default.yaml")
+    assert event["payload"]["champion_version"] == "3" and set(event["payload"]["suite_versions"]) == {"offline"}
+    spec = next(s for s in SPECS if s["name"] == "rescore-champion")
+    (trigger,) = spec["triggers"]
+    parsed = DeploymentEventTrigger(**{k: v for k, v in trigger.items() if k != "type"})
+    assert event["event"] in parsed.expect and parsed.match.includes([Resource(event["resource"])])
+    for template in parsed.parameters.values():
+        (field,) = re.fullmatch(r"\{\{ event\.resource\['([^']+)'\] \}\}", template).groups()
+        assert event["resource"][field]
+    assert event["resource"]["qlora.model_uri"] == "models:/smollm2-135m-orders@champion"
+    # scores of the current version (or none to compare with): no event
+    assert suite_changed_event(cfg, [SimpleNamespace(**{**vars(stale), "champion_scores": {}})], "x.yaml") is None
+    assert suite_changed_event(cfg, [SimpleNamespace(**{**vars(stale), "champion_version": None})], "x.yaml") is None
 
 
 def test_gpu_deployment_uses_its_own_queue():

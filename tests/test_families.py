@@ -62,6 +62,10 @@ def test_family_trains_reloads_merges_and_generates(family, family_dirs, prefect
     raw = tiny_config_dict(family_dirs[family], tmp_path)
     raw["training"].update(max_steps=4, save_steps=0)
     raw["evaluation"].update(max_loss_rows=8, max_generation_rows=2, batch_size=2)  # a padded generation batch
+    raw["evaluation"]["suites"] = [  # the harness on the family: base (adapter off) and fine-tuned
+        {"name": "offline", "tasks": ["qlora_general_text", "qlora_heldout"], "limit": 2, "batch_size": 2,
+         "max_gen_toks": 8}
+    ]  # fmt: skip
     raw["tracking"]["system_metrics"] = False
     raw["registry"] = {"enabled": False}
     if family in MOE_FAMILIES:  # a mixed adapter: LoRA on every linear and on the fused experts, registered to serve
@@ -72,9 +76,12 @@ def test_family_trains_reloads_merges_and_generates(family, family_dirs, prefect
 
     summary = finetune(config_path=str(config))
     assert summary["finetuned"]["eval_loss"] < summary["base"]["eval_loss"], summary
-    if family in MOE_FAMILIES:  # the router's load-balancing loss, with the family's coefficient, in MLflow
-        from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient
 
+    harness = MlflowClient(raw["tracking"]["tracking_uri"]).get_run(summary["mlflow_run_id"]).data.metrics
+    tuned, base = (harness[f"{p}/qlora_general_text/bits_per_byte"] for p in ("harness", "base_harness"))
+    assert 0 < tuned != base > 0 and "harness/qlora_heldout/exact_match" in harness
+    if family in MOE_FAMILIES:  # the router's load-balancing loss, with the family's coefficient, in MLflow
         aux = MlflowClient(raw["tracking"]["tracking_uri"]).get_metric_history(summary["mlflow_run_id"], "aux_loss")
         assert aux and all(m.value > 0 for m in aux), aux
         # the registered champion as `mlflow models serve` loads it (its pyfunc: 4-bit experts, the adapter on them)

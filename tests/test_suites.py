@@ -97,6 +97,75 @@ def test_scores_equal_the_harness_run_directly_on_the_same_model(tiny_llama_dir,
     assert task_scores(ours.finetuned)["prose_ppl"]["bits_per_byte"] != pytest.approx(base["bits_per_byte"])
 
 
+@pytest.mark.slow
+def test_the_flows_scores_match_the_harness_own_run_on_the_embedded_default(tmp_path):
+    """On the embedded default (SmolLM2-135M-Instruct, 4-bit as the flow loads it), the offline suite's scores from
+    run_suites (the in-memory model; adapter off, then on) match `lm_eval.simple_evaluate` loading the same model
+    itself (`--model hf` on the saved 4-bit checkpoint; with `peft=` for the adapter): every metric within its
+    standard error, and the same generated answers."""
+    import torch
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    from pipeline_config.evaluation import SuiteConfig
+    from pipeline_config.loading import load_pipeline_config
+    from qlora.data import load_dataset_splits
+    from qlora.model import DTYPES, load_quantized_model
+    from qlora.model_source import resolve_model_source
+    from qlora.suites import built_in_task, run_suites, task_scores
+
+    cfg = load_pipeline_config(Path("pipeline_config/default.yaml"), [f"model.cache_dir={tmp_path / 'models'}"])
+    source = resolve_model_source(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    base = load_quantized_model(source, cfg.quantization, "cpu")
+    checkpoint, adapter = tmp_path / "nf4", tmp_path / "adapter"
+    base.save_pretrained(checkpoint)  # the 4-bit weights exactly as the flow holds them, for the harness to load
+    tokenizer.save_pretrained(checkpoint)
+    torch.manual_seed(0)  # a random adapter (B not zero), small enough to leave the model talking
+    peft_model = get_peft_model(
+        base, LoraConfig(r=8, lora_alpha=2, target_modules="all-linear", init_lora_weights=False)
+    )
+    peft_model.save_pretrained(adapter)
+    data = load_dataset_splits(cfg.data)
+    tasks = ["qlora_general_text", "qlora_heldout"]
+    suite = SuiteConfig(name="offline", tasks=tasks, limit=6, batch_size=6, max_gen_toks=32)
+    [ours] = run_suites(peft_model, tokenizer, [suite], data, tmp_path / "suites")
+
+    tasks = [built_in_task(name, tmp_path / "direct", data, tokenizer, 32)[0] for name in suite.tasks]
+    dtype = DTYPES[cfg.quantization.compute_dtype]
+    for flows_run, model_args in (
+        (ours.base, {"pretrained": str(checkpoint), "dtype": dtype}),
+        (ours.finetuned, {"pretrained": str(checkpoint), "dtype": dtype, "peft": str(adapter)}),
+    ):
+        theirs = simple_evaluate(
+            model="hf",
+            model_args=model_args,
+            tasks=tasks,
+            limit=6,
+            batch_size=6,
+            device="cpu",
+            gen_kwargs={"max_gen_toks": 32},
+            task_manager=TaskManager(),
+            log_samples=True,
+        )
+        mine, direct = task_scores(flows_run), task_scores(theirs)
+        assert mine.keys() == direct.keys() == {"qlora_general_text", "qlora_heldout"}
+        for task, values in mine.items():
+            for metric, value in values.items():
+                if metric.endswith("_stderr"):
+                    continue
+                stderr = values.get(f"{metric}_stderr") or 0.0
+                assert abs(value - direct[task][metric]) <= max(stderr, 1e-4 * abs(value)), (task, metric)
+        answers = [s["filtered_resps"] for s in flows_run["samples"]["qlora_heldout"]]
+        assert any(str(a[0]).strip() for a in answers), answers  # it did generate: the comparison means something
+        assert answers == [s["filtered_resps"] for s in theirs["samples"]["qlora_heldout"]]
+    # the adapter was on for the fine-tuned scores: they differ from the base's
+    base_bpb = task_scores(ours.base)["qlora_general_text"]["bits_per_byte"]
+    assert task_scores(ours.finetuned)["qlora_general_text"]["bits_per_byte"] != pytest.approx(base_bpb)
+
+
 def _suite_result(name: str, scores: dict[str, dict[str, float]], higher: dict[str, dict[str, bool]]):
     from pipeline_config.evaluation import SuiteConfig
     from qlora.suites import SuiteResult
@@ -201,31 +270,57 @@ def test_a_champion_without_scores_is_scored_first_through_the_flow(prefect_serv
     reason = summary["registry"]["reason"]
     assert summary["registry"]["became_champion"], reason
     assert "guards hold: qlora_general_text/bits_per_byte" in reason and f"champion {champion_bpb:.4g}" in reason
+    # the Prefect table: base vs fine-tuned vs champion v1, one row per task and metric
+    rows = {(r["task"], r["metric"]): r for r in _suites_table(run.data.tags["prefect.flow_run_id"])}
+    bpb = rows[("qlora_general_text", "bits_per_byte")]
+    assert bpb["champion"] == pytest.approx(champion_bpb, rel=1e-5) and bpb["champion_version"] == "1"
+    assert bpb["change_vs_champion"] == pytest.approx(bpb["finetuned"] - bpb["champion"])
+    assert bpb["regressed_vs_champion"] == (bpb["finetuned"] - bpb["champion"] > 0)  # lower is better; no stderr
+    assert rows[("qlora_heldout", "exact_match")]["champion"] is not None  # unguarded tasks of the suite too
+
+
+def _suites_table(flow_run_id: str) -> list[dict]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return json.loads(next(a.data for a in artifacts if a.key == "qlora-harness-suites"))
 
 
 @pytest.mark.slow
-def test_evaluate_scores_a_registered_version_and_records_it(prefect_server, tiny_llama_dir, tmp_path, capsys):
-    """`qlora-flow evaluate` on a registry URI: an MLflow run of the scores, and the scores on the version's tags
-    (what the gate compares a challenger with)."""
+def test_evaluate_scores_every_registered_version_and_records_it(prefect_server, tiny_llama_dir, tmp_path, capsys):
+    """`qlora-flow evaluate --all-versions` on a registry URI: per version an MLflow run of the scores and the scores
+    on the version's tags (what the gate compares a challenger with)."""
     from mlflow import MlflowClient
 
     from tests.conftest import train_tiny_champion
 
     _, raw = train_tiny_champion(tiny_llama_dir, tmp_path, "scored", max_steps=2)
     uri = raw["tracking"]["tracking_uri"]
+    client = MlflowClient(uri)
+    first = client.get_model_version("scored", "1")
+    client.create_model_version("scored", first.source, run_id=first.run_id)  # v2: a second version to re-score
     args = ["evaluate", "--model", "models:/scored@champion", "--config", str(tmp_path / "tiny.yaml")]
     args += ["--set", OFFLINE_SUITE, "--tracking-uri", uri, "--output-dir", str(tmp_path / "evaluations")]
-    assert main(args) == 0, capsys.readouterr().err[-3000:]
+    assert main([*args, "--all-versions"]) == 0, capsys.readouterr().err[-3000:]
     out = capsys.readouterr().out
-    assert "harness/qlora_general_text/bits_per_byte" in out and "scores on scored/1's tags" in out
-    client = MlflowClient(uri)
-    tags = client.get_model_version("scored", "1").tags
-    run_id = out.strip().splitlines()[-1].split()[2]
-    run = client.get_run(run_id)
-    assert run.data.tags["qlora.kind"] == "evaluation" and run.data.tags["evaluated_model"] == "models:/scored@champion"
-    bits = run.data.metrics["harness/qlora_general_text/bits_per_byte"]
-    assert float(tags["metric.harness/qlora_general_text/bits_per_byte"]) == pytest.approx(bits, rel=1e-5)
-    assert tags["harness.suite_version.offline"] == run.data.tags["harness.suite_version.offline"]
+    assert "harness/qlora_general_text/bits_per_byte" in out and "scored 2 model(s)" in out
+    runs = [line.split()[2] for line in out.splitlines() if line.startswith("MLflow run ")]
+    for version, run_id in zip(("1", "2"), runs, strict=True):
+        assert f"scores on scored/{version}'s tags" in out
+        tags = client.get_model_version("scored", version).tags
+        run = client.get_run(run_id)
+        assert run.data.tags["qlora.kind"] == "evaluation"
+        assert run.data.tags["evaluated_model"] == f"models:/scored/{version}"
+        bits = run.data.metrics["harness/qlora_general_text/bits_per_byte"]
+        assert float(tags["metric.harness/qlora_general_text/bits_per_byte"]) == pytest.approx(bits, rel=1e-5)
+        assert tags["harness.suite_version.offline"] == run.data.tags["harness.suite_version.offline"]
+    # all versions of a folder is an input error, before any model loads
+    assert main([*args[:2], str(tmp_path), *args[3:], "--all-versions"]) == 2
+    assert "all_versions needs a registered model" in capsys.readouterr().err
 
 
 def test_a_guard_in_standard_errors_on_a_metric_without_one_blocks_and_says_why(tiny_config_file):
