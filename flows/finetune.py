@@ -5,11 +5,12 @@
 
 Steps, in order (each a task in tasks/, each over plain functions in qlora/):
   validate-config -> resolve-model-source -> setup-tokenizer -> prepare-dataset (cached) -> open-prepared-dataset
-  -> preflight -> [MLflow run] log-dataset -> claim-run-folder (this run's own folder, locked)
-  -> [GPU slot] load-quantized-model -> train-adapter (SFTTrainer applies LoRA) -> evaluate-models (base vs
-  fine-tuned) -> evaluate-suites (lm-evaluation-harness suites, base vs fine-tuned) -> save-adapter -> log-results
-  -> register-adapter -> publish-summary; the run folder is marked finished only then (a failure after training
-  leaves it to resume from its trained adapter)
+  -> preflight -> resolve-starting-adapter (a stage that starts from an earlier adapter: `model.adapter`)
+  -> [MLflow run] log-dataset -> claim-run-folder (this run's own folder, locked)
+  -> [GPU slot] load-quantized-model -> train-adapter (TRL's trainer of `training.method`: SFT, DPO, KTO or GRPO;
+  SFTTrainer applies LoRA) -> evaluate-models (base vs fine-tuned) -> evaluate-suites (lm-evaluation-harness
+  suites, base vs fine-tuned) -> save-adapter -> log-results -> register-adapter -> publish-summary; the run folder
+  is marked finished only then (a failure after training leaves it to resume from its trained adapter)
 SIGTERM, SIGINT or a cancellation stop training at the next optimizer step with a checkpoint (tasks/stopping.py).
 As a sweep's trial (flows/sweep.py passes `trial`), prepare-trial-pruning comes before the MLflow run, which is
 the one the sweep created for the trial; train-adapter then reports its eval loss to the sweep and may stop early.
@@ -43,6 +44,7 @@ from tasks.registry import register_adapter_task
 from tasks.report import publish_summary_task
 from tasks.run_folder import claimed_run_folder
 from tasks.save import save_adapter_task
+from tasks.stages import resolve_starting_adapter_task
 from tasks.stopping import stop_on_signals
 from tasks.tokenizer import setup_tokenizer_task
 from tasks.tracking import log_dataset_task, log_results_task, mlflow_run_of_flow_run
@@ -94,10 +96,12 @@ def finetune(
     # stays resumable), the MLflow run ends KILLED, locks and slots are released, and the flow run Cancelled/Crashed.
     with stop_on_signals(cfg.training.stop_grace_s):
         source, tokenizer, prepared, data = prepare_inputs(cfg, device)
+        # A stage after SFT (training.method) may start from an earlier adapter: resolved once, before any weights.
+        starting = resolve_starting_adapter_task(quote(cfg), wait_for=[opaque(data)]) if cfg.model.adapter else None
         callbacks = None
         if trial:
             callbacks = prepare_trial_pruning_task(opaque(trial), opaque(data), opaque(tokenizer), quote(cfg))
-        with mlflow_run_of_flow_run(cfg, trial.mlflow_run_id if trial else None) as run:
+        with mlflow_run_of_flow_run(cfg, trial.mlflow_run_id if trial else None, starting) as run:
             log_dataset_task(opaque(data))
             # This flow run's own folder, locked until the flow ends and finished only if every step succeeds; then
             # its share of the GPU, until the flow ends.
@@ -120,6 +124,7 @@ def finetune(
                     opaque(source),
                     opaque(prepared),
                     opaque(callbacks),
+                    opaque(starting),
                 )
                 comparison = evaluate_models_task(
                     opaque(trained.model),
@@ -147,6 +152,7 @@ def finetune(
                         opaque(data.digest),
                         opaque(trained.adapter_dtype),
                         opaque(suites),
+                        opaque(starting),
                     )
                 publish_summary_task(
                     quote(cfg),

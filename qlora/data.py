@@ -1,9 +1,12 @@
 """Load the dataset (train + held-out split) and bring every row to one of TRL's formats.
 
 Sources: the bundled generator ('bundled:orders'), local jsonl/json/csv/parquet files, or a hub dataset id.
-Formats in: `messages`, `text`, alpaca (`instruction`/`input`/`output`), `prompt`/`completion`.
-Formats out (what SFTTrainer consumes natively): `messages` (alpaca rows become chats), `text`, or
-`prompt`/`completion`.
+Formats in: `messages`, `text`, alpaca (`instruction`/`input`/`output`), `prompt`/`completion`; for the stages
+after SFT `preference` (`prompt`/`chosen`/`rejected`, DPO), `unpaired_preference` (`prompt`/`completion`/`label`,
+KTO) and `prompt_only` (`prompt` and what the rewards read, GRPO).
+Formats out (what TRL's trainers consume natively): `messages` (alpaca rows become chats), `text`,
+`prompt`/`completion`, and the three stage formats under TRL's column names (a chat prompt's answers become
+assistant turns).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class DatasetSplits:
 
     @property
     def is_conversational(self) -> bool:
+        if self.kind in STAGE_KINDS:
+            return len(self.train) > 0 and isinstance(self.train[0]["prompt"], list)
         return self.kind == "messages"
 
 
@@ -152,6 +157,10 @@ def detect_format(columns: list[str], cfg: DataConfig) -> str:
         return cfg.format
     if c.messages in columns:
         return "messages"
+    if c.chosen in columns and c.rejected in columns:
+        return "preference"
+    if c.prompt in columns and c.completion in columns and c.label in columns:
+        return "unpaired_preference"
     if c.prompt in columns and c.completion in columns:
         return "prompt_completion"
     if c.instruction in columns and c.output in columns:
@@ -160,7 +169,7 @@ def detect_format(columns: list[str], cfg: DataConfig) -> str:
         return "text"
     raise DataError(
         f"data: cannot tell the format from columns {sorted(columns)}; set data.format and data.columns "
-        "(messages / text / alpaca / prompt_completion)"
+        "(messages / text / alpaca / prompt_completion / preference / unpaired_preference / prompt_only)"
     )
 
 
@@ -169,7 +178,11 @@ REQUIRED_COLUMNS = {
     "text": ("text",),
     "alpaca": ("instruction", "output"),
     "prompt_completion": ("prompt", "completion"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "unpaired_preference": ("prompt", "completion", "label"),
+    "prompt_only": ("prompt",),
 }
+STAGE_KINDS = ("preference", "unpaired_preference", "prompt_only")
 
 
 def _kind_of(value) -> str:
@@ -190,6 +203,9 @@ def check_cell_types(ds: datasets.Dataset, fmt: str, cfg: DataConfig, where: str
     """Every cell the format reads holds text (a chat turn's content too): a null, a number or a list would fail
     deep inside tokenization. Raises DataError naming the first bad row (1-based, in file order) and column."""
     c = cfg.columns
+    if fmt in STAGE_KINDS:
+        check_stage_cells(ds, fmt, cfg, where)
+        return
     text_fields = {
         "text": ("text",),
         "prompt_completion": ("prompt", "completion"),
@@ -224,6 +240,78 @@ def check_cell_types(ds: datasets.Dataset, fmt: str, cfg: DataConfig, where: str
                     )
 
 
+def _turns_problem(value, allow_text: bool) -> str | None:
+    """Why `value` is neither text (when allowed) nor a non-empty list of {role, content} turns with text content."""
+    if isinstance(value, str):
+        return None if allow_text else "text, not a list of chat turns"
+    if not isinstance(value, list) or not value:
+        return f"{_kind_of(value)}, not {'text or ' if allow_text else ''}a list of chat turns"
+    for n, turn in enumerate(value, 1):
+        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str):
+            return f"turn {n} is not a {{role, content}} object"
+        if not isinstance(turn.get("content"), str):
+            return f"turn {n} ({turn['role']}): content is {_kind_of(turn.get('content'))}, not text"
+    return None
+
+
+def check_stage_cells(ds: datasets.Dataset, fmt: str, cfg: DataConfig, where: str) -> None:
+    """Preference / unpaired / prompt-only rows: a prompt is text or chat turns, every answer text or chat turns of
+    the same kind as its prompt (a chat prompt may have text answers: they become assistant turns), a label a
+    boolean. Raises DataError naming the first bad row (1-based, in file order) and column."""
+    c = cfg.columns
+    answers = {"preference": ("chosen", "rejected"), "unpaired_preference": ("completion",), "prompt_only": ()}[fmt]
+    columns = [(f, getattr(c, f)) for f in ("prompt", *answers) if getattr(c, f) in ds.column_names]
+    label = c.label if fmt == "unpaired_preference" and c.label in ds.column_names else None
+    for i, row in enumerate(ds, 1):
+        for field, col in columns:
+            if problem := _turns_problem(row[col], allow_text=True):
+                raise DataError(
+                    f"{where}: row {i}, column {col!r} (data.columns.{field}) is {problem}: fix or remove that row"
+                )
+        if columns and columns[0][0] == "prompt" and isinstance(row[columns[0][1]], str):
+            for field, col in columns[1:]:
+                if not isinstance(row[col], str):
+                    raise DataError(
+                        f"{where}: row {i}, column {col!r} (data.columns.{field}) is chat turns but its prompt is "
+                        "text: give both as text, or the prompt as chat turns"
+                    )
+        if label and not isinstance(row[label], bool):
+            raise DataError(
+                f"{where}: row {i}, column {label!r} (data.columns.label) is {_kind_of(row[label])}, not true/false: "
+                "fix or remove that row"
+            )
+
+
+def _as_assistant_turns(prompt, answer):
+    """A text answer to a chat prompt, as the assistant turn TRL's conversational format expects."""
+    if isinstance(prompt, list) and isinstance(answer, str):
+        return [{"role": "assistant", "content": answer}]
+    return answer
+
+
+def _stage_rows(ds: datasets.Dataset, fmt: str, cfg: DataConfig) -> datasets.Dataset:
+    """A stage format under TRL's column names; a prompt_only row keeps its other columns (rewards read them)."""
+    c = cfg.columns
+    names = {"prompt": c.prompt}
+    if fmt == "preference":
+        names |= {"chosen": c.chosen, "rejected": c.rejected}
+    elif fmt == "unpaired_preference":
+        names |= {"completion": c.completion, "label": c.label}
+    elif c.answer in ds.column_names:
+        names |= {"answer": c.answer}
+    answers = [k for k in ("chosen", "rejected", "completion") if k in names]
+
+    def to_trl(row: dict) -> dict:
+        out = {new: row[old] for new, old in names.items()}
+        for key in answers:
+            out[key] = _as_assistant_turns(out["prompt"], out[key])
+        return out
+
+    keep = [col for col in ds.column_names if col not in names.values()] if fmt == "prompt_only" else []
+    drop = [col for col in ds.column_names if col not in keep]
+    return ds.map(to_trl, remove_columns=drop)
+
+
 def format_rows(ds: datasets.Dataset, fmt: str, cfg: DataConfig, where: str) -> tuple[datasets.Dataset, str]:
     """Rename/convert columns into one of TRL's formats; returns (dataset, kind)."""
     c = cfg.columns
@@ -244,6 +332,8 @@ def format_rows(ds: datasets.Dataset, fmt: str, cfg: DataConfig, where: str) -> 
             if row[-1]["role"] != "assistant":
                 raise DataError(f"{where}: row {i} does not end with an assistant turn")
         return out, "messages"
+    if fmt in STAGE_KINDS:
+        return _stage_rows(ds, fmt, cfg), fmt
     if fmt == "text":
         out = ds.select_columns([c.text]).rename_columns({c.text: "text"} if c.text != "text" else {})
         return out, "text"
@@ -332,11 +422,22 @@ def load_dataset_splits(cfg: DataConfig) -> DatasetSplits:
 
 
 def eval_prompt_and_reference(row: dict, kind: str, response_template: str | None):
-    """Split a held-out row into (prompt, reference answer): a chat list or a string prompt."""
+    """Split a held-out row into (prompt, reference answer): a chat list or a string prompt. A stage's row: the
+    chosen answer, a completion labelled desirable, or the expected answer; (None, None) when it has none."""
     if kind == "messages":
         return row["messages"][:-1], row["messages"][-1]["content"]
     if kind == "prompt_completion":
         return row["prompt"], row["completion"]
+    if kind in STAGE_KINDS:
+        answer = {"preference": row.get("chosen"), "unpaired_preference": row.get("completion")}.get(kind)
+        if kind == "unpaired_preference" and not row.get("label"):
+            answer = None
+        if kind == "prompt_only":
+            answer = row.get("answer")
+            answer = answer if answer is None or isinstance(answer, str) else json.dumps(answer, ensure_ascii=False)
+        if isinstance(answer, list):
+            answer = answer[-1]["content"]
+        return (row["prompt"], answer) if answer is not None else (None, None)
     text = row["text"]
     if not response_template or response_template not in text:
         return None, None

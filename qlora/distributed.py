@@ -77,7 +77,9 @@ def is_distributed(cfg: PipelineConfig, device: str) -> bool:
     return processes_per_machine(d, device) > 1 or d.num_machines > 1
 
 
-def write_launch_spec(run_dir: Path, cfg: PipelineConfig, source: ModelSource, prepared, fingerprint, device) -> Path:
+def write_launch_spec(
+    run_dir: Path, cfg: PipelineConfig, source: ModelSource, prepared, fingerprint, device, starting=None
+) -> Path:
     spec = {
         "config": cfg.model_dump(mode="json"),
         "source": {**asdict(source), "model": source.model.model_dump(mode="json")},
@@ -85,6 +87,7 @@ def write_launch_spec(run_dir: Path, cfg: PipelineConfig, source: ModelSource, p
         "run_dir": str(run_dir.resolve()),
         "fingerprint": fingerprint,
         "device": device,
+        "starting": asdict(starting) if starting is not None else None,  # a stage's starting adapter, resolved once
     }
     path = run_dir / SPEC_NAME
     write_text_atomic(path, json.dumps(spec, indent=1))
@@ -136,12 +139,13 @@ def run_distributed_training(
     device: str,
     env: dict[str, str],
     log: logging.Logger | logging.LoggerAdapter,
+    starting=None,
 ) -> None:
     """Launch the training processes and stream rank 0's output into `log`; rank 0 leaves the trained adapter and
     the training result in the run folder (qlora.train.save_training_outcome). Raises DistributedTrainingError with
     the failing rank's error, LostProcessError when a process died without one (retried), RunInterrupted on a
     graceful stop (forwarded to torchrun, which passes it to every rank)."""
-    spec = write_launch_spec(run_dir, cfg, source, prepared, fingerprint, device)
+    spec = write_launch_spec(run_dir, cfg, source, prepared, fingerprint, device, starting)
     log_dir = run_dir / LOGS_DIRNAME / f"attempt-{len(list((run_dir / LOGS_DIRNAME).glob('attempt-*')))}"
     cmd = launch_command(cfg.distributed, device, spec, log_dir)
     log.info("launching %s", " ".join(cmd[1:]))

@@ -25,6 +25,7 @@ from qlora.model import load_base_for_training
 from qlora.model_source import ModelSource
 from qlora.prepare import PreparedDataset, open_prepared
 from qlora.processes import die_with_parent
+from qlora.stages import StartingAdapter
 from qlora.stop import RunInterrupted, graceful_stop
 from qlora.tokenizer import setup_tokenizer
 from qlora.train import save_training_outcome, train_run
@@ -63,7 +64,8 @@ def _train(spec: dict, cfg, run_dir: Path, rank: int, local_rank: int) -> int:
 
         torch.cuda.set_device(local_rank)  # device_map {"": "cuda"} then means this process's GPU
     model = load_base_for_training(source, cfg, device)
-    result = train_run(model, data, tokenizer, cfg, device, str(run_dir), spec["fingerprint"], log)
+    starting = StartingAdapter(**spec["starting"]) if spec.get("starting") else None
+    result = train_run(model, data, tokenizer, cfg, device, str(run_dir), spec["fingerprint"], log, starting=starting)
     peaks_mib = gather_per_rank(result.metrics["train_peak_memory_mib"])
     if rank == 0:
         log.info("peak memory per rank (MiB): %s", ", ".join(f"{p:.0f}" for p in peaks_mib))

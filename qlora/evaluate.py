@@ -44,17 +44,27 @@ def scored_examples(data: DatasetSplits, tokenizer: PreTrainedTokenizerBase, max
             prompt = chat_token_ids(tokenizer, row["messages"][:-1], add_generation_prompt=True)
         else:
             prompt_text, answer = eval_prompt_and_reference(row, data.kind, data.response_template)
+            if prompt_text is None and data.kind != "text":
+                continue  # a stage's row without a reference answer (a completion labelled undesirable)
             if prompt_text is None:  # plain text: score everything
                 prompt_text, answer = "", row["text"]
+            if isinstance(prompt_text, list):  # a stage's chat prompt
+                answer_turn = {"role": "assistant", "content": answer}
+                full = chat_token_ids(tokenizer, [*prompt_text, answer_turn], add_generation_prompt=False)
+                prompt = chat_token_ids(tokenizer, prompt_text, add_generation_prompt=True)
+                examples.append(_labelled(full[:max_len], prompt))
+                continue
             full = tokenizer(prompt_text + answer)["input_ids"]
             prompt = tokenizer(prompt_text)["input_ids"] if prompt_text else []
             if full[-1] != tokenizer.eos_token_id:
                 full = full + [tokenizer.eos_token_id]
-        full = full[:max_len]
-        n_prompt = len(prompt) if full[: len(prompt)] == prompt else 0
-        labels = [-100] * n_prompt + full[n_prompt:]
-        examples.append((full, labels))
+        examples.append(_labelled(full[:max_len], prompt))
     return examples
+
+
+def _labelled(full: list[int], prompt: list[int]) -> tuple[list[int], list[int]]:
+    n_prompt = len(prompt) if full[: len(prompt)] == prompt else 0
+    return full, [-100] * n_prompt + full[n_prompt:]
 
 
 @torch.inference_mode()

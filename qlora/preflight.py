@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from pipeline_config.schema import PipelineConfig, cuda_only_problems
 from qlora.chat_template import decide_assistant_only_loss
 from qlora.config_checks import library_setting_problems
-from qlora.data import DatasetSplits, held_out_overlap
+from qlora.data import STAGE_KINDS, DatasetSplits, held_out_overlap
 from qlora.errors import PipelineInputError
 from qlora.evaluate import chat_token_ids
 from qlora.model_source import ModelSource, file_digest
@@ -61,6 +61,8 @@ def rendered_ids(data: DatasetSplits, tokenizer: PreTrainedTokenizerBase) -> lis
     eos = tokenizer.eos_token
     if data.kind == "messages":
         return [chat_token_ids(tokenizer, m, add_generation_prompt=False) for m in data.train["messages"]]
+    if data.kind in STAGE_KINDS:
+        return [stage_row_ids(row, data.kind, tokenizer) for row in data.train]
     if data.kind == "text":
         texts = [t if t.endswith(eos) else t + eos for t in data.train["text"]]
     else:
@@ -69,6 +71,21 @@ def rendered_ids(data: DatasetSplits, tokenizer: PreTrainedTokenizerBase) -> lis
             for p, c in zip(data.train["prompt"], data.train["completion"], strict=True)
         ]
     return tokenizer(texts)["input_ids"]
+
+
+def stage_row_ids(row: dict, kind: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """A stage's row as its trainer renders it: the prompt with its longest answer (GRPO: the prompt alone, with the
+    generation prompt; its completions are sampled)."""
+    prompt = row["prompt"]
+    answers = [row[k] for k in ("chosen", "rejected", "completion") if k in row]
+    if isinstance(prompt, list):
+        if not answers:
+            return chat_token_ids(tokenizer, prompt, add_generation_prompt=True)
+        return max((chat_token_ids(tokenizer, prompt + a, add_generation_prompt=False) for a in answers), key=len)
+    if not answers:
+        return tokenizer(prompt)["input_ids"]
+    eos = tokenizer.eos_token
+    return max((tokenizer(prompt + a + ("" if a.endswith(eos) else eos))["input_ids"] for a in answers), key=len)
 
 
 def _ends_with_eos(ids: list[int], tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -200,11 +217,16 @@ def run_preflight(
         report.fatal.append("chat data but the tokenizer has no chat template: set tokenizer.chat_template_file")
     if t.completion_only_loss and data.kind != "prompt_completion":
         report.fatal.append(f"training.completion_only_loss needs prompt/completion rows; the data is {data.kind!r}")
-    try:  # the same decision train_adapter makes
-        wrapped = t.packing and t.packing_strategy == "wrapped"
-        report.loss = decide_assistant_only_loss(t.assistant_only_loss, data.kind, tokenizer, wrapped).reason
-    except PipelineInputError as exc:
-        report.fatal.append(str(exc))
+    if t.method == "sft":
+        try:  # the same decision train_adapter makes
+            wrapped = t.packing and t.packing_strategy == "wrapped"
+            report.loss = decide_assistant_only_loss(t.assistant_only_loss, data.kind, tokenizer, wrapped).reason
+        except PipelineInputError as exc:
+            report.fatal.append(str(exc))
+    else:
+        from qlora.stages import stage_input_problems
+
+        report.fatal += stage_input_problems(cfg, data, source)
     if data.kind == "prompt_completion":
         empty = sum(1 for c in data.train["completion"] if not c.strip())
         if empty:
@@ -239,7 +261,7 @@ def run_preflight(
             f"{truncated} of {len(lengths)} training rows exceed max_seq_length {t.max_seq_length}: they are cut and "
             "lose their EOS"
         )
-    no_eos = sum(not _ends_with_eos(x, tokenizer) for x in ids)
+    no_eos = sum(not _ends_with_eos(x, tokenizer) for x in ids) if data.kind != "prompt_only" else 0
     if no_eos:
         report.fatal.append(
             f"{no_eos} training row(s) do not end with the EOS token {tokenizer.eos_token!r}: the model would never "

@@ -48,6 +48,13 @@ class PromotionDecision:
     previous_champion: str | None
 
 
+def stage_tags(cfg: PipelineConfig, starting=None) -> dict[str, str]:
+    """The training stage (training.method) and, for a stage from an earlier adapter, its lineage."""
+    from qlora.stages import STAGE_TAG
+
+    return {STAGE_TAG: cfg.training.method, **(starting.lineage_tags() if starting is not None else {})}
+
+
 def decide_champion(
     client: MlflowClient,
     name: str,
@@ -98,16 +105,20 @@ def register_adapter(
     dataset_digest: str,
     adapter_dtype: str,
     suites=(),
+    starting=None,
 ) -> PromotionDecision:
-    """Log the pyfunc model into the active run, register a version, tag it, and move the aliases."""
+    """Log the pyfunc model into the active run, register a version, tag it, and move the aliases. A stage after SFT
+    is tagged with its method and, with `starting` (qlora/stages.py), the version and run it started from."""
     from qlora.tracking import store_lock
 
     # Runs that finish together must not both see "no champion" and both take the alias (tracking.store_lock).
     with store_lock(mlflow.get_tracking_uri()):
-        return _register_adapter(cfg, source, adapter_dir, metrics, dataset_digest, adapter_dtype, suites)
+        return _register_adapter(cfg, source, adapter_dir, metrics, dataset_digest, adapter_dtype, suites, starting)
 
 
-def _register_adapter(cfg, source: ModelSource, adapter_dir, metrics, dataset_digest, adapter_dtype, suites):
+def _register_adapter(
+    cfg, source: ModelSource, adapter_dir, metrics, dataset_digest, adapter_dtype, suites, starting=None
+):
     from qlora.provenance import git_commit, library_versions
     from qlora.serving import QLoRAChatModel
 
@@ -151,6 +162,7 @@ def _register_adapter(cfg, source: ModelSource, adapter_dir, metrics, dataset_di
         "run_id": mlflow.active_run().info.run_id,
         **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
         **{f"version.{k}": v for k, v in versions.items()},
+        **stage_tags(cfg, starting),
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)

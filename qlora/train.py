@@ -175,6 +175,41 @@ def fsdp_arguments(cfg: TrainingConfig, device: str) -> dict:
     )
 
 
+def trainer_arguments(cfg: TrainingConfig, device: str, output_dir: str, report_to_mlflow: bool = False) -> dict:
+    """The TrainingArguments every method's TRL config shares, from the recipe-named TrainingConfig."""
+    return dict(
+        output_dir=output_dir,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        # Non-reentrant checkpointing needs no input that requires grad and works with frozen 4-bit layers.
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        max_grad_norm=cfg.max_grad_norm,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        optim=cfg.optim,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a value below 1 is a fraction of the total steps
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        logging_steps=cfg.logging_steps,
+        max_length=cfg.max_seq_length,
+        bf16=cfg.bf16,
+        fp16=cfg.fp16,
+        seed=cfg.seed,
+        use_cpu=device == "cpu",
+        dataloader_pin_memory=device != "cpu",
+        ddp_find_unused_parameters=False,  # DDP: every LoRA weight gets a gradient; no per-step search for unused ones
+        eval_strategy="no",
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=cfg.save_total_limit,
+        report_to=["mlflow"] if report_to_mlflow else "none",
+        disable_tqdm=not sys.stderr.isatty(),
+    )
+
+
 def build_sft_config(
     cfg: TrainingConfig,
     device: str,
@@ -188,47 +223,18 @@ def build_sft_config(
     shard the model across the processes (`fsdp_arguments`). `assistant_only_loss`: the resolved
     `training.assistant_only_loss` (qlora/chat_template.py). `overrides` replace single arguments (the bench: no
     saving, a log line per step)."""
-    args = dict(
-        output_dir=output_dir,
-        num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        # Non-reentrant checkpointing needs no input that requires grad and works with frozen 4-bit layers.
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+    args = trainer_arguments(cfg, device, output_dir, report_to_mlflow) | dict(
         # compiled layers get inductor's fused norm/SwiGLU/RoPE: dynamo can't trace Liger's autograd Functions
         use_liger_kernel=use_liger_kernels(cfg.liger_kernels, device) and not cfg.compile_layers,
-        max_grad_norm=cfg.max_grad_norm,
-        learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
-        optim=cfg.optim,
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        warmup_steps=cfg.warmup_ratio,  # transformers 5: a value below 1 is a fraction of the total steps
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        logging_steps=cfg.logging_steps,
-        max_length=cfg.max_seq_length,
         packing=cfg.packing,
-        bf16=cfg.bf16,
-        fp16=cfg.fp16,
-        seed=cfg.seed,
-        use_cpu=device == "cpu",
-        dataloader_pin_memory=device != "cpu",
         include_num_input_tokens_seen="non_padding",
         # The NaN/inf filter of the logged loss reads every micro-batch's loss back to the host: off with the
         # device-side metrics (a NaN loss then shows in the log as NaN).
         logging_nan_inf_filter=not cfg.metrics_on_device,
         activation_offloading=cfg.activation_offloading,
-        ddp_find_unused_parameters=False,  # DDP: every LoRA weight gets a gradient; no per-step search for unused ones
-        eval_strategy="no",
-        save_strategy="steps" if cfg.save_steps else "no",
-        save_steps=cfg.save_steps or 500,
-        save_total_limit=cfg.save_total_limit,
         packing_strategy=cfg.packing_strategy,
         completion_only_loss=cfg.completion_only_loss,
         assistant_only_loss=assistant_only_loss,
-        report_to=["mlflow"] if report_to_mlflow else "none",
-        disable_tqdm=not sys.stderr.isatty(),
     )
     if fsdp:
         args |= fsdp_arguments(cfg, device)
@@ -277,6 +283,7 @@ def train_adapter(
     fingerprint: dict | None = None,
     log: logging.Logger | logging.LoggerAdapter | None = None,
     fsdp: bool = False,
+    stage=None,
     **sft_overrides,
 ) -> TrainResult:
     """Apply LoRA to the 4-bit `model` and train it with SFTTrainer; returns the PEFT model and its metrics.
@@ -292,7 +299,26 @@ def train_adapter(
     `fsdp` (in a process torchrun started): the Trainer shards the model across the processes (`fsdp_arguments`);
     afterwards every process takes part in gathering the LoRA weights, which rank 0 returns in
     `adapter_state_dict`.
+
+    `stage` (`Stage`: the run's config and its starting adapter): a method other than SFT (`training.method`), through
+    its TRL trainer (qlora/stages.py); the reference policy is the starting adapter, and LoRA comes from that adapter
+    when there is one.
     """
+    if cfg.method != "sft":
+        return _train_stage(
+            model,
+            data,
+            tokenizer,
+            lora_cfg,
+            cfg,
+            device,
+            report_to_mlflow,
+            extra_callbacks,
+            run_dir,
+            fingerprint,
+            log,
+            stage,
+        )
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     resume_from = latest_complete_checkpoint(run_dir) if run_dir else None
@@ -387,6 +413,101 @@ def train_adapter(
     )
 
 
+@dataclass
+class Stage:
+    """What a stage other than SFT needs beyond the training settings: the whole config (its `preference` / `grpo`
+    section) and the adapter it starts from."""
+
+    config: object  # PipelineConfig
+    starting: object = None  # qlora.stages.StartingAdapter
+
+
+def _train_stage(
+    model,
+    data,
+    tokenizer,
+    lora_cfg,
+    cfg,
+    device,
+    report_to_mlflow,
+    extra_callbacks,
+    run_dir,
+    fingerprint,
+    log,
+    stage: Stage,
+) -> TrainResult:
+    """DPO, KTO or GRPO (qlora/stages.py) with what SFT has around its trainer: the run folder's checkpoints and
+    resume, the graceful stop, the adapter unloaded again after a failure, the same metrics."""
+    from qlora.stages import build_stage_trainer, drop_reference_adapter, stage_model
+
+    log = log or logging.getLogger(__name__)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    resume_from = latest_complete_checkpoint(run_dir) if run_dir else None
+    if run_dir and resume_from is None and fingerprint is not None:
+        write_fingerprint(run_dir, fingerprint)
+    stop = current_stop()
+    starting = stage.starting
+    policy = stage_model(model, starting)
+    peft_config = None if starting is not None else build_lora_config(lora_cfg, model)
+    log.info(
+        "training.method %s from %s; reference policy: %s",
+        cfg.method,
+        starting.spec if starting else "the base model",
+        "a frozen copy of that adapter" if starting else "the base model (adapter disabled)",
+    )
+    args = trainer_arguments(cfg, device, run_dir or cfg.output_dir, report_to_mlflow)
+    args["include_num_input_tokens_seen"] = "non_padding"
+    callbacks = [RunLoggerProgress(log), *_layer_callbacks(cfg), *(extra_callbacks or [])]
+    trainer = build_stage_trainer(cfg.method, policy, data, tokenizer, stage.config, args, peft_config, callbacks)
+    if stop is not None:
+        trainer.add_callback(StopAtNextStep(stop, lambda: trainer.last_checkpoint_save_s))
+    started = time.perf_counter()
+    try:
+        with stop.deferred() if stop is not None else contextlib.nullcontext():
+            output = trainer.train(resume_from_checkpoint=resume_from)
+    except BaseException:
+        trainer.model.unload()  # the base model without LoRA layers, as it came in
+        raise
+    wall_s = time.perf_counter() - started
+    if stop is not None and stop.requested:
+        step = trainer.state.global_step
+        checkpoint = Path(run_dir or cfg.output_dir) / f"checkpoint-{step}"
+        trainer.model.unload()
+        raise stop.interrupted(step, str(checkpoint) if checkpoint.is_dir() else None)
+    model = trainer.model
+    drop_reference_adapter(model)
+    model.eval()
+    tokens = float(trainer.state.num_input_tokens_seen)
+    metrics = {
+        "train_loss": float(output.training_loss),
+        "train_runtime_s": wall_s,
+        "train_steps": float(trainer.state.global_step),
+        "train_tokens": tokens,
+        "train_tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
+        "train_peak_memory_mib": peak_memory_bytes(device) / 2**20,
+    }
+    # the stage's own figures as TRL logged them last (DPO: rewards/margins, rewards/accuracies; GRPO: reward,
+    # rewards/<function>/mean, kl, completions/mean_length): MLflow has their history through report_to
+    last = {}
+    for entry in trainer.state.log_history:
+        last |= {
+            k: float(v) for k, v in entry.items() if isinstance(v, int | float) and ("/" in k or k in ("reward", "kl"))
+        }
+    metrics |= {f"stage/{k}": v for k, v in last.items()}
+    adapter_dtype = next(
+        (str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters() if "lora_" in n), "bfloat16"
+    )
+    return TrainResult(
+        model=model,
+        metrics=metrics,
+        loss_history=loss_history(trainer),
+        train_dataset=trainer.train_dataset,
+        resumed_from=resume_from,
+        adapter_dtype=adapter_dtype,
+    )
+
+
 def save_trained_adapter(result: TrainResult, folder) -> None:
     """`save_pretrained` of the trained adapter, as one ordinary PEFT adapter folder.
 
@@ -454,11 +575,11 @@ def trained_result(base: PreTrainedModel, run_dir: str | os.PathLike, outcome: d
 
 
 def train_run(
-    model, data, tokenizer, cfg, device: str, run_dir: str, fingerprint: dict, log=None, callbacks=None
+    model, data, tokenizer, cfg, device: str, run_dir: str, fingerprint: dict, log=None, callbacks=None, starting=None
 ) -> TrainResult:
     """`train_adapter` as a flow run trains: the run's settings, its own run folder, loss logged to MLflow; sharded
     with FSDP when `distributed.strategy` says so and this is one of several processes. `callbacks`: more Trainer
-    callbacks (a sweep trial's pruning check)."""
+    callbacks (a sweep trial's pruning check). `starting`: the adapter a stage starts from (qlora/stages.py)."""
     return train_adapter(
         model,
         data,
@@ -472,4 +593,5 @@ def train_run(
         log=log,
         fsdp=cfg.distributed.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         extra_callbacks=callbacks,
+        stage=Stage(cfg, starting),
     )

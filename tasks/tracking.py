@@ -15,10 +15,14 @@ from qlora.tracking import log_dataset, log_results, tracking_run
 
 
 @contextlib.contextmanager
-def mlflow_run_of_flow_run(cfg: PipelineConfig, run_id: str | None = None) -> Iterator:
-    """One MLflow run per flow run, tagged with the flow run's id; FAILED/KILLED if the flow fails. `run_id`:
-    continue that run (a sweep's trial run) instead of starting one."""
-    with tracking_run(cfg, {"prefect.flow_run_id": str(flow_run.id or "none")}, run_id=run_id) as run:
+def mlflow_run_of_flow_run(cfg: PipelineConfig, run_id: str | None = None, starting=None) -> Iterator:
+    """One MLflow run per flow run, tagged with the flow run's id and its training stage (with the adapter a stage
+    started from: `starting`); FAILED/KILLED if the flow fails. `run_id`: continue that run (a sweep's trial run)
+    instead of starting one."""
+    from qlora.registry import stage_tags
+
+    tags = {"prefect.flow_run_id": str(flow_run.id or "none"), **stage_tags(cfg, starting)}
+    with tracking_run(cfg, tags, run_id=run_id) as run:
         yield run
 
 

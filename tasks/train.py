@@ -32,6 +32,7 @@ def train_adapter_task(
     source=None,
     prepared=None,
     callbacks=None,
+    starting=None,
 ) -> TrainResult:
     """Train, or pick up what an earlier attempt in this run folder left:
 
@@ -44,7 +45,8 @@ def train_adapter_task(
     A retry (`training.task_retries`) happens only for what a retry can fix (a lost process, a service outage) and
     continues the same way. `model` None: a distributed run. The processes train and rank 0 writes the adapter; the
     base is loaded here only afterwards (the GPUs are the training processes' until then). `callbacks`: more Trainer
-    callbacks (a sweep trial's pruning check), in the flow's own process only."""
+    callbacks (a sweep trial's pruning check), in the flow's own process only. `starting`: the adapter a stage after
+    SFT starts from (qlora/stages.py)."""
     log = get_run_logger()
     folder = run_folder.path
     if (outcome := read_training_outcome(folder)) is not None:
@@ -57,14 +59,16 @@ def train_adapter_task(
     for line in set_aside_damaged_checkpoints(folder):
         log.warning("%s", line)
     if model is not None:
-        result = train_run(model, data, tokenizer, cfg, device, str(folder), run_folder.fingerprint, log, callbacks)
+        result = train_run(
+            model, data, tokenizer, cfg, device, str(folder), run_folder.fingerprint, log, callbacks, starting
+        )
         save_training_outcome(result, folder)
         return result
     active = mlflow.active_run()
     env = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
     if active is not None:
         env |= {"MLFLOW_RUN_ID": active.info.run_id, "MLFLOW_EXPERIMENT_ID": active.info.experiment_id}
-    run_distributed_training(cfg, source, prepared, folder, run_folder.fingerprint, device, env, log)
+    run_distributed_training(cfg, source, prepared, folder, run_folder.fingerprint, device, env, log, starting)
     outcome = read_training_outcome(folder)
     if outcome is None:
         raise RuntimeError(f"the training processes ended without leaving their result in {folder}")

@@ -1,5 +1,5 @@
-"""transformers Trainer / TRL SFTTrainer internals: atomic checkpoints, adapter dtype on resume, training steps without
-host syncs, and partial activation checkpointing.
+"""transformers Trainer / TRL trainer internals (SFT, DPO, KTO, GRPO): atomic checkpoints, adapter dtype on
+resume, training steps without host syncs, and partial activation checkpointing.
 
 Written for transformers 5.24 / trl 1.16. Private names used (tests/test_integrations.py checks them):
 `Trainer._save_checkpoint(model, trial)`, `Trainer._load_from_checkpoint(resume_from_checkpoint, model=None)`,
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-from trl import SFTTrainer
+from trl import DPOTrainer, GRPOTrainer, KTOTrainer, SFTTrainer
 
 from qlora.errors import disk_full_error
 from qlora.files import folder_size_bytes, fsync_dir, write_checksums
@@ -39,7 +39,70 @@ def use_one_gpu(args) -> None:
         args._n_gpu = 1
 
 
-class PipelineSFTTrainer(SFTTrainer):
+class AtomicCheckpoints:
+    """For any transformers Trainer (SFT, DPO, KTO, GRPO): checkpoints appear all at once (written into a staging
+    folder, checksummed into `SHA256SUMS.json`, what a resume verifies, then renamed into place; a failed or
+    interrupted save leaves no staging folder behind), and a resumed adapter trains in the dtype it was trained in.
+    `last_checkpoint_save_s`: how long the last checkpoint took (graceful stop)."""
+
+    last_checkpoint_save_s: float | None = None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        """Resume with the adapter weights in the dtype training uses: peft up-casts loaded adapters to fp32,
+        while SFTTrainer keeps QLoRA adapters in bf16, so an un-fixed resume would train on different numerics."""
+        target = model if model is not None else self.model
+        dtypes = {n: p.dtype for n, p in target.named_parameters() if p.requires_grad}
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        cast_params(target, dtypes)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Under DDP every process writes its part (its RNG state; the main one the weights and optimizer) into the
+        # staging folder; only the main process clears it before, checksums and renames it after, between barriers.
+        started = time.perf_counter()
+        run_dir = self._get_output_dir(trial=trial)
+        staging = os.path.join(run_dir, STAGING_DIRNAME)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        get_output_dir = self._get_output_dir
+        self._get_output_dir = lambda trial=None: staging  # super() writes checkpoint-N under staging
+        try:
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                write_checksums(os.path.join(staging, name))  # what a resume verifies the checkpoint against
+        except BaseException as exc:
+            full = None
+            if isinstance(exc, Exception):  # (a stop at once is not a full disk)
+                full = disk_full_error(exc, run_dir, f"checkpoint {name}", self._checkpoint_bytes(run_dir))
+            shutil.rmtree(staging, ignore_errors=True)  # a failed or interrupted save leaves nothing behind
+            if full is not None:
+                raise full from None
+            raise
+        finally:
+            self._get_output_dir = get_output_dir
+        if self.args.should_save:
+            target = os.path.join(run_dir, name)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(os.path.join(staging, name), target)
+            fsync_dir(run_dir)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+        self.last_checkpoint_save_s = time.perf_counter() - started
+
+    @staticmethod
+    def _checkpoint_bytes(run_dir: str) -> int | None:
+        """Size of the newest complete checkpoint (what the next one needs), if there is one."""
+        done = [p for p in Path(run_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()]
+        if not done:
+            return None
+        newest = max(done, key=lambda p: int(p.name.split("-")[-1]))
+        return folder_size_bytes(newest)
+
+
+class PipelineSFTTrainer(AtomicCheckpoints, SFTTrainer):
     """SFTTrainer with three changes:
 
     - Checkpoints appear all at once: written into a staging folder, checksummed (`SHA256SUMS.json`, what a resume
@@ -60,7 +123,6 @@ class PipelineSFTTrainer(SFTTrainer):
     def __init__(self, *args, metrics_on_device: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.metrics_on_device = metrics_on_device
-        self.last_checkpoint_save_s: float | None = None  # how long the last checkpoint took (graceful stop)
         self._device_sums: dict[str, torch.Tensor] = {}
         if metrics_on_device:
             # First in line, so every callback's on_step_end (and the log) sees the flushed counts.
@@ -142,60 +204,6 @@ class PipelineSFTTrainer(SFTTrainer):
             self.flush_device_counters()
         super().log(logs, start_time)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
-        """Resume with the adapter weights in the dtype training uses: peft up-casts loaded adapters to fp32,
-        while SFTTrainer keeps QLoRA adapters in bf16, so an un-fixed resume would train on different numerics."""
-        target = model if model is not None else self.model
-        dtypes = {n: p.dtype for n, p in target.named_parameters() if p.requires_grad}
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        cast_params(target, dtypes)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        # Under DDP every process writes its part (its RNG state; the main one the weights and optimizer) into the
-        # staging folder; only the main process clears it before, checksums and renames it after, between barriers.
-        started = time.perf_counter()
-        run_dir = self._get_output_dir(trial=trial)
-        staging = os.path.join(run_dir, STAGING_DIRNAME)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        get_output_dir = self._get_output_dir
-        self._get_output_dir = lambda trial=None: staging  # super() writes checkpoint-N under staging
-        try:
-            super()._save_checkpoint(model, trial)
-            self.accelerator.wait_for_everyone()
-            if self.args.should_save:
-                write_checksums(os.path.join(staging, name))  # what a resume verifies the checkpoint against
-        except BaseException as exc:
-            full = None
-            if isinstance(exc, Exception):  # (a stop at once is not a full disk)
-                full = disk_full_error(exc, run_dir, f"checkpoint {name}", self._checkpoint_bytes(run_dir))
-            shutil.rmtree(staging, ignore_errors=True)  # a failed or interrupted save leaves nothing behind
-            if full is not None:
-                raise full from None
-            raise
-        finally:
-            self._get_output_dir = get_output_dir
-        if self.args.should_save:
-            target = os.path.join(run_dir, name)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(os.path.join(staging, name), target)
-            fsync_dir(run_dir)
-            shutil.rmtree(staging, ignore_errors=True)
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
-        self.accelerator.wait_for_everyone()
-        self.last_checkpoint_save_s = time.perf_counter() - started
-
-    @staticmethod
-    def _checkpoint_bytes(run_dir: str) -> int | None:
-        """Size of the newest complete checkpoint (what the next one needs), if there is one."""
-        done = [p for p in Path(run_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()]
-        if not done:
-            return None
-        newest = max(done, key=lambda p: int(p.name.split("-")[-1]))
-        return folder_size_bytes(newest)
-
 
 class FlushDeviceCounters(TrainerCallback):
     """`metrics_on_device`: read the device sums at the end of the steps that log or save, and at the end of
@@ -236,3 +244,15 @@ class CheckpointFirstLayers(TrainerCallback):
         layers = self.layers if self.layers is not None else len(blocks) - (0 if self.offloading else 1)
         for index, block in enumerate(blocks):
             block.gradient_checkpointing = index < layers
+
+
+class PipelineDPOTrainer(AtomicCheckpoints, DPOTrainer):
+    """TRL's DPOTrainer with atomic checkpoints."""
+
+
+class PipelineKTOTrainer(AtomicCheckpoints, KTOTrainer):
+    """TRL's KTOTrainer with atomic checkpoints."""
+
+
+class PipelineGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
+    """TRL's GRPOTrainer with atomic checkpoints."""

@@ -1,0 +1,254 @@
+"""The stages after SFT (training.method dpo / kto / grpo): rewards, data formats, the reference policy, and each
+stage through the flow from a registered SFT champion."""
+
+from __future__ import annotations
+
+import json
+import random
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline_config.loading import ConfigError, load_pipeline_config
+from pipeline_config.stages import RewardConfig
+from qlora.errors import PipelineInputError
+from qlora.rewards import build_reward, exact_match, field_match_reward, json_schema_reward, reward_problems, valid_json
+
+ANSWER = '{"name":"Elena Tanaka","item":"coffee grinder","quantity":5,"date":"2024-08-29"}'
+CHAT_ANSWER = [{"role": "assistant", "content": ANSWER}]
+
+
+# ---------------------------------------------------------------------------------------------------- rewards
+
+
+def test_built_in_rewards_score_hand_made_completions():
+    wrong_year = ANSWER.replace("2024", "2023")
+    wrapped = "Sure! " + ANSWER
+    completions = [ANSWER, wrong_year, wrapped, "not json", CHAT_ANSWER]
+    answers = [ANSWER] * len(completions)
+    assert valid_json(None, completions) == [1.0, 1.0, 0.0, 0.0, 1.0]
+    assert exact_match(None, completions, answer=answers) == [1.0, 0.0, 0.0, 0.0, 1.0]
+    assert field_match_reward()(None, completions, answer=answers) == [1.0, 0.75, 0.0, 0.0, 1.0]
+    # only the named fields count; an expected answer given as an object works as well as JSON text
+    assert field_match_reward(["date"])(None, [wrong_year], answer=[json.loads(ANSWER)]) == [0.0]
+    schema = {"type": "object", "required": ["quantity"], "properties": {"quantity": {"type": "integer"}}}
+    assert json_schema_reward(schema)(None, [ANSWER, '{"quantity": "5"}', "[]"]) == [1.0, 0.0, 0.0]
+
+
+def test_a_user_reward_entry_point_is_loaded_and_called(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(
+        textwrap.dedent(
+            """
+            def short(prompts, completions, **kwargs):
+                return [1.0 if len(c) < 10 else 0.0 for c in completions]
+
+            def no_kwargs(prompts, completions):
+                return [0.0] * len(completions)
+            """
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+    reward = build_reward(RewardConfig(function="my_rewards:short"))
+    assert reward(prompts=["p", "p"], completions=["ok", "far too long"], answer=["a", "a"]) == [1.0, 0.0]
+    with pytest.raises(PipelineInputError, match=r"my_rewards:no_kwargs cannot be a reward: it takes no \*\*kwargs"):
+        build_reward(RewardConfig(function="my_rewards:no_kwargs"))
+    problems = reward_problems(
+        [RewardConfig(function="missing_module:f"), RewardConfig(function="my_rewards:absent")], ["prompt"]
+    )
+    assert "cannot import module 'missing_module'" in problems[0]
+    assert "has no function 'absent'" in problems[1]
+    assert "no answer column" in reward_problems([RewardConfig(function="field_match")], ["prompt"])[0]
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+def _config(tmp_path: Path, **sections) -> dict:
+    raw = {"model": {"name_or_path": "x"}, "data": {"source": "bundled:orders"}}
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ({"training": {"method": "dpo"}, "data": {"format": "messages"}}, "training.method dpo trains on data.format"),
+        (
+            {"training": {"method": "grpo", "per_device_train_batch_size": 3}, "grpo": {"num_generations": 2}},
+            "grpo.num_generations",
+        ),
+        ({"training": {"method": "grpo"}, "grpo": {"rewards": [{"function": "nonsense"}]}}, "neither a built-in"),
+        ({"training": {"method": "kto", "assistant_only_loss": True}}, "SFT settings"),
+        ({"training": {"method": "orpo"}}, "training.method"),
+    ],
+)
+def test_bad_stage_settings_are_named(tmp_path, sections, message):
+    with pytest.raises(ConfigError, match=message):
+        load_pipeline_config(_config(tmp_path, **sections))
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"prompt": "q", "completion": "a", "label": "yes"}, r"row 2, column 'label' .* not true/false"),
+        ({"prompt": "q", "chosen": CHAT_ANSWER, "rejected": "b"}, r"row 2, column 'chosen' .* but its prompt"),
+        ({"prompt": "q", "chosen": "a", "rejected": 3}, r"row 2, column 'rejected' .* a number"),
+    ],
+)
+def test_bad_stage_rows_are_named(tmp_path, row, message):
+    from qlora.data import load_dataset_splits
+    from qlora.errors import DataError
+
+    good = {k: (True if k == "label" else "x") for k in row}
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [good, row, good, good]))
+    cfg = load_pipeline_config(_config(tmp_path, data={"source": str(path)})).data
+    with pytest.raises(DataError, match=message):
+        load_dataset_splits(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------- stage data
+
+
+def order_stage_rows(n: int, seed: int, kind: str) -> list[dict]:
+    """Rows of the bundled orders task in a stage's format: the correct JSON chosen, a typical mistake (wrong year,
+    wrong quantity, text around the JSON) rejected."""
+    from qlora.bundled_data import generate_orders
+
+    rng = random.Random(seed)
+    rows = []
+    for chat in generate_orders(max(n, 1000), 200, seed)["train"][:n]:
+        prompt, answer = chat["messages"][:-1], chat["messages"][-1]["content"]
+        order = json.loads(answer)
+        mistake = rng.choice(["year", "quantity", "text"])
+        if mistake == "year":
+            wrong = json.dumps(order | {"date": str(int(order["date"][:4]) - 1) + order["date"][4:]})
+        elif mistake == "quantity":
+            wrong = json.dumps(order | {"quantity": order["quantity"] + 1})
+        else:
+            wrong = "Here is the order: " + answer
+        if kind == "preference":
+            rows.append({"prompt": prompt, "chosen": answer, "rejected": wrong})
+        elif kind == "unpaired_preference":
+            good = rng.random() < 0.5
+            rows.append({"prompt": prompt, "completion": answer if good else wrong, "label": good})
+        else:
+            rows.append({"prompt": prompt, "answer": answer})
+    return rows
+
+
+def _write_rows(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------- reference
+
+
+@pytest.mark.slow
+def test_dpo_reference_is_the_starting_adapter(tiny_llama_dir, tmp_path):
+    """With a learning rate of 0, DPO's rewards and margins are exactly 0 only if the reference is the adapter the
+    stage starts from (a trained, non-zero one here: against the bare base they would not be), and the adapter is
+    unchanged."""
+    import torch
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+
+    from pipeline_config.schema import PipelineConfig
+    from qlora.data import load_dataset_splits
+    from qlora.model import build_lora_config, load_quantized_model
+    from qlora.model_source import resolve_model_source
+    from qlora.stages import StartingAdapter
+    from qlora.tokenizer import setup_tokenizer
+    from qlora.train import Stage, train_adapter
+    from tests.conftest import tiny_config_dict
+
+    raw = tiny_config_dict(tiny_llama_dir, tmp_path)
+    raw["data"] = {"source": _write_rows(tmp_path / "pref.jsonl", order_stage_rows(24, 1, "preference"))}
+    raw["training"] |= {"method": "dpo", "max_steps": 2, "logging_steps": 1}
+    cfg = PipelineConfig(**raw)
+    training = cfg.training.model_copy(update={"learning_rate": 0.0})  # the config refuses 0: a run would not learn
+    source = resolve_model_source(cfg.model)
+    tokenizer = setup_tokenizer(source, cfg.tokenizer, needs_chat_template=False)
+    data = load_dataset_splits(cfg.data)
+
+    # a starting adapter that moves the model: lora_B random, not peft's zeros; bf16 values, as SFT trains them
+    base = load_quantized_model(source, cfg.quantization, "cpu")
+    start = get_peft_model(base, build_lora_config(cfg.lora, base))
+    torch.manual_seed(0)
+    for name, param in start.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+        if "lora_" in name:
+            param.data = param.data.to(torch.bfloat16).float()
+    start.save_pretrained(tmp_path / "start")
+    before = load_file(tmp_path / "start" / "adapter_model.safetensors")
+    base = start.unload()
+
+    result = train_adapter(
+        base, data, tokenizer, cfg.lora, training, "cpu",
+        stage=Stage(cfg, StartingAdapter(path=str(tmp_path / "start"), spec=str(tmp_path / "start"))),
+    )  # fmt: skip
+    assert result.metrics["train_steps"] == 2
+    assert result.metrics["stage/rewards/margins"] == 0.0
+    assert result.metrics["stage/rewards/chosen"] == 0.0
+    assert list(result.model.peft_config) == ["default"]  # TRL's "ref" copy is gone before saving
+    result.model.save_pretrained(tmp_path / "after")
+    after = load_file(tmp_path / "after" / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    for key, tensor in before.items():
+        assert torch.equal(tensor.float(), after[key].float()), key
+
+
+# ---------------------------------------------------------------------------------------------------- the flow
+
+
+@pytest.fixture(scope="module")
+def sft_champion(tiny_llama_dir, tmp_path_factory):
+    from tests.conftest import train_tiny_champion
+
+    tmp_path = tmp_path_factory.mktemp("sft")
+    summary, raw = train_tiny_champion(tiny_llama_dir, tmp_path, "orders-sft")
+    return summary, raw, tmp_path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dpo", "kto", "grpo"])
+def test_a_stage_trains_from_the_registered_sft_champion(sft_champion, method, tmp_path):
+    import mlflow
+
+    from flows.finetune import finetune
+    from qlora.inference import load_for_inference
+
+    summary, raw, sft_dir = sft_champion
+    kind = {"dpo": "preference", "kto": "unpaired_preference", "grpo": "prompt_only"}[method]
+    raw = json.loads(json.dumps(raw))
+    raw["model"]["adapter"] = "models:/orders-sft@champion"
+    raw["data"] = {"source": _write_rows(tmp_path / f"{kind}.jsonl", order_stage_rows(32, 2, kind))}
+    if method == "grpo":
+        raw["data"]["format"] = "prompt_only"
+        raw["grpo"] = {"num_generations": 2, "max_completion_length": 8}
+    raw["training"] |= {"method": method, "max_steps": 2, "output_dir": str(tmp_path / "out"), "logging_steps": 1}
+    raw["registry"] = {"model_name": f"orders-{method}", "max_new_tokens": 8}
+    config = tmp_path / "stage.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    stage = finetune(config_path=str(config))
+
+    assert stage["train"]["train_steps"] == 2
+    client = mlflow.MlflowClient()
+    run = client.get_run(stage["mlflow_run_id"])
+    assert run.data.tags["qlora.stage"] == method
+    assert run.data.tags["parent_model"] == "orders-sft"
+    assert run.data.tags["parent_version"] == summary["registry"]["version"]
+    assert run.data.tags["parent_run_id"] == summary["mlflow_run_id"]
+    expected_metric = {"dpo": "rewards/margins", "kto": "kl", "grpo": "rewards/field_match/mean"}
+    history = client.get_metric_history(run.info.run_id, expected_metric[method])
+    assert history, f"{expected_metric[method]} not in MLflow: {sorted(run.data.metrics)}"
+    version = client.get_model_version(f"orders-{method}", stage["registry"]["version"])
+    assert version.tags["parent_version"] == summary["registry"]["version"]
+    assert version.tags["qlora.stage"] == method
+    loaded = load_for_inference(f"models:/orders-{method}/{stage['registry']['version']}")
+    assert list(loaded.model.peft_config) == ["default"]
