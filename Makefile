@@ -1,11 +1,12 @@
 # make demo  - create .venv, install everything, run the flow on the embedded default (offline, CPU ok)
+# make demo-align - then the second stages: SFT champion -> DPO and SFT champion -> GRPO
 # make test  - create .venv, install everything, run the whole test suite (fast + slow, GPU tests skip)
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint format mlflow-ui server worker deploy serve clean
+.PHONY: install demo demo-align test test-fast lint format mlflow-ui server worker deploy serve clean
 
 # Local Prefect: a server on 127.0.0.1 with its SQLite database under .prefect/ in this folder.
 PREFECT_PORT ?= 4200
@@ -28,6 +29,14 @@ DEMO_PROMPT ?= Order from Mei Tanaka: three travel mugs, needed on March 14, 202
 demo: install
 	$(VENV)/bin/qlora-flow run --config pipeline_config/default.yaml
 	$(VENV)/bin/qlora-flow generate --model models:/smollm2-135m-orders@champion --prompt "$(DEMO_PROMPT)"
+
+# The second stages on the embedded default: SFT champion -> DPO and SFT champion -> GRPO (`make demo` first when
+# there is no SFT champion yet), each registered under its own name with the SFT version as its parent.
+demo-align: install
+	$(PY) -c "import mlflow; mlflow.MlflowClient('sqlite:///mlflow.db').get_model_version_by_alias('smollm2-135m-orders', 'champion')" 2>/dev/null \
+		|| $(VENV)/bin/qlora-flow run --config pipeline_config/default.yaml
+	$(VENV)/bin/qlora-flow run --config pipeline_config/align-dpo.yaml
+	$(VENV)/bin/qlora-flow run --config pipeline_config/align-grpo.yaml
 
 test: install
 	$(PY) -m pytest -q

@@ -64,7 +64,7 @@ FLOW_COMMANDS = {
         "flows.finetune:finetune",
         "check config and data, load no model",
         _CONFIG_FLAGS,
-        only=("config_path", "overrides", "data_source"),
+        only=("config_path", "overrides", "data_source", "adapter"),
     ),
     "sweep": FlowCommand(
         "flows.sweep:sweep",
@@ -276,7 +276,8 @@ def run_command(args) -> int:
     from qlora.services import resolve_tracking_uri
 
     params = flow_arguments(args)
-    settled = {k: params.get(k) for k in ("config_path", "overrides", "data_source", "resume", "resume_dir")}
+    keys = ("config_path", "overrides", "data_source", "resume", "resume_dir", "adapter")
+    settled = {k: params.get(k) for k in keys}
     cfg = settle_run_config(None, **settled)  # a bad config fails here, before Prefect starts
     tracking_uri = resolve_tracking_uri(cfg.tracking)
     # The flow gets the validated config itself; its preflight step checks data and tokenizer before weights.
@@ -291,8 +292,17 @@ def validate_command(args) -> int:
     from qlora.run_config import settle_run_config
 
     params = flow_arguments(args)
-    cfg = settle_run_config(None, params["config_path"], params.get("overrides"), params.get("data_source"))
+    cfg = settle_run_config(
+        None, params["config_path"], params.get("overrides"), params.get("data_source"), adapter=params.get("adapter")
+    )
     cfg, source, data, device, report = preflight_from_config(cfg)  # no weights, no GGUF conversion
+    if cfg.model.adapter:
+        from qlora.stages import resolve_starting_adapter
+
+        starting = resolve_starting_adapter(cfg)  # a registry version is downloaded (small): no base weights
+        print(
+            f"starting adapter: {cfg.model.adapter} -> {starting.path} ({', '.join(starting.lineage_tags().values())})"
+        )
     print(f"config ok: {params['config_path']}")
     print(f"model: {source.description}; device: {device}")
     print(f"data: {data.source} format={data.kind} train={len(data.train)} eval={len(data.eval)} digest={data.digest}")

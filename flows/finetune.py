@@ -72,6 +72,7 @@ def finetune(
     config_path: str = "pipeline_config/default.yaml",
     overrides: list[str] | None = None,
     data_source: str | None = None,
+    adapter: str | None = None,
     resume: Literal["auto", "never"] | None = None,
     resume_dir: str | None = None,
     config: PipelineConfig | None = None,
@@ -83,6 +84,8 @@ def finetune(
         config_path: the YAML config, relative to the working folder (the repository for deployments).
         overrides: `section.key=value` overrides of the config, validated with it; repeatable.
         data_source: replaces `data.source` (what a `dataset.updated` event passes in).
+        adapter: replaces `model.adapter`, the adapter a stage after SFT starts from (what a
+            `qlora.champion.promoted` event passes in: the new champion's version).
         resume: replaces `training.resume`: 'never' (--no-resume) always starts a new run folder; 'auto' continues
             the newest unfinished run folder of the same run that no live process holds.
         resume_dir: continue this run folder (see `qlora-flow runs`; refused if it would mix two runs).
@@ -90,7 +93,7 @@ def finetune(
         trial: set by a sweep (flows/sweep.py) for its trials: continue the MLflow run the sweep created, report
             the eval loss to the sweep's Optuna study while training, stop early when its pruner says so.
     """
-    cfg = validate_config_task(config, config_path, overrides, data_source, resume, resume_dir)
+    cfg = validate_config_task(config, config_path, overrides, data_source, resume, resume_dir, adapter)
     device = pick_device(cfg.training.device)
     # SIGTERM / SIGINT / a cancellation from here on: training stops at the next step with a checkpoint (the folder
     # stays resumable), the MLflow run ends KILLED, locks and slots are released, and the flow run Cancelled/Crashed.

@@ -113,3 +113,9 @@ class RegistryConfig(_Section):
         description="Harness scores a challenger may not lose against the champion (same suite version) to be "
         "promoted, whatever registry.metric says.",
     )
+    next_stages: list[str] = Field(
+        default_factory=list,
+        description="Configs of the stages to run on a new champion of this run (e.g. pipeline_config/align-dpo.yaml): "
+        "its promotion emits one `qlora.champion.promoted` event per stage, which the qlora-align deployment's "
+        "trigger turns into a run of that config starting from the new champion's version (prefect.yaml).",
+    )

@@ -165,3 +165,79 @@ def generate_orders(train_rows: int, eval_rows: int, seed: int) -> dict[str, lis
             seen.add(key)
             splits[split].append(row)
     return splits
+
+
+# ---------------------------------------------------------------------------------------------- stages after SFT
+
+
+def _wrong_year(order: dict, rng: random.Random) -> dict:
+    return order | {"date": f"{int(order['date'][:4]) + rng.choice([-1, 1])}{order['date'][4:]}"}
+
+
+def _wrong_day(order: dict, rng: random.Random) -> dict:
+    when = date.fromisoformat(order["date"]) + timedelta(days=rng.choice([-2, -1, 1, 2]))
+    return order | {"date": when.isoformat()}
+
+
+def _day_and_month_swapped(order: dict, rng: random.Random) -> dict:
+    when = date.fromisoformat(order["date"])
+    if when.day > 12 or when.day == when.month:
+        return _wrong_day(order, rng)
+    return order | {"date": date(when.year, when.day, when.month).isoformat()}
+
+
+def _wrong_quantity(order: dict, rng: random.Random) -> dict:
+    changes = [1, 2] if order["quantity"] == 1 else [-1, 1, 2]
+    return order | {"quantity": order["quantity"] + rng.choice(changes)}
+
+
+def _missing_field(order: dict, rng: random.Random) -> dict:
+    dropped = rng.choice(["quantity", "date", "item"])
+    return {k: v for k, v in order.items() if k != dropped}
+
+
+# The mistakes the SFT demo model makes on held-out orders (README): dates off by a day, a month or a year, a wrong
+# or missing quantity, and text around the JSON.
+ORDER_MISTAKES = {
+    "wrong_year": _wrong_year,
+    "wrong_day": _wrong_day,
+    "day_and_month_swapped": _day_and_month_swapped,
+    "wrong_quantity": _wrong_quantity,
+    "missing_field": _missing_field,
+    "text_around": None,  # the answer itself, wrapped in words
+}
+
+
+def order_mistake(answer: str, rng: random.Random) -> str:
+    """A wrong answer to an order, of one of ORDER_MISTAKES' kinds (chosen at random)."""
+    kind = rng.choice(list(ORDER_MISTAKES))
+    if kind == "text_around":
+        return rng.choice(["Here is the order: {}", "{}\nLet me know if anything else is needed.", "Sure! {}"]).format(
+            answer
+        )
+    wrong = ORDER_MISTAKES[kind](json.loads(answer), rng)
+    return json.dumps(wrong, separators=(",", ":"))
+
+
+def generate_order_stage_rows(kind: str, train_rows: int, eval_rows: int, seed: int) -> dict[str, list[dict]]:
+    """The orders of `generate_orders(train_rows, eval_rows, seed)` (the same held-out orders SFT is measured on) in
+    a stage's format: `preference` (the correct JSON chosen, a typical mistake rejected), `unpaired_preference` (half
+    the rows correct and desirable, half a mistake and undesirable) or `prompt_only` (the expected JSON as `answer`,
+    for GRPO's rewards). Prompts are the chat turns before the answer."""
+    rng = random.Random(seed + 1)
+    out: dict[str, list[dict]] = {}
+    for split, rows in generate_orders(train_rows, eval_rows, seed).items():
+        out[split] = []
+        for row in rows:
+            prompt, answer = row["messages"][:-1], row["messages"][-1]["content"]
+            if kind == "preference":
+                out[split].append({"prompt": prompt, "chosen": answer, "rejected": order_mistake(answer, rng)})
+            elif kind == "unpaired_preference":
+                good = rng.random() < 0.5
+                completion = answer if good else order_mistake(answer, rng)
+                out[split].append({"prompt": prompt, "completion": completion, "label": good})
+            elif kind == "prompt_only":
+                out[split].append({"prompt": prompt, "answer": answer})
+            else:
+                raise ValueError(f"no stage format {kind!r}")
+    return out

@@ -2,7 +2,9 @@
 
 - eval loss / perplexity over the answer tokens (prompt tokens are masked, as in completion-only scoring;
   'text' rows without a response template are scored over the whole text);
-- a task metric from greedy generations: exact match of the stripped answer.
+- a task metric from greedy generations: exact match of the stripped answer;
+- for answers that are JSON objects (structured output): the share of answers that are valid JSON, and per field the
+  share of answers with that field right (`field_accuracy/date`: how often the date is right).
 The base model is the same in-memory PEFT model with its adapter disabled, so both numbers come from identical
 4-bit weights and numerics.
 """
@@ -119,7 +121,28 @@ def evaluate_model(model, tokenizer, data: DatasetSplits, cfg: EvaluationConfig,
         hits = sum(p == r for p, r in zip(result.predictions, result.references, strict=True))
         result.metrics["exact_match"] = 100.0 * hits / len(pairs)
         result.metrics["generation_rows"] = float(len(pairs))
+    result.metrics |= structured_output_metrics(result.predictions, result.references)
     return result
+
+
+def structured_output_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """When every reference is a JSON object: `json_valid` (% of predictions that are one JSON value and nothing
+    else) and `field_accuracy/<field>` (% of predictions with the reference's value in that field). {} otherwise."""
+    from qlora.rewards import parsed_json
+
+    expected = [parsed_json(r) for r in references]
+    if not expected or not all(ok and isinstance(value, dict) for ok, value in expected):
+        return {}
+    got = [parsed_json(p) for p in predictions]
+    metrics = {"json_valid": 100.0 * sum(ok for ok, _ in got) / len(got)}
+    fields = list(dict.fromkeys(name for _, value in expected for name in value))
+    for name in fields:
+        right = sum(
+            ok and isinstance(value, dict) and name in ref and value.get(name) == ref[name]
+            for (ok, value), (_, ref) in zip(got, expected, strict=True)
+        )
+        metrics[f"field_accuracy/{name}"] = 100.0 * right / len(got)
+    return metrics
 
 
 @dataclass
@@ -132,8 +155,11 @@ class Comparison:
 def evaluate_base_and_finetuned(
     peft_model, tokenizer, data: DatasetSplits, cfg: EvaluationConfig, max_len: int
 ) -> Comparison:
-    """Same held-out rows, adapter off (base) then on (fine-tuned)."""
-    with peft_model.disable_adapter():
+    """Same held-out rows, the model as the run started (the base, adapter off; a stage's starting adapter), then
+    fine-tuned."""
+    from qlora.stages import starting_policy
+
+    with starting_policy(peft_model):
         base = evaluate_model(peft_model, tokenizer, data, cfg, max_len)
     tuned = evaluate_model(peft_model, tokenizer, data, cfg, max_len)
     samples = [

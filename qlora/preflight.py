@@ -204,6 +204,10 @@ def run_preflight(
         from qlora.suites import suite_problems
 
         report.fatal += suite_problems(cfg)  # unknown tasks, malformed task files, unguarded guards
+    if cfg.registry.next_stages:
+        from qlora.stages import next_stage_problems
+
+        report.fatal += next_stage_problems(cfg)
     if problem := tracking_store_problem(resolve_tracking_uri(cfg.tracking)):
         report.fatal.append(problem)
     if problem := writable_problem(t.output_dir):

@@ -50,10 +50,10 @@ def run_summary_text(summary: dict, tracking_uri: str, wall_s: float) -> str:
     """What `qlora-flow run` prints when the flow has finished: metrics, where everything went, how to use it."""
     base, tuned = summary["base"], summary["finetuned"]
     lines = ["", "=== QLoRA fine-tuning summary ==="]
-    lines.append(f"{'metric':<16}{'base':>12}{'fine-tuned':>12}")
-    for key in ("exact_match", "eval_loss", "perplexity"):
+    lines.append(f"{'metric':<20}{'before':>12}{'fine-tuned':>12}")
+    for key in ("exact_match", "json_valid", "field_accuracy/date", "eval_loss", "perplexity"):
         if key in base:
-            lines.append(f"{key:<16}{base[key]:>12.3f}{tuned[key]:>12.3f}")
+            lines.append(f"{key:<20}{base[key]:>12.3f}{tuned[key]:>12.3f}")
     t = summary["train"]
     lines.append(
         f"training: {t['train_steps']:.0f} steps, {t['train_tokens_per_s']:.0f} tokens/s, "

@@ -15,12 +15,15 @@ def settle_run_config(
     data_source: str | None = None,
     resume: str | None = None,
     resume_dir: str | None = None,
+    adapter: str | None = None,
 ) -> PipelineConfig:
     """`config` as given, else the file with its overrides; `data_source` replaces `data.source`, `resume`
-    replaces `training.resume`. Raises ConfigError (every problem, each naming its field)."""
+    replaces `training.resume`, `adapter` replaces `model.adapter`. Raises ConfigError (every problem, each naming
+    its field)."""
     if config is None:
         config = load_pipeline_config(config_path, overrides)
-    settled = {key: value for key, value in {"data.source": data_source, "training.resume": resume}.items() if value}
+    replaced = {"data.source": data_source, "training.resume": resume, "model.adapter": adapter}
+    settled = {key: value for key, value in replaced.items() if value}
     if settled:
         config = load_pipeline_config(config.model_dump(mode="json"), settled)
     if resume_dir and config.training.resume == "never":

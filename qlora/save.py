@@ -41,7 +41,7 @@ def save_adapter(peft_model, tokenizer, cfg: PipelineConfig, run_dir: str | os.P
     out_dir = Path(run_dir or cfg.training.output_dir)
     final = out_dir / ADAPTER_DIRNAME
     with atomic_folder(final, replace=True, what="the adapter", needed_bytes=_trained_adapter_bytes(out_dir)) as tmp:
-        peft_model.save_pretrained(tmp, safe_serialization=True)
+        peft_model.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"])  # not a stage's "ref"
         tokenizer.save_pretrained(tmp)
         (tmp / RESOLVED_CONFIG_NAME).write_text(dump_pipeline_config(cfg))
         write_checksums(tmp)

@@ -6,13 +6,16 @@ frozen copy of it as the peft adapter named "ref" and computes the reference log
 active (trl 1.16: DPOTrainer/KTOTrainer/GRPOTrainer `__init__`, "ref" adapter) — so the reference policy is the
 model the stage starts from, held by the same 4-bit base, not a second copy of the base and not the bare base.
 Started from the base, LoRA is applied from `lora` and the reference is the base with the adapter disabled (which
-is then the starting model). After training the "ref" copy is dropped: the saved adapter is the trained one alone.
+is then the starting model). After training the "ref" copy stays for the evaluation, whose "before" it is
+(`starting_policy`); the saved adapter is the trained one alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,6 +146,29 @@ def stage_input_problems(cfg: PipelineConfig, data, source=None) -> list[str]:
     return problems
 
 
+def next_stage_problems(cfg: PipelineConfig) -> list[str]:
+    """`registry.next_stages` that could not run on this run's champion: a missing or invalid config, or one of
+    another base model (the stage would start from an adapter of the wrong base)."""
+    from pipeline_config.loading import ConfigError, load_pipeline_config
+
+    problems = []
+    for path in cfg.registry.next_stages:
+        if not Path(path).is_file():
+            problems.append(f"registry.next_stages: {path} not found (relative to the working folder)")
+            continue
+        try:
+            stage = load_pipeline_config(path)
+        except ConfigError as exc:
+            problems.append(f"registry.next_stages: {path} is not a valid config: {exc}")
+            continue
+        if (stage.model.name_or_path, stage.model.gguf_file) != (cfg.model.name_or_path, cfg.model.gguf_file):
+            problems.append(
+                f"registry.next_stages: {path} trains {stage.model.name_or_path}, not this run's "
+                f"{cfg.model.name_or_path}: a stage starts from this run's adapter, so it needs the same base"
+            )
+    return problems
+
+
 def stage_model(model, starting: StartingAdapter | None):
     """The model handed to TRL: the base with the starting adapter, trainable (TRL adds the frozen "ref" copy), or
     the base alone (TRL applies LoRA from the run's `peft_config`)."""
@@ -227,9 +253,27 @@ def match_reference_dtype(model) -> None:
                 param.data = param.data.to(twin)
 
 
-def drop_reference_adapter(model) -> None:
-    """Remove TRL's frozen "ref" copy once training is done: evaluation, saving and registration see the trained
-    adapter alone."""
-    peft_config = getattr(model, "peft_config", None)
-    if peft_config and REFERENCE_ADAPTER in peft_config:
-        model.delete_adapter(REFERENCE_ADAPTER)
+@contextlib.contextmanager
+def starting_policy(model) -> Iterator[None]:
+    """The model as the run started: for a stage from an earlier adapter, that adapter (kept as "ref"); otherwise
+    the base with the adapter disabled. What evaluation compares the trained model with."""
+    peft_config = getattr(model, "peft_config", None) or {}
+    if REFERENCE_ADAPTER not in peft_config:
+        with model.disable_adapter():
+            yield
+        return
+    active = model.active_adapter
+    model.set_adapter(REFERENCE_ADAPTER)
+    try:
+        yield
+    finally:
+        model.set_adapter(active)
+
+
+def load_starting_adapter(model, starting: StartingAdapter | None) -> None:
+    """Put the starting adapter back beside a trained one loaded from the run folder (a re-run after training had
+    finished), as "ref", in the trained adapter's dtype."""
+    if starting is None or REFERENCE_ADAPTER in (getattr(model, "peft_config", None) or {}):
+        return
+    model.load_adapter(starting.path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    match_reference_dtype(model)

@@ -31,6 +31,7 @@ import yaml
 from pipeline_config.evaluation import BUILT_IN_TASKS, GENERAL_TEXT_TASK, HELDOUT_TASK, SuiteConfig
 from pipeline_config.schema import PipelineConfig
 from qlora.inference import without_router_aux_loss
+from qlora.stages import starting_policy
 
 SUITE_VERSION_TAG = "harness.suite_version."  # + suite name: what its scores are comparable with (suite_version)
 METRIC_PREFIX = "harness"  # MLflow: harness/<task>/<metric> (fine-tuned), base_harness/<task>/<metric> (base)
@@ -258,15 +259,15 @@ def _max_length(model) -> int | None:
 
 
 def run_suites(peft_model, tokenizer, suites: list[SuiteConfig], data, folder: Path) -> list[SuiteResult]:
-    """Every suite on the base (adapter off) and the fine-tuned model (adapter on): the same tasks, documents and
-    settings for both."""
+    """Every suite on the model as the run started (the base, adapter off; a stage's starting adapter) and the
+    fine-tuned model: the same tasks, documents and settings for both."""
     results = []
     peft_model.eval()
     for suite in suites:
         tasks, digests, manager = suite_tasks(suite, folder / suite.name, data, tokenizer)
         base = None
         if hasattr(peft_model, "disable_adapter"):  # a merged model has no base to compare with
-            with peft_model.disable_adapter():
+            with starting_policy(peft_model):
                 base = evaluate_with_harness(peft_model, tokenizer, suite, tasks, manager)
         tuned = evaluate_with_harness(peft_model, tokenizer, suite, tasks, manager)
         results.append(SuiteResult(suite, base, tuned, digests))

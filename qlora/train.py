@@ -438,7 +438,7 @@ def _train_stage(
 ) -> TrainResult:
     """DPO, KTO or GRPO (qlora/stages.py) with what SFT has around its trainer: the run folder's checkpoints and
     resume, the graceful stop, the adapter unloaded again after a failure, the same metrics."""
-    from qlora.stages import build_stage_trainer, drop_reference_adapter, stage_model
+    from qlora.stages import build_stage_trainer, stage_model
 
     log = log or logging.getLogger(__name__)
     if device == "cuda":
@@ -476,8 +476,7 @@ def _train_stage(
         trainer.model.unload()
         raise stop.interrupted(step, str(checkpoint) if checkpoint.is_dir() else None)
     model = trainer.model
-    drop_reference_adapter(model)
-    model.eval()
+    model.eval()  # the starting adapter stays, as "ref": evaluation measures it as the run's "before"
     tokens = float(trainer.state.num_input_tokens_seen)
     metrics = {
         "train_loss": float(output.training_loss),
@@ -516,7 +515,8 @@ def save_trained_adapter(result: TrainResult, folder) -> None:
     adapter's weights by module name, and under nested FSDP units those names carry `_fsdp_wrapped_module.` in the
     middle (peft strips it only at the start), so it would write an adapter with no weights."""
     if result.adapter_state_dict is None:
-        result.model.save_pretrained(folder, safe_serialization=True)
+        # the trained adapter alone: a stage also holds its starting adapter, frozen, as "ref" (qlora/stages.py)
+        result.model.save_pretrained(folder, safe_serialization=True, selected_adapters=["default"])
         return
     import copy
 
@@ -560,11 +560,14 @@ def read_training_outcome(run_dir: str | os.PathLike) -> dict | None:
     return outcome
 
 
-def trained_result(base: PreTrainedModel, run_dir: str | os.PathLike, outcome: dict) -> TrainResult:
-    """`base` with the run folder's trained adapter, as a TrainResult (what training measured, from `outcome`)."""
+def trained_result(base: PreTrainedModel, run_dir: str | os.PathLike, outcome: dict, starting=None) -> TrainResult:
+    """`base` with the run folder's trained adapter, as a TrainResult (what training measured, from `outcome`);
+    with a stage's `starting` adapter beside it (qlora/stages.py), as training left the model."""
     from qlora.model import load_trained_adapter
+    from qlora.stages import load_starting_adapter
 
     model = load_trained_adapter(base, Path(run_dir) / TRAINED_ADAPTER_DIRNAME, outcome["adapter_dtype"])
+    load_starting_adapter(model, starting)
     return TrainResult(
         model=model,
         metrics=outcome["metrics"],

@@ -55,7 +55,7 @@ def train_adapter_task(
             outcome["metrics"].get("train_steps", 0),
         )
         base = model if model is not None else load_base_for_training(source, cfg, device)
-        return trained_result(base, folder, outcome)
+        return trained_result(base, folder, outcome, starting)
     for line in set_aside_damaged_checkpoints(folder):
         log.warning("%s", line)
     if model is not None:
@@ -72,4 +72,4 @@ def train_adapter_task(
     outcome = read_training_outcome(folder)
     if outcome is None:
         raise RuntimeError(f"the training processes ended without leaving their result in {folder}")
-    return trained_result(load_base_for_training(source, cfg, device), folder, outcome)
+    return trained_result(load_base_for_training(source, cfg, device), folder, outcome, starting)

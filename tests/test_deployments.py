@@ -12,14 +12,16 @@ from prefect.flows import load_flow_from_entrypoint
 from flows.deployments import DATASET_EVENT, deployment_specs
 from pipeline_config.loading import load_pipeline_config
 from tasks.evaluate import SUITE_CHANGED_EVENT
+from tasks.registry import CHAMPION_PROMOTED_EVENT, champion_promoted_events
 
 REPO = Path(__file__).resolve().parent.parent
 SPECS = deployment_specs()
 
 
-def test_the_eight_deployments_exist():
+def test_the_nine_deployments_exist():
     names = {s["name"] for s in SPECS}
     assert names == {
+        "qlora-align",
         "merge-champion",
         "rescore-champion",
         "qlora-sweep",
@@ -55,7 +57,11 @@ def test_entrypoint_and_parameters_validate(spec):
         assert cron.timezone == "Europe/Berlin"
     for trigger in spec.get("triggers", []):
         parsed = DeploymentEventTrigger(**{k: v for k, v in trigger.items() if k != "type"})
-        expected = {DATASET_EVENT: {"data_source", "config_path"}, SUITE_CHANGED_EVENT: {"model", "config_path"}}
+        expected = {
+            DATASET_EVENT: {"data_source", "config_path"},
+            SUITE_CHANGED_EVENT: {"model", "config_path"},
+            CHAMPION_PROMOTED_EVENT: {"config_path", "adapter"},
+        }
         (event,) = parsed.expect
         assert set(parsed.parameters) == expected[event]
 
@@ -92,6 +98,41 @@ def test_a_changed_suite_event_matches_the_rescore_trigger_and_fills_its_paramet
     # scores of the current version (or none to compare with): no event
     assert suite_changed_event(cfg, [SimpleNamespace(**{**vars(stale), "champion_scores": {}})], "x.yaml") is None
     assert suite_changed_event(cfg, [SimpleNamespace(**{**vars(stale), "champion_version": None})], "x.yaml") is None
+
+
+def test_a_promoted_champion_starts_each_next_stage_through_the_align_trigger():
+    """The events a run emits when its version becomes champion (tasks/registry.py): one per next stage of
+    default.yaml, each matching the qlora-align trigger, whose parameters then name that stage's config (a valid
+    config that starts from the pinned champion version); none for a challenger; without next stages one event that
+    the align trigger ignores."""
+    import re
+
+    from prefect.events.schemas.events import Resource
+
+    from pipeline_config.loading import load_pipeline_config
+    from qlora.registry import PromotionDecision
+
+    cfg = load_pipeline_config(REPO / "pipeline_config/default.yaml", [])
+    promoted = PromotionDecision("4", True, "no champion yet", 46.0, None, None)
+    events = champion_promoted_events(cfg, promoted)
+    assert [e["resource"]["qlora.next_stage"] for e in events] == cfg.registry.next_stages
+    assert cfg.registry.next_stages == ["pipeline_config/align-dpo.yaml", "pipeline_config/align-grpo.yaml"]
+    spec = next(s for s in SPECS if s["name"] == "qlora-align")
+    (trigger,) = spec["triggers"]
+    parsed = DeploymentEventTrigger(**{k: v for k, v in trigger.items() if k != "type"})
+    for event in events:
+        assert event["event"] in parsed.expect and parsed.match.includes([Resource(event["resource"])])
+        params = {}
+        for name, template in parsed.parameters.items():
+            (field,) = re.fullmatch(r"\{\{ event\.resource\['([^']+)'\] \}\}", template).groups()
+            params[name] = event["resource"][field]
+        assert params["adapter"] == "models:/smollm2-135m-orders/4"
+        stage = load_pipeline_config(REPO / params["config_path"], [f"model.adapter={params['adapter']}"])
+        assert stage.training.method in ("dpo", "grpo") and stage.model.name_or_path == cfg.model.name_or_path
+    assert champion_promoted_events(cfg, PromotionDecision("5", False, "does not beat", 40.0, 46.0, "4")) == []
+    cfg.registry.next_stages = []
+    (plain,) = champion_promoted_events(cfg, promoted)
+    assert not parsed.match.includes([Resource(plain["resource"])])
 
 
 def test_gpu_deployment_uses_its_own_queue():
@@ -147,6 +188,7 @@ def test_serve_builds_every_process_pool_deployment_with_its_schedule_and_trigge
 
     built = {d.name: d for d in runner_deployments()}
     assert set(built) == {
+        "qlora-align",
         "qlora-default",
         "qlora-nightly",
         "qlora-on-dataset-update",
@@ -157,5 +199,6 @@ def test_serve_builds_every_process_pool_deployment_with_its_schedule_and_trigge
     (schedule,) = built["qlora-nightly"].schedules
     assert schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "Europe/Berlin"
     assert len(built["qlora-on-dataset-update"].triggers) == 1
+    assert len(built["qlora-align"].triggers) == 1
     assert built["merge-champion"].parameters["model"] == "models:/smollm2-135m-orders@champion"
     assert "llama2-7b-chat-guanaco-gpu" in {d.name for d in runner_deployments(include_gpu=True)}

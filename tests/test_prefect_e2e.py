@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from qlora.bundled_data import generate_orders
 
@@ -110,15 +111,15 @@ def _artifacts(client, flow_run_id) -> dict:
 
 def test_deployments_run_on_demand_and_on_dataset_event(prefect_stack, tiny_config_file, tmp_path):
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     api, env = prefect_stack
+    sft_config, dpo_config = _sft_config_with_a_next_stage(tiny_config_file, tmp_path)
     with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
-        # (a) the on-demand deployment, triggered through the API with the tiny config
+        # (a) the on-demand deployment, triggered through the API with the tiny config (its next stage: DPO)
         deployment = client.read_deployment_by_name("qlora-finetune/qlora-default")
-        flow_run = client.create_flow_run_from_deployment(
-            deployment.id, parameters={"config_path": str(tiny_config_file)}
-        )
+        flow_run = client.create_flow_run_from_deployment(deployment.id, parameters={"config_path": str(sft_config)})
         run = _wait_final(client, flow_run.id)
         assert run.state.is_completed(), (tmp_path / "worker.log").read_text()[-4000:]
         artifacts = _artifacts(client, flow_run.id)
@@ -152,8 +153,6 @@ def test_deployments_run_on_demand_and_on_dataset_event(prefect_stack, tiny_conf
             timeout=120,
         )
         assert emitted.returncode == 0, emitted.stderr[-2000:]
-        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-
         deadline = time.monotonic() + 120
         while not (
             runs := client.read_flow_runs(
@@ -170,9 +169,44 @@ def test_deployments_run_on_demand_and_on_dataset_event(prefect_stack, tiny_conf
         summary = _artifacts(client, runs[0].id)["qlora-summary"].data
         assert str(data_file) in summary
 
-        # (c) a run cancelled in the UI / API: the worker sends SIGTERM; training stops at its next step with a
+        # (c) (a)'s version became champion: its qlora.champion.promoted event started the next stage (DPO) through
+        # the qlora-align deployment's trigger, from that version
+        align = client.read_deployment_by_name("qlora-finetune/qlora-align")
+        deadline = time.monotonic() + 120
+        filter_align = DeploymentFilter(id=DeploymentFilterId(any_=[align.id]))
+        while not (stage_runs := client.read_flow_runs(deployment_filter=filter_align)):
+            assert time.monotonic() < deadline, "no qlora-align run started from the qlora.champion.promoted event"
+            time.sleep(2)
+        stage_run = _wait_final(client, stage_runs[0].id)
+        assert stage_run.state.is_completed(), (tmp_path / "worker.log").read_text()[-4000:]
+        sft_name = yaml.safe_load(sft_config.read_text())["registry"]["model_name"]
+        assert stage_run.parameters == {"config_path": str(dpo_config), "adapter": f"models:/{sft_name}/1"}
+        from mlflow.tracking import MlflowClient
+
+        tracking = MlflowClient(yaml.safe_load(dpo_config.read_text())["tracking"]["tracking_uri"])
+        version = tracking.get_model_version_by_alias("tiny-dpo", "champion")
+        assert version.tags["qlora.stage"] == "dpo" and version.tags["parent_version"] == "1"
+        assert version.tags["parent_model"] == sft_name
+
+        # (d) a run cancelled in the UI / API: the worker sends SIGTERM; training stops at its next step with a
         # checkpoint, the MLflow run ends KILLED, the flow run Cancelled, the folder unlocked and resumable
         _cancel_while_training(client, tiny_config_file, tmp_path)
+
+
+def _sft_config_with_a_next_stage(tiny_config_file: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """The tiny config registering as `tiny-sft` with a DPO stage (tiny-dpo, two steps on the bundled preference
+    pairs) as its next stage."""
+    raw = yaml.safe_load(tiny_config_file.read_text())
+    stage = json.loads(json.dumps(raw))
+    stage["data"] = {"source": "bundled:orders-preference", "max_train_rows": 16, "max_eval_rows": 4}
+    stage["training"].update(method="dpo", max_steps=2, output_dir=str(tmp_path / "dpo"))
+    stage["registry"] = {"model_name": "tiny-dpo", "max_new_tokens": 8}
+    dpo_config = tmp_path / "tiny-dpo.yaml"
+    dpo_config.write_text(yaml.safe_dump(stage))
+    raw["registry"] = {"model_name": "tiny-sft", "max_new_tokens": 8, "next_stages": [str(dpo_config)]}
+    sft_config = tmp_path / "tiny-sft.yaml"
+    sft_config.write_text(yaml.safe_dump(raw))
+    return sft_config, dpo_config
 
 
 def _cancel_while_training(client, tiny_config_file, tmp_path) -> None:

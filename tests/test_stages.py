@@ -4,7 +4,6 @@ stage through the flow from a registered SFT champion."""
 from __future__ import annotations
 
 import json
-import random
 import textwrap
 from pathlib import Path
 
@@ -114,30 +113,47 @@ def test_bad_stage_rows_are_named(tmp_path, row, message):
 
 
 def order_stage_rows(n: int, seed: int, kind: str) -> list[dict]:
-    """Rows of the bundled orders task in a stage's format: the correct JSON chosen, a typical mistake (wrong year,
-    wrong quantity, text around the JSON) rejected."""
-    from qlora.bundled_data import generate_orders
+    """`n` training rows of the bundled orders in a stage's format (qlora/bundled_data.py)."""
+    from qlora.bundled_data import generate_order_stage_rows
 
-    rng = random.Random(seed)
-    rows = []
-    for chat in generate_orders(max(n, 1000), 200, seed)["train"][:n]:
-        prompt, answer = chat["messages"][:-1], chat["messages"][-1]["content"]
-        order = json.loads(answer)
-        mistake = rng.choice(["year", "quantity", "text"])
-        if mistake == "year":
-            wrong = json.dumps(order | {"date": str(int(order["date"][:4]) - 1) + order["date"][4:]})
-        elif mistake == "quantity":
-            wrong = json.dumps(order | {"quantity": order["quantity"] + 1})
-        else:
-            wrong = "Here is the order: " + answer
-        if kind == "preference":
-            rows.append({"prompt": prompt, "chosen": answer, "rejected": wrong})
-        elif kind == "unpaired_preference":
-            good = rng.random() < 0.5
-            rows.append({"prompt": prompt, "completion": answer if good else wrong, "label": good})
-        else:
-            rows.append({"prompt": prompt, "answer": answer})
-    return rows
+    return generate_order_stage_rows(kind, max(n, 1000), 200, seed)["train"][:n]
+
+
+def test_bundled_stage_data_holds_the_sft_orders_and_typical_mistakes():
+    """bundled:orders-preference / -unpaired / -prompts are the orders of bundled:orders (the same held-out orders,
+    so every stage is measured on what SFT was), with a mistake of every kind the SFT model makes as the rejected
+    answer: never the correct one."""
+    from collections import Counter
+
+    from pipeline_config.schema import DataConfig
+    from qlora.data import load_dataset_splits
+    from qlora.rewards import field_match_reward, parsed_json
+
+    sft = load_dataset_splits(DataConfig(source="bundled:orders"))
+    held_out = [row["messages"][:-1] for row in sft.eval]
+    pairs = load_dataset_splits(DataConfig(source="bundled:orders-preference"))
+    prompts = load_dataset_splits(DataConfig(source="bundled:orders-prompts"))
+    unpaired = load_dataset_splits(DataConfig(source="bundled:orders-unpaired"))
+    assert (pairs.kind, prompts.kind, unpaired.kind) == ("preference", "prompt_only", "unpaired_preference")
+    for data in (pairs, prompts, unpaired):
+        assert [row["prompt"] for row in data.eval] == held_out
+    assert [row["answer"] for row in prompts.eval] == [row["messages"][-1]["content"] for row in sft.eval]
+    chosen = [row["chosen"][0]["content"] for row in pairs.train]
+    rejected = [row["rejected"][0]["content"] for row in pairs.train]
+    assert all(c != r for c, r in zip(chosen, rejected, strict=True))
+    scores = field_match_reward()(None, rejected, answer=chosen)
+    parsed = [parsed_json(r) for r in rejected]
+    kinds = Counter(
+        "text" if not ok else "missing" if len(value) == 3 else "field"
+        for (ok, value), score in zip(parsed, scores, strict=True)
+    )
+    assert kinds["text"] > 100 and kinds["missing"] > 100 and kinds["field"] > 400, kinds
+    assert all(score < 1 for score in scores)
+    dates = sum(
+        ok and json.loads(c)["date"] != value.get("date") for c, (ok, value) in zip(chosen, parsed, strict=True)
+    )
+    assert dates > 400  # wrong year, wrong day, day and month swapped
+    assert 0.4 < sum(unpaired.train["label"]) / len(unpaired.train) < 0.6
 
 
 def _write_rows(path: Path, rows: list[dict]) -> str:
@@ -159,11 +175,12 @@ def test_dpo_reference_is_the_starting_adapter(tiny_llama_dir, tmp_path):
 
     from pipeline_config.schema import PipelineConfig
     from qlora.data import load_dataset_splits
+    from qlora.evaluate import evaluate_base_and_finetuned, evaluate_model
     from qlora.model import build_lora_config, load_quantized_model
     from qlora.model_source import resolve_model_source
     from qlora.stages import StartingAdapter
     from qlora.tokenizer import setup_tokenizer
-    from qlora.train import Stage, train_adapter
+    from qlora.train import Stage, save_trained_adapter, train_adapter
     from tests.conftest import tiny_config_dict
 
     raw = tiny_config_dict(tiny_llama_dir, tmp_path)
@@ -195,8 +212,18 @@ def test_dpo_reference_is_the_starting_adapter(tiny_llama_dir, tmp_path):
     assert result.metrics["train_steps"] == 2
     assert result.metrics["stage/rewards/margins"] == 0.0
     assert result.metrics["stage/rewards/chosen"] == 0.0
-    assert list(result.model.peft_config) == ["default"]  # TRL's "ref" copy is gone before saving
-    result.model.save_pretrained(tmp_path / "after")
+    # the evaluation's "before" is the starting adapter (kept as "ref"), not the bare base
+    comparison = evaluate_base_and_finetuned(result.model, tokenizer, data, cfg.evaluation, 160)
+    assert comparison.base.metrics["eval_loss"] == comparison.finetuned.metrics["eval_loss"]
+    with result.model.disable_adapter():
+        bare = evaluate_model(result.model, tokenizer, data, cfg.evaluation, 160)
+    assert abs(bare.metrics["eval_loss"] - comparison.base.metrics["eval_loss"]) > 0.01
+    save_trained_adapter(result, tmp_path / "after")  # the trained adapter alone, without the "ref" copy
+    assert sorted(p.name for p in (tmp_path / "after").iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     after = load_file(tmp_path / "after" / "adapter_model.safetensors")
     assert before.keys() == after.keys()
     for key, tensor in before.items():
@@ -251,4 +278,4 @@ def test_a_stage_trains_from_the_registered_sft_champion(sft_champion, method, t
     assert version.tags["parent_version"] == summary["registry"]["version"]
     assert version.tags["qlora.stage"] == method
     loaded = load_for_inference(f"models:/orders-{method}/{stage['registry']['version']}")
-    assert list(loaded.model.peft_config) == ["default"]
+    assert list(loaded.model.peft_config) == ["default"]  # the registered adapter is the trained one alone
