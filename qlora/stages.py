@@ -75,7 +75,9 @@ def resolve_starting_adapter(cfg: PipelineConfig) -> StartingAdapter | None:
     from qlora.inference import is_model_uri
 
     if is_model_uri(spec):
-        starting = _download_registered_adapter(spec)
+        from qlora.services import resolve_tracking_uri
+
+        starting = _download_registered_adapter(spec, resolve_tracking_uri(cfg.tracking))
     else:
         folder = Path(spec)
         if not (folder / "adapter_config.json").is_file():
@@ -90,28 +92,37 @@ def resolve_starting_adapter(cfg: PipelineConfig) -> StartingAdapter | None:
     return starting
 
 
-def _download_registered_adapter(uri: str) -> StartingAdapter:
+def _download_registered_adapter(uri: str, tracking_uri: str) -> StartingAdapter:
+    """The registered version `uri` names (an alias resolved to its version now), downloaded from the run's own
+    tracking server. The flow opens its MLflow run (qlora/tracking.py, which sets the same tracking URI) only
+    later; a `models:/` download reads the registry from MLflow's global URI, so it is set to the run's here."""
+    import re
+
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from qlora.registry import source_registry_version
-
-    try:
-        registered = source_registry_version(uri)
-    except MlflowException as exc:
-        raise PipelineInputError(f"model.adapter {uri}: {exc.message.splitlines()[0]}") from None
-    if registered is None:
+    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", uri)
+    if match is None:
         raise PipelineInputError(
             f"model.adapter {uri}: a stage starts from a registered adapter (models:/NAME@ALIAS or "
             "models:/NAME/VERSION) or an adapter folder"
         )
-    name, version = registered
-    client = mlflow.MlflowClient()
-    run_id = client.get_model_version(name, version).run_id
+    name, alias, version = match.groups()
+    mlflow.set_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri)
+    try:
+        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise PipelineInputError(
+            f"model.adapter {uri}: {exc.message.splitlines()[0]} in {tracking_uri} (tracking.tracking_uri)"
+        ) from None
+    version = str(found.version)
     target = Path(tempfile.mkdtemp(prefix="qlora-start-"))  # this run's own; never shared with another run
     try:
         local = Path(
-            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(target))
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{version}", dst_path=str(target), tracking_uri=tracking_uri
+            )
         )
     except MlflowException as exc:
         shutil.rmtree(target, ignore_errors=True)
@@ -119,7 +130,7 @@ def _download_registered_adapter(uri: str) -> StartingAdapter:
     adapter = local / "artifacts" / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise PipelineInputError(f"model.adapter {uri}: version {version} of {name} is not a QLoRA adapter model")
-    return StartingAdapter(path=str(adapter), spec=uri, model_name=name, version=version, run_id=run_id)
+    return StartingAdapter(path=str(adapter), spec=uri, model_name=name, version=version, run_id=found.run_id)
 
 
 def stage_input_problems(cfg: PipelineConfig, data, source=None) -> list[str]:

@@ -316,3 +316,50 @@ def test_lora_on_4_bit_experts_trains_both_weights_reloads_and_merges(family, fa
         unmerged_logits = unmerged(input_ids=ids).logits
         merged = unmerged.merge_and_unload()
         torch.testing.assert_close(merged(input_ids=ids).logits, unmerged_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_dpo_keeps_its_starting_adapter_as_the_reference(family, family_dirs, tmp_path):
+    """DPO (training.method dpo) on every family, from a trained (non-zero) starting adapter: at a learning rate of
+    0 its rewards and margins are exactly 0, which holds only if the reference policy is that adapter (TRL's frozen
+    "ref" copy) and not the bare base; the evaluation's "before" is that adapter too."""
+    import torch
+    from peft import get_peft_model
+
+    from pipeline_config.schema import PipelineConfig
+    from qlora.data import load_dataset_splits
+    from qlora.evaluate import evaluate_base_and_finetuned
+    from qlora.model import build_lora_config, load_quantized_model
+    from qlora.model_source import resolve_model_source
+    from qlora.stages import StartingAdapter
+    from qlora.tokenizer import setup_tokenizer
+    from qlora.train import Stage, train_adapter
+    from tests.test_stages import _write_rows, order_stage_rows
+
+    rows = _write_rows(tmp_path / "pairs.jsonl", order_stage_rows(8, 3, "preference"))
+    cfg = PipelineConfig(
+        model={"name_or_path": str(family_dirs[family])},
+        quantization={"compute_dtype": "float32"},
+        lora={"r": 4, "target_modules": "all-linear"},
+        data={"source": rows, "eval_fraction": 0.25},
+        training={"method": "dpo", "max_steps": 1, "per_device_train_batch_size": 2, "logging_steps": 1,
+                  "max_seq_length": 192, "output_dir": str(tmp_path / "out"), "device": "cpu", "save_steps": 0},
+        evaluation={"max_loss_rows": 2, "max_generation_rows": 0},
+    )  # fmt: skip
+    source = resolve_model_source(cfg.model)
+    tokenizer = setup_tokenizer(source, cfg.tokenizer, needs_chat_template=False)
+    data = load_dataset_splits(cfg.data)
+    base = load_quantized_model(source, cfg.quantization, "cpu")
+    start = get_peft_model(base, build_lora_config(cfg.lora, base))
+    for name, param in start.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5, generator=torch.Generator().manual_seed(len(name)))
+        if "lora_" in name:
+            param.data = param.data.to(torch.bfloat16).float()  # bf16 values, as SFT trains them
+    start.save_pretrained(tmp_path / "start")
+    training = cfg.training.model_copy(update={"learning_rate": 0.0})
+    starting = StartingAdapter(path=str(tmp_path / "start"), spec="start")
+    result = train_adapter(start.unload(), data, tokenizer, cfg.lora, training, "cpu", stage=Stage(cfg, starting))
+    assert result.metrics["stage/rewards/margins"] == 0.0 and result.metrics["stage/rewards/chosen"] == 0.0
+    comparison = evaluate_base_and_finetuned(result.model, tokenizer, data, cfg.evaluation, 192)
+    assert comparison.base.metrics["eval_loss"] == comparison.finetuned.metrics["eval_loss"]

@@ -180,7 +180,8 @@ def test_deployments_run_on_demand_and_on_dataset_event(prefect_stack, tiny_conf
         stage_run = _wait_final(client, stage_runs[0].id)
         assert stage_run.state.is_completed(), (tmp_path / "worker.log").read_text()[-4000:]
         sft_name = yaml.safe_load(sft_config.read_text())["registry"]["model_name"]
-        assert stage_run.parameters == {"config_path": str(dpo_config), "adapter": f"models:/{sft_name}/1"}
+        assert stage_run.parameters["config_path"] == str(dpo_config)
+        assert stage_run.parameters["adapter"] == f"models:/{sft_name}/1"
         from mlflow.tracking import MlflowClient
 
         tracking = MlflowClient(yaml.safe_load(dpo_config.read_text())["tracking"]["tracking_uri"])

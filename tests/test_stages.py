@@ -279,3 +279,29 @@ def test_a_stage_trains_from_the_registered_sft_champion(sft_champion, method, t
     assert version.tags["qlora.stage"] == method
     loaded = load_for_inference(f"models:/orders-{method}/{stage['registry']['version']}")
     assert list(loaded.model.peft_config) == ["default"]  # the registered adapter is the trained one alone
+
+
+def test_a_starting_adapter_that_cannot_be_used_is_named(tmp_path):
+    """model.adapter: no such registered model (in the run's own tracking store), no adapter in the folder, or an
+    adapter of another base: one error naming the field, before any weights load."""
+    from pipeline_config.loading import dump_pipeline_config
+    from pipeline_config.schema import PipelineConfig
+    from qlora.save import RESOLVED_CONFIG_NAME
+    from qlora.stages import resolve_starting_adapter
+
+    def cfg(adapter: str) -> PipelineConfig:
+        raw = _config(tmp_path, model={"adapter": adapter}, tracking={"tracking_uri": f"sqlite:///{tmp_path}/m.db"})
+        return load_pipeline_config(raw)
+
+    with pytest.raises(PipelineInputError, match=r"model.adapter models:/nobody@champion: .*m.db"):
+        resolve_starting_adapter(cfg("models:/nobody@champion"))
+    with pytest.raises(PipelineInputError, match=r"model.adapter .* does not exist"):
+        resolve_starting_adapter(cfg(str(tmp_path / "missing")))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "adapter_config.json").write_text("{}")
+    (other / RESOLVED_CONFIG_NAME).write_text(
+        dump_pipeline_config(load_pipeline_config(_config(tmp_path, model={"name_or_path": "elsewhere"})))
+    )
+    with pytest.raises(PipelineInputError, match=r"was trained on elsewhere, not on this run's model.name_or_path x"):
+        resolve_starting_adapter(cfg(str(other)))
