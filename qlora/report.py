@@ -36,7 +36,7 @@ def summary_markdown(cfg: PipelineConfig, comparison, adapter_dir: str, digest: 
         f"- adapter: `{adapter_dir}`",
         f"- MLflow run: `{run_id}`",
         "",
-        "| metric | base | fine-tuned |",
+        f"| metric | {'starting adapter' if cfg.model.adapter else 'base'} | fine-tuned |",
         "| --- | --- | --- |",
         rows,
     ]
