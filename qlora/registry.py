@@ -55,6 +55,15 @@ def stage_tags(cfg: PipelineConfig, starting=None) -> dict[str, str]:
     return {STAGE_TAG: cfg.training.method, **(starting.lineage_tags() if starting is not None else {})}
 
 
+def starting_metric(cfg: PipelineConfig, metrics: dict[str, float], starting=None) -> float | None:
+    """For a stage that started from an adapter: `registry.metric` of that adapter, as this run measured it (the
+    evaluation's "before": `finetuned_<m>` -> `base_<m>`). None otherwise."""
+    prefix = "finetuned_"
+    if starting is None or not cfg.registry.metric.startswith(prefix):
+        return None
+    return metrics.get("base_" + cfg.registry.metric.removeprefix(prefix))
+
+
 def decide_champion(
     client: MlflowClient,
     name: str,
@@ -63,6 +72,7 @@ def decide_champion(
     digest: str,
     cfg: PipelineConfig,
     guard_check=None,
+    starting_metric: float | None = None,
 ) -> PromotionDecision:
     """Apply the champion rule (module docstring) and move the aliases. `guard_check(champion version)` -> (passed,
     what each guard found): a challenger that wins on the metric is promoted only if it passes (qlora/gate.py)."""
@@ -88,6 +98,18 @@ def decide_champion(
             won = better
             verdict = "beats" if better else "does not beat"
             reason = f"{cfg.registry.metric} {metric:.4f} {verdict} champion v{current.version}'s {champion_metric:.4f}"
+    if won and starting_metric is not None:
+        # a stage after SFT must also beat the model it started from, measured on the same rows in this run: a
+        # stage that made its starting champion worse is never promoted, even as the first version of its name
+        better = metric is not None and (
+            metric > starting_metric if cfg.registry.greater_is_better else metric < starting_metric
+        )
+        won = better
+        shown = "none" if metric is None else f"{metric:.4f}"
+        reason += (
+            f"; {cfg.registry.metric} {shown} {'beats' if better else 'does not beat'} the starting adapter's "
+            f"{starting_metric:.4f} (measured in this run)"
+        )
     if won and current is not None and guard_check is not None:
         passed, found = guard_check(current)
         won = passed
@@ -183,7 +205,9 @@ def _register_adapter(
         if cfg.registry.guards:
             guard_check = guard_check_for(cfg, metrics, suites)
     metric = metrics.get(cfg.registry.metric)
-    decision = decide_champion(client, name, version, metric, dataset_digest, cfg, guard_check)
+    decision = decide_champion(
+        client, name, version, metric, dataset_digest, cfg, guard_check, starting_metric(cfg, metrics, starting)
+    )
     mlflow.set_tags(
         {
             "registry.model_name": name,

@@ -185,7 +185,7 @@ def test_deployments_run_on_demand_and_on_dataset_event(prefect_stack, tiny_conf
         from mlflow.tracking import MlflowClient
 
         tracking = MlflowClient(yaml.safe_load(dpo_config.read_text())["tracking"]["tracking_uri"])
-        version = tracking.get_model_version_by_alias("tiny-dpo", "champion")
+        version = tracking.get_model_version("tiny-dpo", "1")  # (promoted only if it beats its SFT start)
         assert version.tags["qlora.stage"] == "dpo" and version.tags["parent_version"] == "1"
         assert version.tags["parent_model"] == sft_name
 

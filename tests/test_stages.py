@@ -305,3 +305,27 @@ def test_a_starting_adapter_that_cannot_be_used_is_named(tmp_path):
     )
     with pytest.raises(PipelineInputError, match=r"was trained on elsewhere, not on this run's model.name_or_path x"):
         resolve_starting_adapter(cfg(str(other)))
+
+
+def test_a_stage_worse_than_its_starting_adapter_is_not_promoted(tmp_path):
+    """The champion rule for a stage from an adapter: it must also beat that adapter's metric as the run measured it
+    (the "before" column), even as the first version of its registered name. Found by running make demo-align: a
+    DPO stage that took the SFT champion's exact match from 90 % to 0 % was promoted ("no champion yet")."""
+    import mlflow
+
+    from qlora.registry import decide_champion, starting_metric
+    from qlora.stages import StartingAdapter
+
+    cfg = load_pipeline_config(_config(tmp_path, training={"method": "dpo"}, model={"adapter": "models:/sft@champion"}))
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    client.create_registered_model("stage")
+    for _ in range(2):
+        client.create_model_version("stage", source=str(tmp_path))
+    starting = StartingAdapter(path=str(tmp_path), spec="models:/sft@champion", model_name="sft", version="3")
+    metrics = {"base_exact_match": 90.0, "finetuned_exact_match": 0.0}
+    assert starting_metric(cfg, metrics, None) is None  # a run from the bare base: the usual rule only
+    worse = decide_champion(client, "stage", "1", 0.0, "d", cfg, None, starting_metric(cfg, metrics, starting))
+    assert not worse.became_champion
+    assert "does not beat the starting adapter's 90.0000" in worse.reason
+    better = decide_champion(client, "stage", "2", 95.0, "d", cfg, None, 90.0)
+    assert better.became_champion and str(client.get_model_version_by_alias("stage", "champion").version) == "2"
