@@ -566,6 +566,8 @@ def stage_problems(cfg: PipelineConfig) -> list[str]:
             problems.append(f"training.{', '.join(sft_only)}: SFT settings; training.method is {method}")
         if cfg.distributed.strategy == "fsdp":
             problems.append(f"distributed.strategy fsdp is SFT's; training.method {method} runs with ddp")
+    if method == "kto" and isinstance(cfg.preference.loss_type, list):
+        problems.append("preference.loss_type: KTO takes one loss_type (kto or apo_zero_unpaired), not a list")
     if method == "grpo":
         batch = t.per_device_train_batch_size * t.gradient_accumulation_steps
         if batch % cfg.grpo.num_generations:

@@ -38,13 +38,29 @@ class PreferenceConfig(_Section):
         gt=0,
         description="Strength of the pull towards the reference policy (the starting model): smaller moves further.",
     )
-    loss_type: str | None = Field(
+    loss_type: str | list[str] | None = Field(
         default=None,
-        description="TRL's loss_type of the trainer (DPO: sigmoid, ipo, hinge, ...; KTO: kto, apo_zero_unpaired); "
-        "default: the trainer's own.",
+        description="TRL's loss_type of the trainer (DPO: sigmoid, ipo, hinge, ..., or a list of them summed with "
+        "loss_weights, e.g. [sigmoid, sft] for DPO plus the chosen answers' SFT loss (RPO); KTO: kto, "
+        "apo_zero_unpaired); default: the trainer's own.",
+    )
+    loss_weights: list[float] | None = Field(
+        default=None,
+        description="DPO: the weight of each loss_type in the list (default: 1 each), e.g. [1.0, 0.2].",
     )
     desirable_weight: float = Field(default=1.0, gt=0, description="KTO: weight of the rows labelled desirable.")
     undesirable_weight: float = Field(default=1.0, gt=0, description="KTO: weight of the rows labelled undesirable.")
+
+    @model_validator(mode="after")
+    def _weights_match_losses(self) -> PreferenceConfig:
+        if self.loss_weights is not None:
+            losses = self.loss_type if isinstance(self.loss_type, list) else None
+            if losses is None or len(losses) != len(self.loss_weights):
+                raise ValueError(
+                    f"preference.loss_weights: {len(self.loss_weights)} weight(s) need a loss_type list of as many "
+                    f"losses (loss_type is {self.loss_type!r})"
+                )
+        return self
 
 
 class RewardConfig(_Section):

@@ -210,7 +210,13 @@ def build_stage_trainer(
     if peft_config is not None:
         common["peft_config"] = peft_config
     pref = cfg.preference
-    loss = {"loss_type": [pref.loss_type] if method == "dpo" else pref.loss_type} if pref.loss_type else {}
+    loss = {}
+    if pref.loss_type and method == "dpo":
+        loss["loss_type"] = pref.loss_type if isinstance(pref.loss_type, list) else [pref.loss_type]
+        if pref.loss_weights:
+            loss["loss_weights"] = pref.loss_weights
+    elif pref.loss_type:
+        loss["loss_type"] = pref.loss_type
     if method == "dpo":
         config = DPOConfig(**args, beta=pref.beta, **loss)
         trainer_class = PipelineDPOTrainer

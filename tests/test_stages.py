@@ -82,6 +82,9 @@ def _config(tmp_path: Path, **sections) -> dict:
         ({"training": {"method": "grpo"}, "grpo": {"rewards": [{"function": "nonsense"}]}}, "neither a built-in"),
         ({"training": {"method": "kto", "assistant_only_loss": True}}, "SFT settings"),
         ({"training": {"method": "orpo"}}, "training.method"),
+        ({"preference": {"loss_type": "sigmoid", "loss_weights": [1.0]}}, "preference.loss_weights: 1 weight"),
+        ({"preference": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}}, "preference.loss_weights"),
+        ({"training": {"method": "kto"}, "preference": {"loss_type": ["kto", "sft"]}}, "KTO takes one loss_type"),
     ],
 )
 def test_bad_stage_settings_are_named(tmp_path, sections, message):
