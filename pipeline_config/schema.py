@@ -66,8 +66,13 @@ class QuantizationConfig(_Section):
         default=False, description="8-bit loading; not QLoRA, so it cannot be combined with 4-bit."
     )
     quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type: NF4 or FP4.")
-    compute_dtype: DTypeName = Field(
-        default="bfloat16", description="dtype of the de-quantised weights during matmuls (bnb_4bit_compute_dtype)."
+    compute_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        default="auto",
+        description="dtype of the de-quantised weights during matmuls (bnb_4bit_compute_dtype), and of the LoRA "
+        "weights. auto: that of training.bf16 / fp16 when one is on; else bfloat16 where the device computes in it "
+        "(a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), float16 on an older GPU, float32 on a CPU without "
+        "bf16 instructions (which emulates bf16 matmuls ~35x slower). Settled when the run starts; MLflow logs the "
+        "dtype used.",
     )
     double_quant: bool = Field(
         default=False, description="Quantise the quantisation constants too (bnb_4bit_use_double_quant)."
@@ -581,10 +586,13 @@ def stage_problems(cfg: PipelineConfig) -> list[str]:
 def fsdp_problems(cfg: PipelineConfig) -> list[str]:
     """Settings FSDP-QLoRA cannot shard or run with."""
     q, t, problems = cfg.quantization, cfg.training, []
-    if q.quant_storage_dtype != q.compute_dtype:
+    compute = q.compute_dtype
+    if compute == "auto":  # FSDP trains in mixed precision: auto is its dtype (qlora/model.py settles it)
+        compute = "bfloat16" if t.bf16 else "float16" if t.fp16 else compute
+    if compute != "auto" and q.quant_storage_dtype != compute:
         problems.append(
             f"distributed.strategy 'fsdp' shards the 4-bit weights only when they are stored in the compute dtype, but "
-            f"quantization.quant_storage_dtype is {q.quant_storage_dtype!r}: set quant_storage_dtype: {q.compute_dtype}"
+            f"quantization.quant_storage_dtype is {q.quant_storage_dtype!r}: set quant_storage_dtype: {compute}"
         )
     if not (t.bf16 or t.fp16):
         problems.append(

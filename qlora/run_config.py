@@ -28,4 +28,13 @@ def settle_run_config(
         config = load_pipeline_config(config.model_dump(mode="json"), settled)
     if resume_dir and config.training.resume == "never":
         raise ConfigError([f"resume_dir {resume_dir} and resume 'never' contradict: give one of them"])
+    if config.quantization.compute_dtype == "auto":
+        # settled on this machine, so that MLflow's params, the fingerprint and the registered version say what ran
+        import torch
+
+        from qlora.model import settled_compute_dtype
+
+        device = "cuda" if config.training.device != "cpu" and torch.cuda.is_available() else "cpu"
+        dtype = settled_compute_dtype(config, device)
+        config = load_pipeline_config(config.model_dump(mode="json"), {"quantization.compute_dtype": dtype})
     return config

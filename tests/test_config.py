@@ -79,7 +79,8 @@ def test_cross_field_checks(tmp_path):
     with pytest.raises(ConfigError, match="both true"):
         load_pipeline_config(_write(tmp_path, data))
     data = _base()
-    data["training"].update(fp16=True)  # default compute dtype is bfloat16
+    data["training"].update(fp16=True)
+    data["quantization"]["compute_dtype"] = "bfloat16"
     with pytest.raises(ConfigError, match="use one dtype"):
         load_pipeline_config(_write(tmp_path, data))
 

@@ -177,3 +177,47 @@ def test_compiled_decoder_layers_train_like_eager(tiny_config_file):
     assert len(losses[True]) == 2
     for eager, fused in zip(losses[False], losses[True], strict=True):
         assert abs(eager - fused) < 1e-3, losses
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_the_adapter_trains_in_the_compute_dtype_of_a_float32_base_and_in_bf16_otherwise(
+    tiny_config_file, compute_dtype
+):
+    """TRL casts a 4-bit model's LoRA weights to bf16; with a float32 compute dtype (a CPU without bf16 instructions,
+    where bf16 matmuls are emulated) they go back to float32 (qlora/integrations/trainer.py), else TRL's bf16 stands.
+    The saved adapter's dtype is what inference loads it in."""
+    cfg = load_pipeline_config(
+        tiny_config_file,
+        ["training.max_steps=1", "data.max_train_rows=4", f"quantization.compute_dtype={compute_dtype}"],
+    )
+    data = load_dataset_splits(cfg.data)
+    source = resolve_model_source(cfg.model)
+    tokenizer = setup_tokenizer(source, cfg.tokenizer, data.is_conversational)
+    model = load_quantized_model(source, cfg.quantization, "cpu")
+    result = train_adapter(model, data, tokenizer, cfg.lora, cfg.training, device="cpu")
+    lora = {p.dtype for n, p in result.model.named_parameters() if "lora_" in n}
+    expected = getattr(torch, compute_dtype)
+    assert lora == {expected} and result.adapter_dtype == compute_dtype
+
+
+def test_compute_dtype_auto_is_settled_for_the_machine_when_the_run_starts(monkeypatch):
+    """quantization.compute_dtype auto: the mixed-precision dtype when training asks for one, else bf16 only where
+    the CPU computes in it; the settled config (MLflow's params, the fingerprint, the registered version) says which."""
+    from qlora import model as model_module
+    from qlora.run_config import settle_run_config
+
+    def settled(cpu_bf16: bool, **training) -> str:
+        monkeypatch.setattr(model_module, "cpu_computes_bf16", lambda: cpu_bf16)
+        raw = {"model": {"name_or_path": "x"}, "data": {"source": "bundled:orders"},
+               "training": {"device": "cpu", **training}}  # fmt: skip
+        return settle_run_config(load_pipeline_config(raw), None, None).quantization.compute_dtype
+
+    assert settled(cpu_bf16=False) == "float32"
+    assert settled(cpu_bf16=True) == "bfloat16"
+    assert settled(cpu_bf16=False, bf16=True) == "bfloat16"
+    raw = {
+        "model": {"name_or_path": "x"},
+        "data": {"source": "bundled:orders"},
+        "quantization": {"compute_dtype": "float16"},
+    }
+    assert settle_run_config(load_pipeline_config(raw), None, None).quantization.compute_dtype == "float16"
