@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from pipeline_config.section import Section
 
 # The offline tasks the project builds at run time (qlora/suites.py): no hub, no third-party text in the repository.
 GENERAL_TEXT_TASK = "qlora_general_text"
@@ -18,11 +20,7 @@ HELDOUT_TASK = "qlora_heldout"
 BUILT_IN_TASKS = (GENERAL_TEXT_TASK, HELDOUT_TASK)
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-class SuiteConfig(_Section):
+class SuiteConfig(Section):
     """A named set of lm-evaluation-harness tasks, run on the base (adapter off) and the fine-tuned model (adapter
     on) with the same settings."""
 
@@ -48,7 +46,7 @@ class SuiteConfig(_Section):
     )
 
 
-class EvaluationConfig(_Section):
+class EvaluationConfig(Section):
     """Held-out evaluation of the base and the fine-tuned model, and the harness suites run on both."""
 
     max_loss_rows: int = Field(default=200, gt=0, description="Held-out rows for eval loss / perplexity.")
@@ -73,7 +71,7 @@ class EvaluationConfig(_Section):
         return self
 
 
-class GuardConfig(_Section):
+class GuardConfig(Section):
     """A harness score a new champion may not lose: promotion is refused when the challenger's `metric` on `task`
     is worse than the champion's by more than the bound."""
 
@@ -95,7 +93,7 @@ class GuardConfig(_Section):
         return self
 
 
-class RegistryConfig(_Section):
+class RegistryConfig(Section):
     """MLflow model registry: every successful run registers a version; aliases pick champion/challenger."""
 
     enabled: bool = Field(default=True, description="Register a model version at the end of each successful run.")

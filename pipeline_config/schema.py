@@ -9,20 +9,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from pipeline_config.evaluation import EvaluationConfig, RegistryConfig
+from pipeline_config.section import Section
 from pipeline_config.stages import METHOD_DATA_FORMATS, GrpoConfig, PreferenceConfig, TrainingMethod
 
 DTypeName = Literal["float16", "bfloat16", "float32"]
 
 
-class _Section(BaseModel):
-    # allow_inf_nan=False: `inf` or `nan` in any number field is an input error, not a run that diverges.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """Which base model to fine-tune and how to fetch it."""
 
     name_or_path: str = Field(
@@ -58,7 +54,7 @@ class ModelConfig(_Section):
     )
 
 
-class QuantizationConfig(_Section):
+class QuantizationConfig(Section):
     """bitsandbytes 4-bit loading of the base model (transformers.BitsAndBytesConfig)."""
 
     load_in_4bit: bool = Field(default=True, description="Load the base model in 4-bit (QLoRA). Must stay true.")
@@ -90,7 +86,7 @@ class QuantizationConfig(_Section):
         return self
 
 
-class LoraAdapterConfig(_Section):
+class LoraAdapterConfig(Section):
     """LoRA adapter settings (peft.LoraConfig)."""
 
     r: int = Field(default=16, gt=0, description="LoRA rank.")
@@ -132,7 +128,7 @@ class LoraAdapterConfig(_Section):
     )
 
 
-class DataColumnsConfig(_Section):
+class DataColumnsConfig(Section):
     """Column names in the source data, for each supported format."""
 
     text: str = Field(default="text", description="Column with the full training text (format 'text').")
@@ -156,7 +152,7 @@ class DataColumnsConfig(_Section):
     )
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     """Where the training data comes from and how rows are read."""
 
     source: str = Field(
@@ -200,7 +196,7 @@ class DataConfig(_Section):
     seed: int = Field(default=1234, description="Seed for the bundled generator, shuffling and the eval carve-out.")
 
 
-class TokenizerConfig(_Section):
+class TokenizerConfig(Section):
     """Tokenizer set-up."""
 
     pad_token: str | None = Field(
@@ -216,7 +212,7 @@ class TokenizerConfig(_Section):
     )
 
 
-class TrainingConfig(_Section):
+class TrainingConfig(Section):
     """Training arguments. Names follow the original recipe; they are mapped onto the installed transformers."""
 
     method: TrainingMethod = Field(
@@ -412,7 +408,7 @@ class TrainingConfig(_Section):
         return self
 
 
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     """MLflow tracking."""
 
     tracking_uri: str | None = Field(
@@ -435,7 +431,7 @@ class TrackingConfig(_Section):
     system_metrics_interval_s: float = Field(default=5.0, gt=0, description="Seconds between system-metric samples.")
 
 
-class DistributedConfig(_Section):
+class DistributedConfig(Section):
     """Training on several processes (GPUs) and machines through torch.distributed's launcher (torchrun), one
     process per GPU: DDP (each process holds the whole 4-bit model; LoRA gradients are averaged) or FSDP-QLoRA
     (the 4-bit model is sharded across the processes, for models that don't fit one card)."""
@@ -478,7 +474,7 @@ class DistributedConfig(_Section):
         return self
 
 
-class PruningConfig(_Section):
+class PruningConfig(Section):
     """A sweep's early stopping of hopeless trials with Optuna's pruners, on the eval loss a trial reports while it
     trains: the `pruning` section of a sweep space file (pipeline_config/sweep.py), here because a trial's finetune
     run reads it too."""
@@ -501,7 +497,7 @@ class PruningConfig(_Section):
     )
 
 
-class PipelineConfig(_Section):
+class PipelineConfig(Section):
     """Everything one fine-tuning run needs."""
 
     model: ModelConfig

@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from pipeline_config.section import Section
 
 TrainingMethod = Literal["sft", "dpo", "kto", "grpo"]
 
@@ -26,11 +28,7 @@ BUILT_IN_REWARDS = ("valid_json", "json_schema", "field_match", "exact_match")
 ENTRY_POINT = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-class PreferenceConfig(_Section):
+class PreferenceConfig(Section):
     """DPO and KTO (TRL's DPOTrainer / KTOTrainer): how strongly the policy may move from its reference."""
 
     beta: float = Field(
@@ -63,7 +61,7 @@ class PreferenceConfig(_Section):
         return self
 
 
-class RewardConfig(_Section):
+class RewardConfig(Section):
     """One reward function of a GRPO stage."""
 
     function: str = Field(
@@ -97,7 +95,7 @@ class RewardConfig(_Section):
         return self.function.split(":")[-1]
 
 
-class GrpoConfig(_Section):
+class GrpoConfig(Section):
     """GRPO (TRL's GRPOTrainer): completions sampled per prompt, scored by reward functions, no value model."""
 
     num_generations: int = Field(

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from pipeline_config.loading import (
     ConfigError,
@@ -36,6 +36,7 @@ from pipeline_config.loading import (
     validation_problems,
 )
 from pipeline_config.schema import PipelineConfig, PruningConfig
+from pipeline_config.section import Section
 
 # Settings a sweep may vary; the rest (model, data, evaluation, tracking, registry, distributed) is the same for
 # every trial, so that trials are compared on the same data and the same evaluation.
@@ -77,11 +78,7 @@ class SweepSpaceError(ConfigError):
         return self.args[0]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SweepSpaceConfig(_Section):
+class SweepSpaceConfig(Section):
     """What a space file holds (module docstring)."""
 
     method: Literal["grid", "random", "tpe"] = Field(
