@@ -186,6 +186,15 @@ def _day_and_month_swapped(order: dict, rng: random.Random) -> dict:
     return order | {"date": date(when.year, when.day, when.month).isoformat()}
 
 
+def _day_digits_misread(order: dict, rng: random.Random) -> dict:
+    """The SFT demo model's one mistake on held-out orders (5 of 50, all with the day before the month: "1 September
+    2025", "2 Jan 2026", "31 Mar 2026"): a one-digit day written with its digit twice (01 -> 11, 02 -> 22), a
+    two-digit day as 0 and its first digit (31 -> 03). The result need not be a real date: it is what was written."""
+    year, month, day = order["date"].split("-")
+    wrong = day[1] * 2 if day[0] == "0" else "0" + day[0]
+    return order | {"date": f"{year}-{month}-{wrong}"}
+
+
 def _wrong_quantity(order: dict, rng: random.Random) -> dict:
     changes = [1, 2] if order["quantity"] == 1 else [-1, 1, 2]
     return order | {"quantity": order["quantity"] + rng.choice(changes)}
@@ -196,9 +205,12 @@ def _missing_field(order: dict, rng: random.Random) -> dict:
     return {k: v for k, v in order.items() if k != dropped}
 
 
-# The mistakes the SFT demo model makes on held-out orders (README): dates off by a day, a month or a year, a wrong
-# or missing quantity, and text around the JSON.
+# The mistakes of SFT models on these orders: the day's digits misread (what the demo's SFT champion got wrong, measured
+# 2026-12-02 on the held-out orders), dates off by a day, a month or a year, a wrong or missing quantity, text around
+# the JSON. The weights make the measured mistake half of the rejected answers, so that a preference stage trains on
+# it rather than on mistakes the model does not make.
 ORDER_MISTAKES = {
+    "day_digits_misread": _day_digits_misread,
     "wrong_year": _wrong_year,
     "wrong_day": _wrong_day,
     "day_and_month_swapped": _day_and_month_swapped,
@@ -206,11 +218,12 @@ ORDER_MISTAKES = {
     "missing_field": _missing_field,
     "text_around": None,  # the answer itself, wrapped in words
 }
+MISTAKE_WEIGHTS = {"day_digits_misread": 6} | {kind: 1 for kind in list(ORDER_MISTAKES)[1:]}
 
 
 def order_mistake(answer: str, rng: random.Random) -> str:
-    """A wrong answer to an order, of one of ORDER_MISTAKES' kinds (chosen at random)."""
-    kind = rng.choice(list(ORDER_MISTAKES))
+    """A wrong answer to an order, of one of ORDER_MISTAKES' kinds (drawn with MISTAKE_WEIGHTS)."""
+    kind = rng.choices(list(MISTAKE_WEIGHTS), weights=list(MISTAKE_WEIGHTS.values()))[0]
     if kind == "text_around":
         return rng.choice(["Here is the order: {}", "{}\nLet me know if anything else is needed.", "Sure! {}"]).format(
             answer

@@ -15,6 +15,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -270,6 +271,69 @@ def peak_memory_bytes(device: str) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def _start_training(device: str, run_dir: str | None, fingerprint: dict | None):
+    """What every method does before its trainer: the run folder's newest complete checkpoint to resume from (a
+    fresh start writes the fingerprint first), and the process's graceful stop."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    resume_from = latest_complete_checkpoint(run_dir) if run_dir else None
+    if run_dir and resume_from is None and fingerprint is not None:
+        write_fingerprint(run_dir, fingerprint)
+    return resume_from, current_stop()
+
+
+@contextlib.contextmanager
+def _compiled_layers(model, enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    compile_decoder_layers(model)
+    try:
+        yield
+    finally:
+        uncompile_decoder_layers(model)  # evaluation, generation and saving run eager
+
+
+def _run_trainer(trainer, checkpoint_dir: str, resume_from, stop, unload_after_failure=True, contexts=()):
+    """`trainer.train()` as every method runs it: stopped gracefully at the next step on a stop request (with a
+    checkpoint), and after a failure or a stop the base model as it came in (peft's `unload`), so a retry gets it
+    back without reloading. `contexts`: context managers training runs inside. Returns (output, wall seconds)."""
+    if stop is not None:
+        trainer.add_callback(StopAtNextStep(stop, lambda: trainer.last_checkpoint_save_s))
+    started = time.perf_counter()
+    try:
+        with contextlib.ExitStack() as stack:
+            if stop is not None:
+                stack.enter_context(stop.deferred())
+            for context in contexts:
+                stack.enter_context(context)
+            output = trainer.train(resume_from_checkpoint=resume_from)
+    except BaseException:
+        if unload_after_failure:
+            trainer.model.unload()
+        raise
+    wall_s = time.perf_counter() - started
+    if stop is not None and stop.requested:
+        step = trainer.state.global_step
+        checkpoint = Path(checkpoint_dir) / f"checkpoint-{step}"
+        if unload_after_failure:
+            trainer.model.unload()
+        raise stop.interrupted(step, str(checkpoint) if checkpoint.is_dir() else None)
+    return output, wall_s
+
+
+def _training_metrics(trainer, output, wall_s: float, device: str) -> dict[str, float]:
+    tokens = float(trainer.state.num_input_tokens_seen)  # restored from the checkpoint when resuming
+    return {
+        "train_loss": float(output.training_loss),
+        "train_runtime_s": wall_s,
+        "train_steps": float(trainer.state.global_step),
+        "train_tokens": tokens,
+        "train_tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
+        "train_peak_memory_mib": peak_memory_bytes(device) / 2**20,
+    }
+
+
 def train_adapter(
     model: PreTrainedModel,
     data: DatasetSplits,
@@ -319,12 +383,7 @@ def train_adapter(
             log,
             stage,
         )
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    resume_from = latest_complete_checkpoint(run_dir) if run_dir else None
-    if run_dir and resume_from is None and fingerprint is not None:
-        write_fingerprint(run_dir, fingerprint)
-    stop = current_stop()
+    resume_from, stop = _start_training(device, run_dir, fingerprint)
     if use_liger_kernels(cfg.liger_kernels, device) and (reason := liger_unsupported(model.config)):
         (log or logging.getLogger(__name__)).info("Liger kernels are off for %s: %s", model.config.model_type, reason)
         sft_overrides["use_liger_kernel"] = False
@@ -351,44 +410,22 @@ def train_adapter(
             callbacks=[RunLoggerProgress(log), *([] if fsdp else _layer_callbacks(cfg)), *(extra_callbacks or [])],
             metrics_on_device=cfg.metrics_on_device,
         )
-    if stop is not None:
-        trainer.add_callback(StopAtNextStep(stop, lambda: trainer.last_checkpoint_save_s))
     full_bytes = parameter_storage_bytes(trainer.model) if fsdp else 0  # base + LoRA, before FSDP shards them
     if cfg.fused_lora and not fsdp:  # the fused forward reads lora_B's weight, which FSDP keeps sharded there
         fuse_lora_layers(trainer.model)
-    if cfg.compile_layers and not fsdp:
-        compile_decoder_layers(trainer.model)
-    started = time.perf_counter()
     padding_free = bool(getattr(trainer, "padding_free", False))
-    try:
-        with (
-            stop.deferred() if stop is not None else contextlib.nullcontext(),
+    output, wall_s = _run_trainer(
+        trainer,
+        run_dir or cfg.output_dir,
+        resume_from,
+        stop,
+        unload_after_failure=not fsdp,  # (an FSDP run is a process of its own, and ends there)
+        contexts=[
+            _compiled_layers(trainer.model, cfg.compile_layers and not fsdp),
             packed_training_attention(trainer.model, resolve_attention(cfg.attention, device), padding_free, log),
-        ):
-            output = trainer.train(resume_from_checkpoint=resume_from)
-    except BaseException:
-        if not fsdp:  # (an FSDP run is a process of its own, and ends here)
-            trainer.model.unload()  # the base model without LoRA layers, as it came in
-        raise
-    finally:
-        if cfg.compile_layers:
-            uncompile_decoder_layers(trainer.model)  # evaluation, generation and saving run eager
-    wall_s = time.perf_counter() - started
-    if stop is not None and stop.requested:
-        step = trainer.state.global_step
-        checkpoint = Path(run_dir or cfg.output_dir) / f"checkpoint-{step}"
-        if not fsdp:
-            trainer.model.unload()  # as after any failure: the base model as it came in
-        raise stop.interrupted(step, str(checkpoint) if checkpoint.is_dir() else None)
-    tokens = float(trainer.state.num_input_tokens_seen)  # restored from the checkpoint when resuming
-    metrics = {
-        "train_loss": float(output.training_loss),
-        "train_runtime_s": wall_s,
-        "train_steps": float(trainer.state.global_step),
-        "train_tokens": tokens,
-        "train_tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
-        "train_peak_memory_mib": peak_memory_bytes(device) / 2**20,
-    }
+        ],
+    )
+    metrics = _training_metrics(trainer, output, wall_s, device)
     model, adapter_state = trainer.model, None
     if fsdp:
         # The proof that the weights are sharded: this process keeps ~1/world of the parameter storage (its
@@ -441,12 +478,7 @@ def _train_stage(
     from qlora.stages import build_stage_trainer, stage_model
 
     log = log or logging.getLogger(__name__)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    resume_from = latest_complete_checkpoint(run_dir) if run_dir else None
-    if run_dir and resume_from is None and fingerprint is not None:
-        write_fingerprint(run_dir, fingerprint)
-    stop = current_stop()
+    resume_from, stop = _start_training(device, run_dir, fingerprint)
     starting = stage.starting
     policy = stage_model(model, starting)
     peft_config = None if starting is not None else build_lora_config(lora_cfg, model)
@@ -460,32 +492,10 @@ def _train_stage(
     args["include_num_input_tokens_seen"] = "non_padding"
     callbacks = [RunLoggerProgress(log), *_layer_callbacks(cfg), *(extra_callbacks or [])]
     trainer = build_stage_trainer(cfg.method, policy, data, tokenizer, stage.config, args, peft_config, callbacks)
-    if stop is not None:
-        trainer.add_callback(StopAtNextStep(stop, lambda: trainer.last_checkpoint_save_s))
-    started = time.perf_counter()
-    try:
-        with stop.deferred() if stop is not None else contextlib.nullcontext():
-            output = trainer.train(resume_from_checkpoint=resume_from)
-    except BaseException:
-        trainer.model.unload()  # the base model without LoRA layers, as it came in
-        raise
-    wall_s = time.perf_counter() - started
-    if stop is not None and stop.requested:
-        step = trainer.state.global_step
-        checkpoint = Path(run_dir or cfg.output_dir) / f"checkpoint-{step}"
-        trainer.model.unload()
-        raise stop.interrupted(step, str(checkpoint) if checkpoint.is_dir() else None)
+    output, wall_s = _run_trainer(trainer, run_dir or cfg.output_dir, resume_from, stop)
     model = trainer.model
     model.eval()  # the starting adapter stays, as "ref": evaluation measures it as the run's "before"
-    tokens = float(trainer.state.num_input_tokens_seen)
-    metrics = {
-        "train_loss": float(output.training_loss),
-        "train_runtime_s": wall_s,
-        "train_steps": float(trainer.state.global_step),
-        "train_tokens": tokens,
-        "train_tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
-        "train_peak_memory_mib": peak_memory_bytes(device) / 2**20,
-    }
+    metrics = _training_metrics(trainer, output, wall_s, device)
     # the stage's own figures as TRL logged them last (DPO: rewards/margins, rewards/accuracies; GRPO: reward,
     # rewards/<function>/mean, kl, completions/mean_length): MLflow has their history through report_to
     last = {}

@@ -150,12 +150,17 @@ def test_bundled_stage_data_holds_the_sft_orders_and_typical_mistakes():
         "text" if not ok else "missing" if len(value) == 3 else "field"
         for (ok, value), score in zip(parsed, scores, strict=True)
     )
-    assert kinds["text"] > 100 and kinds["missing"] > 100 and kinds["field"] > 400, kinds
+    assert kinds["text"] > 50 and kinds["missing"] > 50 and kinds["field"] > 900, kinds
     assert all(score < 1 for score in scores)
-    dates = sum(
-        ok and json.loads(c)["date"] != value.get("date") for c, (ok, value) in zip(chosen, parsed, strict=True)
-    )
-    assert dates > 400  # wrong year, wrong day, day and month swapped
+    dates = [
+        (json.loads(c)["date"], value["date"])
+        for c, (ok, value) in zip(chosen, parsed, strict=True)
+        if ok and "date" in value and json.loads(c)["date"] != value["date"]
+    ]
+    assert len(dates) > 800  # the day's digits misread, wrong year, wrong day, day and month swapped
+    # the SFT demo model's measured mistake, about half of them: 2025-09-01 -> 2025-09-11, 2026-03-31 -> 2026-03-03
+    misread = sum(right[:8] == wrong[:8] and wrong[8:] in (right[9] * 2, "0" + right[8]) for right, wrong in dates)
+    assert 0.4 < misread / len(rejected) < 0.6, misread
     assert 0.4 < sum(unpaired.train["label"]) / len(unpaired.train) < 0.6
 
 
