@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from datetime import date, timedelta
 
 SYSTEM_PROMPT = "Reply with the order as JSON only: name, item, quantity (integer), date (YYYY-MM-DD)."
@@ -205,10 +206,9 @@ def _missing_field(order: dict, rng: random.Random) -> dict:
     return {k: v for k, v in order.items() if k != dropped}
 
 
-# The mistakes of SFT models on these orders: the day's digits misread (what the demo's SFT champion got wrong, measured
-# 2026-12-02 on the held-out orders), dates off by a day, a month or a year, a wrong or missing quantity, text around
-# the JSON. The weights make the measured mistake half of the rejected answers, so that a preference stage trains on
-# it rather than on mistakes the model does not make.
+# The mistakes of SFT models on these orders: the day's digits misread (the one mistake the demo's SFT champion makes
+# on held-out orders, measured 2026-12-02, and only where the day comes before the month), dates off by a day, a month
+# or a year, a wrong or missing quantity, text around the JSON.
 ORDER_MISTAKES = {
     "day_digits_misread": _day_digits_misread,
     "wrong_year": _wrong_year,
@@ -218,12 +218,15 @@ ORDER_MISTAKES = {
     "missing_field": _missing_field,
     "text_around": None,  # the answer itself, wrapped in words
 }
-MISTAKE_WEIGHTS = {"day_digits_misread": 6} | {kind: 1 for kind in list(ORDER_MISTAKES)[1:]}
+# "1 September 2025", "2 Jan 2026": a message with the day before the month (_spoken_date's styles 1 and 2)
+DAY_BEFORE_MONTH = re.compile(r"\b\d{1,2} (?:" + "|".join(m[:3] for m in MONTHS) + r")[a-z]* \d{4}\b")
 
 
-def order_mistake(answer: str, rng: random.Random) -> str:
-    """A wrong answer to an order, of one of ORDER_MISTAKES' kinds (drawn with MISTAKE_WEIGHTS)."""
-    kind = rng.choices(list(MISTAKE_WEIGHTS), weights=list(MISTAKE_WEIGHTS.values()))[0]
+def order_mistake(answer: str, rng: random.Random, message: str = "") -> str:
+    """A wrong answer to the order in `message`: where its day comes before the month, the demo SFT model's own
+    mistake (the day's digits misread), so that a preference stage trains on what the model gets wrong; otherwise
+    one of ORDER_MISTAKES' other kinds, at random."""
+    kind = "day_digits_misread" if DAY_BEFORE_MONTH.search(message) else rng.choice(list(ORDER_MISTAKES)[1:])
     if kind == "text_around":
         return rng.choice(["Here is the order: {}", "{}\nLet me know if anything else is needed.", "Sure! {}"]).format(
             answer
@@ -244,10 +247,12 @@ def generate_order_stage_rows(kind: str, train_rows: int, eval_rows: int, seed: 
         for row in rows:
             prompt, answer = row["messages"][:-1], row["messages"][-1]["content"]
             if kind == "preference":
-                out[split].append({"prompt": prompt, "chosen": answer, "rejected": order_mistake(answer, rng)})
+                out[split].append(
+                    {"prompt": prompt, "chosen": answer, "rejected": order_mistake(answer, rng, prompt[-1]["content"])}
+                )
             elif kind == "unpaired_preference":
                 good = rng.random() < 0.5
-                completion = answer if good else order_mistake(answer, rng)
+                completion = answer if good else order_mistake(answer, rng, prompt[-1]["content"])
                 out[split].append({"prompt": prompt, "completion": completion, "label": good})
             elif kind == "prompt_only":
                 out[split].append({"prompt": prompt, "answer": answer})
