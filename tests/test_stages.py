@@ -166,6 +166,7 @@ def test_bundled_stage_data_holds_the_sft_orders_and_typical_mistakes():
     assert 0.3 < sum(day_first) / len(day_first) < 0.5
     for first, right, (ok, value) in zip(day_first, chosen, parsed, strict=True):
         if first:
+            assert ok, value
             right, wrong = json.loads(right)["date"], value["date"]
             assert right[:8] == wrong[:8] and wrong[8:] == (right[9] * 2 if right[8] == "0" else "0" + right[8])
     assert 0.4 < sum(unpaired.train["label"]) / len(unpaired.train) < 0.6
