@@ -112,7 +112,7 @@ def test_the_flows_scores_match_the_harness_own_run_on_the_embedded_default(tmp_
     from pipeline_config.evaluation import SuiteConfig
     from pipeline_config.loading import load_pipeline_config
     from qlora.data import load_dataset_splits
-    from qlora.model import DTYPES, load_quantized_model
+    from qlora.model import compute_dtype_of, load_quantized_model
     from qlora.model_source import resolve_model_source
     from qlora.suites import built_in_task, run_suites, task_scores
 
@@ -134,7 +134,7 @@ def test_the_flows_scores_match_the_harness_own_run_on_the_embedded_default(tmp_
     [ours] = run_suites(peft_model, tokenizer, [suite], data, tmp_path / "suites")
 
     tasks = [built_in_task(name, tmp_path / "direct", data, tokenizer, 32)[0] for name in suite.tasks]
-    dtype = DTYPES[cfg.quantization.compute_dtype]
+    dtype = compute_dtype_of(cfg.quantization, "cpu")  # what load_quantized_model loaded it in ("auto" settled)
     for flows_run, model_args in (
         (ours.base, {"pretrained": str(checkpoint), "dtype": dtype}),
         (ours.finetuned, {"pretrained": str(checkpoint), "dtype": dtype, "peft": str(adapter)}),
