@@ -323,16 +323,9 @@ def test_family_dpo_keeps_its_starting_adapter_as_the_reference(family, family_d
     """DPO (training.method dpo) on every family, from a trained (non-zero) starting adapter: at a learning rate of
     0 its rewards and margins are exactly 0, which holds only if the reference policy is that adapter (TRL's frozen
     "ref" copy) and not the bare base; the evaluation's "before" is that adapter too."""
-    import torch
-    from peft import get_peft_model
 
     from pipeline_config.schema import PipelineConfig
-    from qlora.data import load_dataset_splits
     from qlora.evaluate import evaluate_base_and_finetuned
-    from qlora.model import build_lora_config, load_quantized_model
-    from qlora.model_source import resolve_model_source
-    from qlora.stages import StartingAdapter
-    from qlora.tokenizer import setup_tokenizer
     from qlora.train import Stage, train_adapter
     from tests.test_stages import _write_rows, order_stage_rows
 
@@ -346,20 +339,9 @@ def test_family_dpo_keeps_its_starting_adapter_as_the_reference(family, family_d
                   "max_seq_length": 192, "output_dir": str(tmp_path / "out"), "device": "cpu", "save_steps": 0},
         evaluation={"max_loss_rows": 2, "max_generation_rows": 0},
     )  # fmt: skip
-    source = resolve_model_source(cfg.model)
-    tokenizer = setup_tokenizer(source, cfg.tokenizer, needs_chat_template=False)
-    data = load_dataset_splits(cfg.data)
-    base = load_quantized_model(source, cfg.quantization, "cpu")
-    start = get_peft_model(base, build_lora_config(cfg.lora, base))
-    for name, param in start.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.5, generator=torch.Generator().manual_seed(len(name)))
-        if "lora_" in name:
-            param.data = param.data.to(torch.bfloat16).float()  # bf16 values, as SFT trains them
-    start.save_pretrained(tmp_path / "start")
+    base, tokenizer, data, starting = _base_with_a_trained_starting_adapter(cfg, tmp_path)
     training = cfg.training.model_copy(update={"learning_rate": 0.0})
-    starting = StartingAdapter(path=str(tmp_path / "start"), spec="start")
-    result = train_adapter(start.unload(), data, tokenizer, cfg.lora, training, "cpu", stage=Stage(cfg, starting))
+    result = train_adapter(base, data, tokenizer, cfg.lora, training, "cpu", stage=Stage(cfg, starting))
     assert result.metrics["stage/rewards/margins"] == 0.0 and result.metrics["stage/rewards/chosen"] == 0.0
     comparison = evaluate_base_and_finetuned(result.model, tokenizer, data, cfg.evaluation, 192)
     assert comparison.base.metrics["eval_loss"] == comparison.finetuned.metrics["eval_loss"]
@@ -371,15 +353,8 @@ def test_family_grpo_samples_and_scores_from_its_starting_adapter(family, family
     sampled in batches through the 4-bit model with the adapter (mixture-of-experts models too: generation with
     router logits on fails on a padded batch), every reward function scores them, and the KL to the reference is
     exactly 0 at the first step, which holds only if the reference policy is that starting adapter."""
-    import torch
-    from peft import get_peft_model
 
     from pipeline_config.schema import PipelineConfig
-    from qlora.data import load_dataset_splits
-    from qlora.model import build_lora_config, load_quantized_model
-    from qlora.model_source import resolve_model_source
-    from qlora.stages import StartingAdapter
-    from qlora.tokenizer import setup_tokenizer
     from qlora.train import Stage, train_adapter
     from tests.test_stages import _write_rows, order_stage_rows
 
@@ -395,6 +370,26 @@ def test_family_grpo_samples_and_scores_from_its_starting_adapter(family, family
               "rewards": [{"function": "valid_json"}, {"function": "field_match"}]},
         evaluation={"max_loss_rows": 2, "max_generation_rows": 0},
     )  # fmt: skip
+    base, tokenizer, data, starting = _base_with_a_trained_starting_adapter(cfg, tmp_path)
+    result = train_adapter(base, data, tokenizer, cfg.lora, cfg.training, "cpu", stage=Stage(cfg, starting))
+    metrics = result.metrics
+    assert metrics["stage/kl"] == 0.0
+    assert {"stage/rewards/valid_json/mean", "stage/rewards/field_match/mean"} <= set(metrics)
+    assert 0 < metrics["stage/completions/mean_length"] <= 6
+
+
+def _base_with_a_trained_starting_adapter(cfg, tmp_path):
+    """The 4-bit base of `cfg`, its tokenizer and data, and a starting adapter saved to `tmp_path / "start"` with
+    non-zero LoRA weights in bf16 values, as SFT trains them (against the bare base a reference would differ)."""
+    import torch
+    from peft import get_peft_model
+
+    from qlora.data import load_dataset_splits
+    from qlora.model import build_lora_config, load_quantized_model
+    from qlora.model_source import resolve_model_source
+    from qlora.stages import StartingAdapter
+    from qlora.tokenizer import setup_tokenizer
+
     source = resolve_model_source(cfg.model)
     tokenizer = setup_tokenizer(source, cfg.tokenizer, needs_chat_template=False)
     data = load_dataset_splits(cfg.data)
@@ -406,9 +401,4 @@ def test_family_grpo_samples_and_scores_from_its_starting_adapter(family, family
         if "lora_" in name:
             param.data = param.data.to(torch.bfloat16).float()
     start.save_pretrained(tmp_path / "start")
-    starting = StartingAdapter(path=str(tmp_path / "start"), spec="start")
-    result = train_adapter(start.unload(), data, tokenizer, cfg.lora, cfg.training, "cpu", stage=Stage(cfg, starting))
-    metrics = result.metrics
-    assert metrics["stage/kl"] == 0.0
-    assert {"stage/rewards/valid_json/mean", "stage/rewards/field_match/mean"} <= set(metrics)
-    assert 0 < metrics["stage/completions/mean_length"] <= 6
+    return start.unload(), tokenizer, data, StartingAdapter(path=str(tmp_path / "start"), spec="start")
