@@ -432,14 +432,50 @@ class TrackingConfig(Section):
 
 
 class DistributedConfig(Section):
-    """Training on several processes (GPUs) and machines through torch.distributed's launcher (torchrun), one
-    process per GPU: DDP (each process holds the whole 4-bit model; LoRA gradients are averaged) or FSDP-QLoRA
-    (the 4-bit model is sharded across the processes, for models that don't fit one card)."""
+    """Training on several processes (GPUs) and machines, one process per GPU: DDP (each process holds the whole
+    4-bit model; LoRA gradients are averaged) or FSDP-QLoRA (the 4-bit model is sharded across the processes, for
+    models that don't fit one card). Launched by torch.distributed's launcher (torchrun) on this machine and the
+    machines that join it, or by Ray Train on a Ray cluster (qlora/ray_launch.py)."""
 
+    launcher: Literal["torchrun", "ray"] = Field(
+        default="torchrun",
+        description="'torchrun': the processes of this machine (num_processes), joined by those other machines "
+        "start (num_machines). 'ray': Ray Train's TorchTrainer places num_processes workers on a Ray cluster "
+        "(ray_address), restarts them after a lost worker or node (max_failures); needs `pip install -e .[ray]`.",
+    )
     num_processes: int | Literal["auto"] = Field(
         default=1,
-        description="Training processes on this machine: 1 (in the flow's own process), N, or 'auto' (one per "
-        "visible GPU). Above 1, train-adapter launches them with torchrun.",
+        description="torchrun: training processes on this machine: 1 (in the flow's own process), N, or 'auto' (one "
+        "per visible GPU); above 1, train-adapter launches them with torchrun. ray: the workers on the cluster "
+        "(a number), one GPU each on a GPU run.",
+    )
+    ray_address: str = Field(
+        default="local",
+        description="launcher ray: the cluster. 'local': a Ray instance started for the run on this machine; "
+        "'auto': the cluster this machine belongs to (RAY_ADDRESS, or the one `ray start` started here); "
+        "'host:port': a head node's address (6379 by default); 'ray://host:10001': through Ray Client.",
+    )
+    ray_resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description="launcher ray: resources each worker needs besides its CPU (and GPU), e.g. {worker_slot: 1} to "
+        "place one worker on each node started with `--resources '{\"worker_slot\": 1}'`.",
+    )
+    ray_placement: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        default="PACK",
+        description="launcher ray: how workers spread over nodes (Ray's placement strategy): PACK fills a node "
+        "first, SPREAD spreads them, STRICT_SPREAD puts each on a node of its own.",
+    )
+    max_failures: int = Field(
+        default=1,
+        ge=-1,
+        description="launcher ray: how often Ray restarts the workers after one dies (a lost process or node); "
+        "training continues from the run folder's newest complete checkpoint. 0: never; -1: without limit.",
+    )
+    ray_start_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="launcher ray: how long the cluster may take to start the workers before the run fails (the "
+        "resources are held by other jobs, or the nodes are still starting).",
     )
     strategy: Literal["ddp", "fsdp"] = Field(
         default="ddp",
@@ -471,6 +507,15 @@ class DistributedConfig(Section):
             raise ValueError("distributed.main_process_ip and rdzv_endpoint are both set: choose one")
         if isinstance(self.num_processes, int) and self.num_processes < 1:
             raise ValueError("distributed.num_processes must be 1 or more, or 'auto'")
+        if self.launcher == "ray":
+            if self.num_processes == "auto":
+                raise ValueError("distributed.num_processes: launcher ray needs the number of workers, not 'auto'")
+            torchrun_only = [k for k in ("main_process_ip", "rdzv_endpoint") if getattr(self, k)]
+            if self.num_machines > 1 or torchrun_only:
+                raise ValueError(
+                    f"distributed.{', '.join(torchrun_only or ['num_machines'])}: torchrun's; with launcher ray the "
+                    "cluster places the workers (num_processes) on its nodes"
+                )
         return self
 
 
@@ -567,6 +612,8 @@ def stage_problems(cfg: PipelineConfig) -> list[str]:
             problems.append(f"training.{', '.join(sft_only)}: SFT settings; training.method is {method}")
         if cfg.distributed.strategy == "fsdp":
             problems.append(f"distributed.strategy fsdp is SFT's; training.method {method} runs with ddp")
+    if cfg.preference.policy_rejected is not None and method != "dpo":
+        problems.append(f"preference.policy_rejected is for DPO pairs' rejected answers; training.method is {method}")
     if method == "kto" and isinstance(cfg.preference.loss_type, list):
         problems.append("preference.loss_type: KTO takes one loss_type (kto or apo_zero_unpaired), not a list")
     if method == "grpo":

@@ -74,7 +74,7 @@ def processes_per_machine(cfg: DistributedConfig, device: str) -> int:
 
 def is_distributed(cfg: PipelineConfig, device: str) -> bool:
     d = cfg.distributed
-    return processes_per_machine(d, device) > 1 or d.num_machines > 1
+    return d.launcher == "ray" or processes_per_machine(d, device) > 1 or d.num_machines > 1
 
 
 def write_launch_spec(
@@ -140,14 +140,25 @@ def run_distributed_training(
     env: dict[str, str],
     log: logging.Logger | logging.LoggerAdapter,
     starting=None,
-) -> None:
-    """Launch the training processes and stream rank 0's output into `log`; rank 0 leaves the trained adapter and
-    the training result in the run folder (qlora.train.save_training_outcome). Raises DistributedTrainingError with
-    the failing rank's error, LostProcessError when a process died without one (retried), RunInterrupted on a
-    graceful stop (forwarded to torchrun, which passes it to every rank)."""
+) -> list[dict]:
+    """Launch the training processes (torchrun, or Ray Train: qlora/ray_launch.py) and stream rank 0's output into
+    `log`; rank 0 leaves the trained adapter and the training result in the run folder
+    (qlora.train.save_training_outcome). Returns the starts of Ray's worker group (restarts after lost workers;
+    none under torchrun). Raises DistributedTrainingError with the failing rank's error, LostProcessError when a
+    process died without one (retried), PipelineInputError for a Ray cluster that cannot run the workers,
+    RunInterrupted on a graceful stop (forwarded to torchrun, which passes it to every rank; under Ray a file every
+    rank watches)."""
+    from qlora.ray_launch import STOP_REQUEST_NAME
+
     spec = write_launch_spec(run_dir, cfg, source, prepared, fingerprint, device, starting)
     log_dir = run_dir / LOGS_DIRNAME / f"attempt-{len(list((run_dir / LOGS_DIRNAME).glob('attempt-*')))}"
-    cmd = launch_command(cfg.distributed, device, spec, log_dir)
+    (run_dir / STOP_REQUEST_NAME).unlink(missing_ok=True)  # an earlier attempt's stop is not this one's
+    ray = cfg.distributed.launcher == "ray"
+    if ray:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "qlora.ray_launch", str(spec), str(log_dir)]
+    else:
+        cmd = launch_command(cfg.distributed, device, spec, log_dir)
     log.info("launching %s", " ".join(cmd[1:]))
     repo = str(Path(__file__).resolve().parent.parent)
     child_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
@@ -180,6 +191,8 @@ def run_distributed_training(
     if stop is not None and stop.requested:
         stopped = _read_json(run_dir / STOPPED_NAME) or {}
         raise stop.interrupted(stopped.get("step"), stopped.get("checkpoint"))
+    if ray:
+        return _ray_outcome(code, log_dir)
     if code != 0:
         first_rank = cfg.distributed.machine_rank * processes_per_machine(cfg.distributed, device)
         if failure := first_failure(log_dir, first_rank):
@@ -190,6 +203,25 @@ def run_distributed_training(
             f"torchrun exited with code {code} and no rank reported an error (a process was killed?); the ranks' "
             f"logs are in {log_dir}"
         )
+    return []
+
+
+def _ray_outcome(code: int, log_dir: Path) -> list[dict]:
+    from qlora.errors import PipelineInputError
+    from qlora.ray_launch import FAILURE_NAME, read_starts
+
+    if code == 0:
+        return read_starts(log_dir)
+    failure = _read_json(log_dir / FAILURE_NAME)
+    if failure is None:
+        raise LostProcessError(f"the Ray launcher exited with code {code} without a report; its log is the task's")
+    if failure["kind"] == "input":
+        raise PipelineInputError(failure["message"])
+    starts = len(read_starts(log_dir))
+    raise DistributedTrainingError(
+        f"training process rank {failure['rank']} failed: {failure['message']} (after {max(starts - 1, 0)} "
+        "restart(s) of the worker group; distributed.max_failures)"
+    )
 
 
 def _read_json(path: Path) -> dict | None:

@@ -35,16 +35,24 @@ log = logging.getLogger("qlora.train")
 
 @record  # a failure is written to torchrun's error file, so the flow can name the rank and its error
 def main(argv: list[str] | None = None) -> int:
-    die_with_parent()  # torchrun's child: never outlive it (it dies with the flow's process)
-    spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    die_with_parent()  # torchrun's child: never outlive it
+    rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
+    # torchrun forwards the flow's stop as SIGTERM; every rank stops at the same step (qlora.train.StopAtNextStep)
+    return run_rank((argv or sys.argv[1:])[0], graceful_stop, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def run_rank(spec_path: str, stop_context, cuda_device: int | None = None) -> int:
+    """One rank's training, as torchrun's processes and Ray Train's workers (qlora/ray_launch.py) run it: the
+    torch.distributed environment is set up by the launcher. `stop_context(grace_s)`: how this process learns of a
+    graceful stop (signals under torchrun, a file under Ray). `cuda_device`: this rank's GPU on a GPU run."""
+    spec = json.loads(Path(spec_path).read_text())
+    rank = int(os.environ.get("RANK", "0"))
     cfg = load_pipeline_config(spec["config"])
     run_dir = Path(spec["run_dir"])
-    # torchrun forwards the flow's stop as SIGTERM; every rank stops at the same step (qlora.train.StopAtNextStep)
-    with graceful_stop(cfg.training.stop_grace_s):
+    with stop_context(cfg.training.stop_grace_s):
         try:
-            return _train(spec, cfg, run_dir, rank, local_rank)
+            return _train(spec, cfg, run_dir, rank, cuda_device)
         except RunInterrupted as stopped:
             if rank == 0:
                 record = {"signal": stopped.signal_name, "step": stopped.step, "checkpoint": stopped.checkpoint}
@@ -53,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             return stopped.exit_code
 
 
-def _train(spec: dict, cfg, run_dir: Path, rank: int, local_rank: int) -> int:
+def _train(spec: dict, cfg, run_dir: Path, rank: int, cuda_device: int | None) -> int:
     src = spec["source"]
     source = ModelSource(ModelConfig(**src["model"]), src["path"], src["description"], src["digest"], src["gguf_file"])
     data = open_prepared(PreparedDataset(**spec["prepared"]), cfg.data)
@@ -62,7 +70,7 @@ def _train(spec: dict, cfg, run_dir: Path, rank: int, local_rank: int) -> int:
     if device == "cuda":
         import torch
 
-        torch.cuda.set_device(local_rank)  # device_map {"": "cuda"} then means this process's GPU
+        torch.cuda.set_device(cuda_device or 0)  # device_map {"": "cuda"} then means this process's GPU
     model = load_base_for_training(source, cfg, device)
     starting = StartingAdapter(**spec["starting"]) if spec.get("starting") else None
     result = train_run(model, data, tokenizer, cfg, device, str(run_dir), spec["fingerprint"], log, starting=starting)

@@ -208,6 +208,10 @@ def run_preflight(
         from qlora.stages import next_stage_problems
 
         report.fatal += next_stage_problems(cfg)
+    if cfg.distributed.launcher == "ray":
+        from qlora.ray_launch import ray_problems
+
+        report.fatal += ray_problems(cfg)  # Ray missing, an address nobody answers at: seconds, not Ray's minutes
     if problem := tracking_store_problem(resolve_tracking_uri(cfg.tracking)):
         report.fatal.append(problem)
     if problem := writable_problem(t.output_dir):

@@ -96,7 +96,7 @@ def json_schema_reward(schema: dict) -> RewardFunction:
     return json_schema
 
 
-def _import_entry_point(entry_point: str) -> Callable:
+def _import_entry_point(entry_point: str, field: str) -> Callable:
     module_name, _, name = entry_point.partition(":")
     if str(Path.cwd()) not in sys.path and "" not in sys.path:
         sys.path.insert(0, str(Path.cwd()))  # a reward module in the working folder, as `python -m` would find it
@@ -104,12 +104,12 @@ def _import_entry_point(entry_point: str) -> Callable:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001  (any import failure is the user's module: say which and why)
         raise PipelineInputError(
-            f"grpo.rewards: cannot import module {module_name!r} of reward {entry_point!r} "
+            f"{field}: cannot import module {module_name!r} of reward {entry_point!r} "
             f"({type(exc).__name__}: {exc}): check the module path (relative to the working folder)"
         ) from None
     function = getattr(module, name, None)
     if not callable(function):
-        raise PipelineInputError(f"grpo.rewards: {module_name!r} has no function {name!r} (reward {entry_point!r})")
+        raise PipelineInputError(f"{field}: {module_name!r} has no function {name!r} (reward {entry_point!r})")
     return function
 
 
@@ -138,9 +138,9 @@ def signature_problem(function: Callable) -> str | None:
     return None
 
 
-def build_reward(spec: RewardConfig) -> RewardFunction:
-    """The reward function `spec` names. Raises PipelineInputError for an entry point that cannot be imported or
-    called as a reward."""
+def build_reward(spec: RewardConfig, field: str = "grpo.rewards") -> RewardFunction:
+    """The reward function `spec` names. Raises PipelineInputError, naming the config `field`, for an entry point that
+    cannot be imported or called as a reward."""
     if spec.function == "valid_json":
         return valid_json
     if spec.function == "exact_match":
@@ -150,27 +150,27 @@ def build_reward(spec: RewardConfig) -> RewardFunction:
     if spec.function == "json_schema":
         return json_schema_reward(spec.json_schema)
     assert spec.function not in BUILT_IN_REWARDS
-    function = _import_entry_point(spec.function)
+    function = _import_entry_point(spec.function, field)
     if problem := signature_problem(function):
         raise PipelineInputError(
-            f"grpo.rewards: {spec.function} cannot be a reward: {problem}. Write it as "
+            f"{field}: {spec.function} cannot be a reward: {problem}. Write it as "
             "def reward(prompts, completions, **kwargs) -> list[float]"
         )
     return function
 
 
-def reward_problems(specs: list[RewardConfig], columns: list[str]) -> list[str]:
+def reward_problems(specs: list[RewardConfig], columns: list[str], field: str = "grpo.rewards") -> list[str]:
     """Rewards that cannot be built, or read a column the data lacks (`answer` for exact_match / field_match)."""
     problems = []
     for spec in specs:
         try:
-            build_reward(spec)
+            build_reward(spec, field)
         except PipelineInputError as exc:
             problems.append(str(exc))
             continue
         if spec.function in ("exact_match", "field_match") and "answer" not in columns:
             problems.append(
-                f"grpo.rewards: {spec.function} compares with the expected answer, but the data has no answer column "
+                f"{field}: {spec.function} compares with the expected answer, but the data has no answer column "
                 "(data.columns.answer)"
             )
     return problems

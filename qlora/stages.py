@@ -147,6 +147,13 @@ def stage_input_problems(cfg: PipelineConfig, data, source=None) -> list[str]:
         from qlora.rewards import reward_problems
 
         problems += reward_problems(cfg.grpo.rewards, data.train.column_names)
+    if method == "dpo" and cfg.preference.policy_rejected is not None and not problems:
+        from qlora.rewards import reward_problems
+
+        # the policy's answers are scored against each row's chosen answer, which reaches the reward as `answer`
+        columns = [*data.train.column_names, "answer"]
+        reward = cfg.preference.policy_rejected.reward
+        problems += reward_problems([reward], columns, "preference.policy_rejected.reward")
     if method == "kto" and not problems:
         labels = set(data.train["label"])
         if len(labels) < 2:

@@ -204,3 +204,30 @@ def graceful_stop(grace_s: float) -> Iterator[GracefulStop | None]:
         if outermost:
             _current = None
             stop.done()
+
+
+@contextlib.contextmanager
+def stop_when_file_appears(path: Path, grace_s: float, poll_s: float = 0.2) -> Iterator[GracefulStop]:
+    """A graceful stop requested by a file instead of a signal, for training that runs where no signal reaches it:
+    a Ray Train worker runs the training function in a thread of its actor (the launcher writes `path` when it is
+    told to stop, qlora/ray_launch.py). It is this process's stop (`current()`) inside the block, so training ends
+    at the next optimizer step exactly as after a SIGTERM."""
+    global _current
+    stop = GracefulStop(grace_s)
+    finished = threading.Event()
+
+    def watch() -> None:
+        while not finished.wait(poll_s):
+            if path.exists():
+                stop.request(signal.SIGTERM)
+                return
+
+    previous, _current = _current, stop
+    watcher = threading.Thread(target=watch, name="stop-request-file", daemon=True)
+    watcher.start()
+    try:
+        yield stop
+    finally:
+        finished.set()
+        _current = previous
+        stop.done()

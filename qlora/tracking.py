@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline_config.loading import dump_pipeline_config
 from pipeline_config.schema import PipelineConfig
+from qlora.policy_pairs import ANSWERS_FILE
 from qlora.provenance import git_commit, library_versions, process_alive, process_identity
 from qlora.save import adapter_checksum
 from qlora.services import resolve_tracking_uri
@@ -206,6 +207,9 @@ def log_results(cfg: PipelineConfig, train_result, comparison, adapter_dir: str,
     mlflow.set_tags(
         {"adapter_sha256": adapter_checksum(Path(adapter_dir)), "adapter_dtype": train_result.adapter_dtype}
     )
+    answers = Path(adapter_dir).parent / ANSWERS_FILE  # the run folder's: a DPO stage's preference.policy_rejected
+    if answers.is_file():
+        mlflow.log_artifact(str(answers), artifact_path="stage")
     mlflow.log_text(dump_pipeline_config(cfg), "pipeline_config.yaml")
     if comparison.samples:
         columns = {key: [row[key] for row in comparison.samples] for key in comparison.samples[0]}

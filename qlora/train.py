@@ -9,6 +9,7 @@ Training loss per logging step reaches MLflow through transformers' own MLflowCa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -488,6 +489,13 @@ def _train_stage(
         starting.spec if starting else "the base model",
         "a frozen copy of that adapter" if starting else "the base model (adapter disabled)",
     )
+    policy_rejected = stage.config.preference.policy_rejected if cfg.method == "dpo" else None
+    pairs = None
+    if policy_rejected is not None:  # the starting policy's own mistakes become the rejected answers
+        from qlora.policy_pairs import policy_pairs
+
+        pairs = policy_pairs(policy, tokenizer, data.train, policy_rejected, run_dir, log)
+        data = dataclasses.replace(data, train=pairs.train)
     args = trainer_arguments(cfg, device, run_dir or cfg.output_dir, report_to_mlflow)
     args["include_num_input_tokens_seen"] = "non_padding"
     callbacks = [RunLoggerProgress(log), *_layer_callbacks(cfg), *(extra_callbacks or [])]
@@ -504,6 +512,8 @@ def _train_stage(
             k: float(v) for k, v in entry.items() if isinstance(v, int | float) and ("/" in k or k in ("reward", "kl"))
         }
     metrics |= {f"stage/{k}": v for k, v in last.items()}
+    if pairs is not None:
+        metrics |= pairs.metrics
     adapter_dtype = next(
         (str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters() if "lora_" in n), "bfloat16"
     )

@@ -68,7 +68,14 @@ def train_adapter_task(
     env = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
     if active is not None:
         env |= {"MLFLOW_RUN_ID": active.info.run_id, "MLFLOW_EXPERIMENT_ID": active.info.experiment_id}
-    run_distributed_training(cfg, source, prepared, folder, run_folder.fingerprint, device, env, log, starting)
+    starts = run_distributed_training(cfg, source, prepared, folder, run_folder.fingerprint, device, env, log, starting)
+    if starts and active is not None:  # Ray Train: the worker group's restarts after lost workers, and from where
+        restarts = starts[1:]
+        mlflow.log_metric("ray_worker_group_restarts", len(restarts))
+        if restarts:
+            resumed = ", ".join(s["resumed_from"] or "step 0" for s in restarts)
+            mlflow.set_tag("ray_restarts_resumed_from", resumed)
+            log.warning("Ray restarted the worker group %d time(s); training continued from %s", len(restarts), resumed)
     outcome = read_training_outcome(folder)
     if outcome is None:
         raise RuntimeError(f"the training processes ended without leaving their result in {folder}")

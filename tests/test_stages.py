@@ -85,6 +85,14 @@ def _config(tmp_path: Path, **sections) -> dict:
         ({"preference": {"loss_type": "sigmoid", "loss_weights": [1.0]}}, "preference.loss_weights: 1 weight"),
         ({"preference": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}}, "preference.loss_weights"),
         ({"training": {"method": "kto"}, "preference": {"loss_type": ["kto", "sft"]}}, "KTO takes one loss_type"),
+        (
+            {"training": {"method": "kto"}, "preference": {"policy_rejected": {}}},
+            "preference.policy_rejected is for DPO",
+        ),
+        (
+            {"training": {"method": "dpo"}, "preference": {"policy_rejected": {"reward": {"function": "nonsense"}}}},
+            "preference.policy_rejected.reward.*neither a built-in",
+        ),
     ],
 )
 def test_bad_stage_settings_are_named(tmp_path, sections, message):
@@ -170,6 +178,58 @@ def test_bundled_stage_data_holds_the_sft_orders_and_typical_mistakes():
             right, wrong = json.loads(right)["date"], value["date"]
             assert right[:8] == wrong[:8] and wrong[8:] == (right[9] * 2 if right[8] == "0" else "0" + right[8])
     assert 0.4 < sum(unpaired.train["label"]) / len(unpaired.train) < 0.6
+
+
+def test_the_policy_s_wrong_answers_become_the_rejected_ones():
+    """preference.policy_rejected: an answer scoring below the chosen one replaces the row's rejected answer, in the
+    row's own form (text or an assistant turn); a right answer, and rows past max_prompts, keep theirs."""
+    import datasets
+
+    from pipeline_config.stages import PolicyRejectedConfig
+    from qlora.policy_pairs import pairs_with_policy_rejected
+
+    wrong_date = ANSWER.replace("2024-08-29", "2024-08-22")
+
+    def turn(role: str, content: str) -> list[dict]:
+        return [{"role": role, "content": content}]
+
+    rows = datasets.Dataset.from_list(
+        [
+            {"prompt": turn("user", q), "chosen": CHAT_ANSWER, "rejected": turn("assistant", r)}
+            for q, r in ("ax", "by", "cz")
+        ]
+    )
+    answers = [wrong_date, " " + ANSWER]  # the third row is past max_prompts: not answered
+    pairs, mistakes = pairs_with_policy_rejected(rows, answers, PolicyRejectedConfig())
+    assert mistakes == 1
+    assert [r["rejected"] for r in pairs] == [
+        turn("assistant", wrong_date),
+        turn("assistant", "y"),
+        turn("assistant", "z"),
+    ]
+    assert pairs["chosen"] == rows["chosen"]
+    # field_match: a right date with a wrong quantity is still short of the chosen answer's 1.0; plain-text rows
+    text_rows = datasets.Dataset.from_list([{"prompt": "a", "chosen": ANSWER, "rejected": "x"}])
+    by_field = PolicyRejectedConfig(reward=RewardConfig(function="field_match"))
+    short = ANSWER.replace('"quantity":5', '"quantity":6')
+    assert pairs_with_policy_rejected(text_rows, [short], by_field)[0]["rejected"] == [short]
+
+
+def test_a_policy_rejected_reward_that_cannot_be_imported_is_named(tmp_path):
+    from qlora.data import load_dataset_splits
+    from qlora.stages import stage_input_problems
+
+    path = _write_rows(tmp_path / "pref.jsonl", order_stage_rows(20, 1, "preference"))
+    cfg = load_pipeline_config(
+        _config(
+            tmp_path,
+            data={"source": path},
+            training={"method": "dpo"},
+            preference={"policy_rejected": {"reward": {"function": "no_such_module:score"}}},
+        )
+    )
+    problems = stage_input_problems(cfg, load_dataset_splits(cfg.data))
+    assert len(problems) == 1 and problems[0].startswith("preference.policy_rejected.reward: cannot import module")
 
 
 def _write_rows(path: Path, rows: list[dict]) -> str:
@@ -274,6 +334,8 @@ def test_a_stage_trains_from_the_registered_sft_champion(sft_champion, method, t
     if method == "grpo":
         raw["data"]["format"] = "prompt_only"
         raw["grpo"] = {"num_generations": 2, "max_completion_length": 8}
+    if method == "dpo":  # the starting adapter's own wrong answers become the rejected ones
+        raw["preference"] = {"policy_rejected": {"max_prompts": 12, "max_new_tokens": 8, "batch_size": 6}}
     raw["training"] |= {"method": method, "max_steps": 2, "output_dir": str(tmp_path / "out"), "logging_steps": 1}
     raw["registry"] = {"model_name": f"orders-{method}", "max_new_tokens": 8}
     config = tmp_path / "stage.yaml"
@@ -293,6 +355,13 @@ def test_a_stage_trains_from_the_registered_sft_champion(sft_champion, method, t
     version = client.get_model_version(f"orders-{method}", stage["registry"]["version"])
     assert version.tags["parent_version"] == summary["registry"]["version"]
     assert version.tags["qlora.stage"] == method
+    if method == "dpo":  # 12 answers of the starting policy, kept in the run folder and logged with the run
+        answers = Path(stage["run_dir"]) / "policy-answers.jsonl"
+        assert [json.loads(line)["row"] for line in answers.read_text().splitlines()] == list(range(12))
+        assert run.data.metrics["stage/policy_answered"] == 12
+        # a tiny model's 8 tokens are never the whole order: every answer is a mistake, now a rejected answer
+        assert run.data.metrics["stage/policy_mistakes"] == 12
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "stage")] == ["stage/policy-answers.jsonl"]
     loaded = load_for_inference(f"models:/orders-{method}/{stage['registry']['version']}")
     assert list(loaded.model.peft_config) == ["default"]  # the registered adapter is the trained one alone
 
