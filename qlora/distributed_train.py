@@ -2,6 +2,8 @@
 
     python -m torch.distributed.run --nproc-per-node N ... -m qlora.distributed_train <run folder>/launch-spec.json
 
+or, under Ray Train (`distributed.launcher: ray`), `run_rank` in each worker (qlora/ray_launch.py).
+
 The same functions as a one-process run: the one 4-bit loader, then `train_adapter` (SFTTrainer applies LoRA; the
 Trainer shards the data and averages gradients across the processes torchrun set up, or, with
 `distributed.strategy: fsdp`, shards the model itself).

@@ -69,8 +69,8 @@ def run_summary_text(summary: dict, tracking_uri: str, wall_s: float) -> str:
         reg = summary["registry"]
         role = "champion" if reg["became_champion"] else "challenger"
         lines.append(f"registered: {summary['registered_model']} v{reg['version']} -> {role} ({reg['reason']})")
-        lines.append(
-            f"  ask it: qlora-flow generate --model models:/{summary['registered_model']}@champion --prompt ..."
-        )
+        # the version this run registered: a challenger has no champion alias (there may be none at all)
+        alias = "@champion" if reg["became_champion"] else f"/{reg['version']}"
+        lines.append(f"  ask it: qlora-flow generate --model models:/{summary['registered_model']}{alias} --prompt ...")
     lines.append(f"flow wall time: {wall_s:.0f} s")
     return "\n".join(lines)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import yaml
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 from prefect.flows import load_flow_from_entrypoint
@@ -202,3 +204,61 @@ def test_serve_builds_every_process_pool_deployment_with_its_schedule_and_trigge
     assert len(built["qlora-align"].triggers) == 1
     assert built["merge-champion"].parameters["model"] == "models:/smollm2-135m-orders@champion"
     assert "llama2-7b-chat-guanaco-gpu" in {d.name for d in runner_deployments(include_gpu=True)}
+
+
+def test_the_kuberay_cluster_renders_to_a_valid_ray_cluster_with_gpu_workers_and_shared_runs():
+    """deploy/kuberay-raycluster.yaml, rendered as its header says (envsubst), is a RayCluster that KubeRay's own
+    schema accepts (there is no cluster here): GPU workers with /dev/shm in memory, the run folder's claim mounted
+    where every node and the flow look for it, the image of the Kubernetes work pool, the token from a Secret."""
+    import re
+    import string
+
+    jsonschema = pytest.importorskip("jsonschema")
+    text = (REPO / "deploy" / "kuberay-raycluster.yaml").read_text()
+    header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
+    variables = set(re.findall(r"\$\{(\w+)\}", text))
+    assert variables == {"IMAGE", "GPU_WORKERS", "GPUS_PER_WORKER", "RUNS_CLAIM", "RAY_AUTH_TOKEN"}
+    assert all(name in header for name in variables - {"RAY_AUTH_TOKEN"})
+    values = {
+        "IMAGE": "registry.example/qlora-flow:1",
+        "GPU_WORKERS": "2",
+        "GPUS_PER_WORKER": "8",
+        "RUNS_CLAIM": "qlora-runs",
+        "RAY_AUTH_TOKEN": "t0k3n",
+    }
+    secret, cluster = yaml.safe_load_all(string.Template(text).substitute(values))
+    assert secret["kind"] == "Secret" and secret["stringData"]["auth_token"] == "t0k3n"
+    schema = json.loads((REPO / "deploy" / "schemas" / "kuberay-raycluster-v1.json").read_text())
+    jsonschema.validate(cluster, schema)
+    assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
+    assert cluster["spec"]["authOptions"] == {"mode": "token", "secretName": secret["metadata"]["name"]}
+    (workers,) = cluster["spec"]["workerGroupSpecs"]
+    assert workers["replicas"] == 2
+    pod = workers["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == "8"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory" and mounts["dshm"] == "/dev/shm"
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]
+    for spec in (head, pod):
+        (c,) = spec["containers"]
+        assert c["image"] == values["IMAGE"]
+        runs = next(v for v in spec["volumes"] if v["name"] == "runs")
+        assert runs["persistentVolumeClaim"]["claimName"] == "qlora-runs"
+        assert {m["name"]: m["mountPath"] for m in c["volumeMounts"]}["runs"] == "/opt/qlora-flow/outputs"
+    # the image of the Kubernetes deployment's Jobs (the flow run is the Ray driver): the repository where that
+    # deployment's runs work, /opt/qlora-flow
+    (k8s,) = [
+        d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"] if d["name"].endswith("-k8s")
+    ]
+    assert "/opt/qlora-flow" in json.dumps(k8s["pull"]) and c["workingDir"] == "/opt/qlora-flow"
+    # the Ray version KubeRay starts is the one the `ray` extra pins
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert f"ray[train]=={cluster['spec']['rayVersion']}" in pyproject
+    # a manifest KubeRay would refuse fails this check
+    broken = json.loads(json.dumps(cluster))
+    broken["spec"]["workerGroupSpecs"][0]["replicas"] = "two"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)

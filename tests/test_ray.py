@@ -254,3 +254,38 @@ def test_an_unreachable_ray_address_or_no_ray_is_named_before_any_weights_load(
     monkeypatch.setattr(ray_launch, "ray_available", lambda: False)
     assert main(["validate", "--config", str(config)]) == 2
     assert "distributed.launcher ray needs Ray Train: pip install -e '.[ray]'" in capsys.readouterr().err
+
+
+def test_sigterm_stops_every_ray_worker_at_one_step_with_a_checkpoint(
+    ray_cluster, tiny_llama_dir, tmp_path, prefect_server
+):
+    """SIGTERM to `qlora-flow run`'s process group: the launcher passes the stop to the workers (a file in the run
+    folder, which every rank watches), they stop at the same optimizer step with a checkpoint, the command exits 143
+    and the MLflow run ends KILLED; the run folder then resumes."""
+    from prefect.settings import PREFECT_API_URL
+
+    from tests.conftest import start_in_own_session, stop_process_group
+
+    config = _config(tiny_llama_dir, tmp_path, "ray-stop", **_ray(ray_cluster))
+    raw = yaml.safe_load(config.read_text())
+    raw["training"].update(max_steps=40, stop_grace_s=60)
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "stopped.log"
+    proc = start_in_own_session([sys.executable, "-m", "flows.cli", "run", "--config", str(config)], log, env)
+    root = tmp_path / "ray-stop"
+    try:
+        deadline = time.monotonic() + 300
+        while not list(root.glob("*/checkpoint-*")):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+    finally:
+        code, took_s = stop_process_group(proc, signal.SIGTERM, timeout_s=90)
+    printed = log.read_text()
+    assert code == 143 and took_s < 65, printed[-3000:]
+    (run_dir,) = root.iterdir()
+    stopped = json.loads((run_dir / "train-stopped.json").read_text())
+    assert 2 <= stopped["step"] < 40 and (run_dir / f"checkpoint-{stopped['step']}").is_dir()
+    client = MlflowClient(raw["tracking"]["tracking_uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name(raw["tracking"]["experiment_name"]).experiment_id])
+    assert run.info.status == "KILLED"
