@@ -14,8 +14,10 @@ each (accelerate's `split_between_processes`) and gather the answers in row orde
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import datasets
 
 from pipeline_config.stages import PolicyRejectedConfig
 from qlora.files import write_text_atomic
+from qlora.integrations.bnb_cpu import no_inference_repacking
 
 ANSWERS_FILE = "policy-answers.jsonl"
 
@@ -56,26 +59,30 @@ def _like(chosen, text: str):
     return [{"role": "assistant", "content": text}] if isinstance(chosen, list) else text
 
 
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def answer_prompts(model, tokenizer, prompts: list, cfg: PolicyRejectedConfig) -> list[str]:
     """The policy's greedy answers to `prompts`, in order; with several processes each answers its share and every
-    process gets them all (a collective: every rank calls it)."""
-    from accelerate import PartialState
-    from accelerate.utils import gather_object
-
+    process gets them all (a collective: every rank calls it). One process leaves accelerate's state alone: the
+    Trainer sets it up afterwards from its own arguments."""
     from qlora.inference import SamplingSettings, generate_texts
 
-    state = PartialState()
     settings = SamplingSettings(max_new_tokens=cfg.max_new_tokens)
     was_training = model.training
     model.eval()
-    try:
-        with state.split_between_processes(list(range(len(prompts)))) as mine:
+    # the model trains next: its 4-bit weights must stay in the layout training uses
+    with no_inference_repacking(model), contextlib.ExitStack() as restore:
+        restore.callback(model.train, was_training)
+        if _world_size() == 1:
+            return generate_texts(model, tokenizer, prompts, settings, cfg.batch_size)
+        from accelerate import PartialState
+        from accelerate.utils import gather_object
+
+        with PartialState().split_between_processes(list(range(len(prompts)))) as mine:
             answers = generate_texts(model, tokenizer, [prompts[i] for i in mine], settings, cfg.batch_size)
-            answered = list(zip(mine, answers, strict=True))
-    finally:
-        model.train(was_training)
-    if state.num_processes > 1:
-        answered = gather_object(answered)
+            answered = gather_object(list(zip(mine, answers, strict=True)))
     return [text for _, text in sorted(answered)]
 
 
@@ -115,8 +122,6 @@ def policy_pairs(
     """The training rows with the starting policy's mistakes as rejected answers (see the module's docstring).
     `model` is the policy as the stage starts (the base with its starting adapter). With `run_dir`, the answers are
     read from there when an earlier attempt wrote them, else written there (by the first process)."""
-    from accelerate import PartialState
-
     log = log or logging.getLogger(__name__)
     count = min(len(train), cfg.max_prompts or len(train))
     answers = read_answers(run_dir)
@@ -125,7 +130,7 @@ def policy_pairs(
     else:
         log.info("preference.policy_rejected: the starting policy answers %d training prompts", count)
         answers = answer_prompts(model, tokenizer, train.select(range(count))["prompt"], cfg)
-        if run_dir is not None and PartialState().is_main_process:
+        if run_dir is not None and int(os.environ.get("RANK", "0")) == 0:
             lines = (json.dumps({"row": i, "answer": a}, ensure_ascii=False) for i, a in enumerate(answers))
             write_text_atomic(Path(run_dir) / ANSWERS_FILE, "".join(f"{line}\n" for line in lines))
     rows, mistakes = pairs_with_policy_rejected(train, answers, cfg)

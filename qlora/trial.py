@@ -84,11 +84,13 @@ class ReportEvalLossToStudy(TrainerCallback):
         if step % self.every_steps or model is None:
             return
         from qlora.evaluate import eval_loss
+        from qlora.integrations.bnb_cpu import no_inference_repacking
 
         was_training = model.training
         model.eval()
         try:
-            loss = eval_loss(model, self.tokenizer, self.examples, self.batch_size)
+            with no_inference_repacking(model):  # training goes on after this: keep the weights' training layout
+                loss = eval_loss(model, self.tokenizer, self.examples, self.batch_size)
         finally:
             model.train(was_training)
         self.trial.report(loss, step)

@@ -301,3 +301,24 @@ def test_fsdp_on_two_gpus_shards_the_model_and_saves_one_adapter_that_reloads(pr
     assert 0.45 < result["metrics"]["fsdp_local_parameter_share"] < 0.6  # rank 0's shards: half, plus padding
     assert len(result["peak_memory_mib_per_rank"]) == 2
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_a_dpo_stage_on_two_processes_answers_its_prompts_once_between_them(prefect_server, tiny_llama_dir, tmp_path):
+    """preference.policy_rejected under torchrun: each rank answers half the prompts, both train on all the answers
+    (in row order), rank 0 keeps them in the run folder and the flow logs the count."""
+    from tests.test_stages import _write_rows, order_stage_rows
+
+    config = _config(tiny_llama_dir, tmp_path, num_processes=2)
+    raw = yaml.safe_load(config.read_text())
+    raw["data"] = {"source": _write_rows(tmp_path / "pairs.jsonl", order_stage_rows(24, 4, "preference"))}
+    raw["training"].update(method="dpo", max_steps=2, save_steps=0, per_device_train_batch_size=2)
+    raw["preference"] = {"policy_rejected": {"max_prompts": 6, "max_new_tokens": 4, "batch_size": 2}}
+    raw["registry"] = {"enabled": False}
+    config.write_text(yaml.safe_dump(raw))
+    summary = finetune(config_path=str(config))
+    run_dir = Path(summary["run_dir"])
+    answers = [json.loads(line) for line in (run_dir / "policy-answers.jsonl").read_text().splitlines()]
+    assert [a["row"] for a in answers] == list(range(6)) and all(a["answer"] for a in answers)
+    assert json.loads((run_dir / "train-result.json").read_text())["world_size"] == 2
+    client, (run,) = _runs(config)
+    assert run.data.metrics["stage/policy_answered"] == 6 and run.data.metrics["stage/policy_mistakes"] == 6

@@ -322,7 +322,8 @@ def test_lora_on_4_bit_experts_trains_both_weights_reloads_and_merges(family, fa
 def test_family_dpo_keeps_its_starting_adapter_as_the_reference(family, family_dirs, tmp_path):
     """DPO (training.method dpo) on every family, from a trained (non-zero) starting adapter: at a learning rate of
     0 its rewards and margins are exactly 0, which holds only if the reference policy is that adapter (TRL's frozen
-    "ref" copy) and not the bare base; the evaluation's "before" is that adapter too."""
+    "ref" copy) and not the bare base; the evaluation's "before" is that adapter too. The starting policy first
+    answers two prompts (preference.policy_rejected): 4 tokens are never a whole order, so both become rejected."""
 
     from pipeline_config.schema import PipelineConfig
     from qlora.evaluate import evaluate_base_and_finetuned
@@ -337,12 +338,14 @@ def test_family_dpo_keeps_its_starting_adapter_as_the_reference(family, family_d
         data={"source": rows, "eval_fraction": 0.25},
         training={"method": "dpo", "max_steps": 1, "per_device_train_batch_size": 2, "logging_steps": 1,
                   "max_seq_length": 192, "output_dir": str(tmp_path / "out"), "device": "cpu", "save_steps": 0},
+        preference={"policy_rejected": {"max_prompts": 2, "max_new_tokens": 4, "batch_size": 2}},
         evaluation={"max_loss_rows": 2, "max_generation_rows": 0},
     )  # fmt: skip
     base, tokenizer, data, starting = _base_with_a_trained_starting_adapter(cfg, tmp_path)
     training = cfg.training.model_copy(update={"learning_rate": 0.0})
     result = train_adapter(base, data, tokenizer, cfg.lora, training, "cpu", stage=Stage(cfg, starting))
     assert result.metrics["stage/rewards/margins"] == 0.0 and result.metrics["stage/rewards/chosen"] == 0.0
+    assert (result.metrics["stage/policy_answered"], result.metrics["stage/policy_mistakes"]) == (2.0, 2.0)
     comparison = evaluate_base_and_finetuned(result.model, tokenizer, data, cfg.evaluation, 192)
     assert comparison.base.metrics["eval_loss"] == comparison.finetuned.metrics["eval_loss"]
 

@@ -243,3 +243,36 @@ def test_prefect_cancellation_intent_and_termination_signal():
     with stopping.stop_on_signals(10):
         assert signal.getsignal(signal.SIGTERM) is engine._prefect_sigterm_handler  # ours, seen as Prefect's
     assert engine._prefect_sigterm_handler.__module__ == "prefect.utilities.engine"  # put back
+
+
+def test_bitsandbytes_cpu_repacking_switch_is_what_its_forward_reads(tiny_llama_dir):
+    """`no_inference_repacking` turns off the in-place conversion of 4-bit weights to bitsandbytes' CPU inference
+    layout through the attribute `Linear4bit.forward` reads; forced on (as on an AVX512-BF16 CPU), a no-grad eval
+    forward inside the block leaves the weights as training needs them, and the switch is back afterwards."""
+    import torch
+    from bitsandbytes.nn import Linear4bit
+
+    from pipeline_config.schema import ModelConfig, QuantizationConfig
+    from qlora.integrations.bnb_cpu import REPACKING_SWITCH, no_inference_repacking
+    from qlora.model import load_quantized_model
+    from qlora.model_source import resolve_model_source
+
+    assert REPACKING_SWITCH in inspect.getsource(Linear4bit.forward)
+    assert "packing_format_for_cpu" in inspect.getsource(Linear4bit.forward)
+    model = load_quantized_model(
+        resolve_model_source(ModelConfig(name_or_path=str(tiny_llama_dir))),
+        QuantizationConfig(compute_dtype="float32"),
+        "cpu",
+    )
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert layers and all(hasattr(m, REPACKING_SWITCH) for m in layers)
+    for layer in layers:
+        setattr(layer, REPACKING_SWITCH, True)
+    before = {id(m): m.weight.data.clone() for m in layers}
+    model.eval()
+    with no_inference_repacking(model), torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3, 4]]))
+    for layer in layers:
+        assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+        assert torch.equal(layer.weight.data, before[id(layer)])
+        assert getattr(layer, REPACKING_SWITCH) is True
