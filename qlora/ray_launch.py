@@ -135,6 +135,14 @@ def worker_loop(config: dict) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     log_dir, run_dir = Path(config["log_dir"]), Path(config["run_dir"])
+    # The config's relative paths (the model cache, data files, the prepared-data cache) are the flow's working
+    # folder's, as for a torchrun process, which inherits it; Ray starts a worker in a folder of its own.
+    if not Path(config["cwd"]).is_dir():
+        raise RuntimeError(
+            f"the flow's working folder {config['cwd']} does not exist on this node: run the flow where every node "
+            "has the same folder (the image's /opt/qlora-flow), with the run folder on storage they share"
+        )
+    os.chdir(config["cwd"])
     if rank == 0:
         starts = read_starts(log_dir)
         resumed = latest_complete_checkpoint(str(run_dir))
@@ -230,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer = TorchTrainer(
             worker_loop,
             train_loop_config={
-                "spec": str(spec_path),
+                "spec": str(spec_path.resolve()),
+                "cwd": os.getcwd(),  # the flow's: this process runs where the flow runs
                 "log_dir": str(log_dir.resolve()),
                 "run_dir": str(run_dir),
                 "max_failures": d.max_failures,

@@ -22,6 +22,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from qlora.bundled_data import generate_orders
 from tests.conftest import free_port, tiny_config_dict
 
 pytest.importorskip("ray.train")
@@ -160,7 +161,19 @@ def uninterrupted(ray_cluster, tiny_llama_dir, tmp_path_factory, prefect_server)
 
     tmp_path = tmp_path_factory.mktemp("ray-run")
     config = _config(tiny_llama_dir, tmp_path, "ray", **_ray(ray_cluster, ray_placement="STRICT_SPREAD"))
-    return finetune(config_path=str(config)), config
+    # Run from a folder of its own, with a data file named relative to it: the workers (started by nodes that run
+    # elsewhere) must find it, and the prepared-data cache below it, as torchrun's processes would.
+    raw = yaml.safe_load(config.read_text())
+    rows = generate_orders(200, 40, 7)
+    (tmp_path / "orders.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows["train"] + rows["test"]))
+    raw["data"] = {"source": "orders.jsonl", "max_train_rows": 64, "max_eval_rows": 16}
+    config.write_text(yaml.safe_dump(raw))
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        return finetune(config_path=str(config)), config
+    finally:
+        os.chdir(here)
 
 
 def test_two_ray_workers_on_two_nodes_train_the_adapter_torchrun_trains(uninterrupted, tiny_llama_dir, tmp_path):
@@ -179,7 +192,11 @@ def test_two_ray_workers_on_two_nodes_train_the_adapter_torchrun_trains(uninterr
     assert (attempt / "rank-1.log").stat().st_size > 0  # rank 1's output in its file, rank 0's in the flow's log
     assert summary["finetuned"]["eval_loss"] < summary["base"]["eval_loss"]
 
-    torchrun = _config(tiny_llama_dir, tmp_path, "torchrun", num_processes=2, main_process_port=free_port())
+    torchrun = tmp_path / "torchrun.yaml"
+    raw["distributed"] = {"num_processes": 2, "main_process_port": free_port()}
+    raw["training"]["output_dir"] = str(tmp_path / "torchrun")
+    raw["data"]["source"] = str(config.parent / raw["data"]["source"])
+    torchrun.write_text(yaml.safe_dump(raw))
     _assert_same_adapter(_adapter(finetune(config_path=str(torchrun))), _adapter(summary))
 
 
@@ -193,7 +210,13 @@ def test_a_killed_worker_is_restarted_and_training_continues_from_the_checkpoint
     monkeypatch.setenv("QLORA_TEST_KILL_RANK", "1")
     monkeypatch.setenv("QLORA_TEST_KILL_AFTER_STEP", "2")
     monkeypatch.setenv("QLORA_TEST_KILL_MARKER", str(tmp_path / "killed-once"))
-    config = _config(tiny_llama_dir, tmp_path, "ray-kill", **_ray(ray_cluster, max_failures=1))
+    first = uninterrupted[1]
+    raw = yaml.safe_load(first.read_text())  # the same run, but for the folder, the kill and one restart allowed
+    raw["data"]["source"] = str(first.parent / raw["data"]["source"])
+    raw["training"]["output_dir"] = str(tmp_path / "ray-kill")
+    raw["distributed"]["max_failures"] = 1
+    config = tmp_path / "ray-kill.yaml"
+    config.write_text(yaml.safe_dump(raw))
     summary = finetune(config_path=str(config))
     assert (tmp_path / "killed-once").exists()
     assert summary["train"]["train_steps"] == 4
