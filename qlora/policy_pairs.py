@@ -37,7 +37,6 @@ class PolicyPairs:
     train: datasets.Dataset
     answered: int  # training rows the policy answered
     mistakes: int  # answers that scored below the chosen answer (now those rows' rejected answers)
-    answers_file: Path | None = None
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -140,5 +139,4 @@ def policy_pairs(
         mistakes,
         count,
     )
-    answers_file = Path(run_dir) / ANSWERS_FILE if run_dir is not None else None
-    return PolicyPairs(train=rows, answered=count, mistakes=mistakes, answers_file=answers_file)
+    return PolicyPairs(train=rows, answered=count, mistakes=mistakes)

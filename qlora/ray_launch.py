@@ -114,7 +114,7 @@ def _fail(log_dir: Path, kind: str, message: str, rank: int | None = None) -> in
     return 2 if kind == "input" else 1
 
 
-def _worker_env(run_dir: Path) -> dict[str, str]:
+def _worker_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k in FORWARDED or k.startswith(FORWARDED_PREFIXES)}
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -180,7 +180,7 @@ def _ray_cuda_index() -> int | None:
     return device.index if device.type == "cuda" else None
 
 
-def _connect(address: str, device: str, workers: int) -> None:
+def _connect(address: str, workers: int) -> None:
     import ray
 
     common = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ray retries a worker group that cannot start without end by default; a run fails after ray_start_timeout_s
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(d.ray_start_timeout_s)
     try:
-        _connect(d.ray_address, device, d.num_processes)
+        _connect(d.ray_address, d.num_processes)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         return _fail(log_dir, "input", f"distributed.ray_address {d.ray_address}: cannot connect to Ray ({exc})")
     try:
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                 storage_path=str(log_dir.resolve()),
                 # a worker group that cannot start is the cluster's problem, not a worker's: fail, don't loop
                 failure_config=FailureConfig(max_failures=d.max_failures, controller_failure_limit=0),
-                worker_runtime_env={"env_vars": _worker_env(run_dir)},
+                worker_runtime_env={"env_vars": _worker_env()},
             ),
         )
         # ray.init replaced SIGTERM's handler: a stop from the flow becomes the file every rank watches
